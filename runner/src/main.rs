@@ -1,0 +1,420 @@
+//! `nats-fs-runner`: runs one job folder, then exits.
+//!
+//! Two ways in, one code path ([`run::run`]):
+//! - `--pipe`: how `nats-fs-supervisor` starts it, already privilege-dropped. One
+//!   [`ToRunner::Start`] line on stdin; events as JSON lines on stdout; a `cancel` line or the
+//!   closing of stdin (the supervisor is gone) stops the job.
+//! - `--job <dir>`: a person debugging a job runs it by hand, as themselves; progress goes to
+//!   stderr and the result message to stdout. `--watch` runs it again whenever the folder
+//!   changes.
+//!
+//! The runner is a child subreaper from its first instruction, so every process a step starts
+//! — even one that double-forks or calls `setsid` — stays below it and can be killed and reaped
+//! when the step ends.
+//!
+//! # Layout
+//! - `run`: one run of a job, start to end, ending in an `Outcome`.
+//! - `stage` / `sync`: copying the folder in, and new or changed files back out.
+//! - `step`: one step's process group, deadline, kill sequence and leftover sweep.
+//! - `control`: stop requests (cancel, abort, now) from the pipe or signals.
+//! - `report`: events as JSON lines (pipe) or log lines (standalone).
+//! - `watch`: `--watch`, re-running on changes.
+
+mod control;
+mod report;
+mod run;
+mod stage;
+mod step;
+mod sync;
+mod watch;
+
+use std::collections::BTreeMap;
+use std::io::BufRead;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::Parser;
+use nats_fs::job::{parse_default_timeout, parse_duration, steps_from_value, JobId, Step};
+use nats_fs::protocol::{CancelMode, StartJob, ToRunner, PROTOCOL_VERSION};
+use nats_fs::ResultMessage;
+use tokio::signal::unix::{signal, Signal, SignalKind};
+use tokio::sync::mpsc;
+use tracing::warn;
+
+use crate::control::{Stop, StopHandle};
+use crate::report::{Human, Pipe, Report};
+use crate::run::Outcome;
+
+/// Exit code for a runner that could not even start (bad arguments, bad start message).
+const EXIT_USAGE: u8 = 2;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "nats-fs-runner",
+    version,
+    about = "Run one nats-fs job folder: stage it, run its steps, stream logs, sync artifacts, write results/result.json.",
+    long_about = "Run one nats-fs job folder: stage it into a private workspace, run its steps \
+    with /bin/sh -c, stream each step's output to results/step_N.log, copy new and modified \
+    files to results/, and write results/result.json.\n\n\
+    With --job DIR it runs that folder as the invoking user and prints the result message on \
+    stdout (exit 0 on success, 1 otherwise). With --pipe it is driven by nats-fs-supervisor."
+)]
+struct Cli {
+    /// Run this job folder standalone and print the result message.
+    #[arg(
+        long,
+        value_name = "DIR",
+        conflicts_with = "pipe",
+        required_unless_present = "pipe"
+    )]
+    job: Option<PathBuf>,
+
+    /// Take the job from a supervisor over stdin/stdout (JSON lines).
+    #[arg(long)]
+    pipe: bool,
+
+    /// Folder in which to create the private workspace [default: $TMPDIR or /tmp].
+    #[arg(short = 'w', long, value_name = "DIR")]
+    workspaces_dir: Option<PathBuf>,
+
+    /// Steps as a JSON list, replacing those of job.json, e.g. `["make", "make test"]`.
+    #[arg(long, value_name = "JSON")]
+    steps: Option<String>,
+
+    /// The job id [default: the folder's name].
+    #[arg(long)]
+    id: Option<String>,
+
+    /// The job's timeout when job.json sets none (a bare number means minutes).
+    #[arg(short = 'o', long, default_value = "30m", value_parser = parse_default_timeout)]
+    timeout: Duration,
+
+    /// Time between SIGTERM and SIGKILL when a step is stopped.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    kill_grace: Duration,
+
+    /// Comma-separated names of variables passed from this environment to the steps.
+    #[arg(long, value_delimiter = ',', value_name = "NAMES")]
+    pass_env: Vec<String>,
+
+    /// Run the job again whenever its folder changes (outside results/); stop with Ctrl-C.
+    #[arg(long, requires = "job")]
+    watch: bool,
+}
+
+fn main() -> ExitCode {
+    // First of all: become the reaper of everything the steps start (see the crate docs).
+    if let Err(e) = nix::sys::prctl::set_child_subreaper(true) {
+        eprintln!("nats-fs-runner: cannot become a child subreaper: {e}");
+        return ExitCode::from(EXIT_USAGE);
+    }
+    let cli = Cli::parse();
+    init_tracing(cli.pipe);
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("nats-fs-runner: starting the runtime: {e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    if cli.pipe {
+        return runtime.block_on(pipe_mode());
+    }
+    match runtime.block_on(standalone(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("nats-fs-runner: {e:#}");
+            ExitCode::from(EXIT_USAGE)
+        }
+    }
+}
+
+fn init_tracing(pipe: bool) {
+    use tracing_subscriber::filter::{LevelFilter, Targets};
+    use tracing_subscriber::prelude::*;
+    let filter = std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|s| s.parse::<Targets>().ok())
+        .unwrap_or_else(|| Targets::new().with_default(LevelFilter::INFO));
+    // Under a supervisor, stderr lines are relayed into the supervisor's log, which adds its
+    // own time and job fields.
+    let layer = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_target(false);
+    if pipe {
+        tracing_subscriber::registry()
+            .with(layer.without_time().with_ansi(false).with_level(true))
+            .with(filter)
+            .init();
+    } else {
+        tracing_subscriber::registry()
+            .with(layer)
+            .with(filter)
+            .init();
+    }
+}
+
+/// Driven by the supervisor: start message in, events out.
+async fn pipe_mode() -> ExitCode {
+    let mut lines = stdin_lines();
+    let start = match lines.recv().await {
+        Some(Ok(line)) => match serde_json::from_str::<ToRunner>(&line) {
+            Ok(ToRunner::Start(start)) => start,
+            Ok(other) => return refuse(&format!("expected a start message first, got {other:?}")),
+            Err(e) => return refuse(&format!("reading the start message: {e}")),
+        },
+        Some(Err(e)) => return refuse(&format!("reading stdin: {e}")),
+        None => return refuse("stdin closed before a start message arrived"),
+    };
+    let (handle, mut watch) = control::channel();
+    tokio::spawn(listen_to_supervisor(lines, handle.clone()));
+    // Any signal here means the supervisor died (PR_SET_PDEATHSIG) or someone is tearing the
+    // host down: stop at once, leave nothing final, let the job be redelivered.
+    tokio::spawn(on_signals(
+        handle,
+        Stop::from_mode(CancelMode::AbortNow),
+        Stop::from_mode(CancelMode::AbortNow),
+    ));
+    let outcome = run::run(&start, &mut Pipe, &mut watch).await;
+    clean_workspace(&start.workspace, false);
+    Pipe.event(&outcome.event());
+    exit_code(&outcome)
+}
+
+fn refuse(problem: &str) -> ExitCode {
+    Pipe.event(&nats_fs::FromRunner::Fault {
+        error: format!("runner: {problem}"),
+    });
+    ExitCode::from(EXIT_USAGE)
+}
+
+/// Reads stdin lines on a plain thread: a read blocked in the kernel cannot be cancelled, and
+/// on tokio's blocking pool it would hold up the runtime's shutdown.
+fn stdin_lines() -> mpsc::UnboundedReceiver<std::io::Result<String>> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    std::thread::spawn(move || {
+        for line in std::io::stdin().lock().lines() {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+/// Applies cancel requests from the supervisor; the end of stdin means it is gone.
+async fn listen_to_supervisor(
+    mut lines: mpsc::UnboundedReceiver<std::io::Result<String>>,
+    handle: StopHandle,
+) {
+    while let Some(Ok(line)) = lines.recv().await {
+        match serde_json::from_str::<ToRunner>(&line) {
+            Ok(ToRunner::Cancel { mode }) => handle.request(Stop::from_mode(mode)),
+            Ok(ToRunner::Start(_)) => warn!("ignoring a second start message"),
+            Ok(ToRunner::Unknown) => {}
+            Err(e) => warn!("ignoring an unreadable message from the supervisor: {e}"),
+        }
+    }
+    handle.request(Stop::from_mode(CancelMode::AbortNow));
+}
+
+/// SIGTERM and SIGINT: the first requests `first`, any later one `then`.
+async fn on_signals(handle: StopHandle, first: Stop, then: Stop) {
+    let Ok(mut signals) = Signals::new() else {
+        warn!("cannot listen for signals");
+        return;
+    };
+    signals.recv().await;
+    handle.request(first);
+    loop {
+        signals.recv().await;
+        handle.request(then);
+    }
+}
+
+/// SIGTERM and SIGINT as one stream. Registered once; after that, Ctrl-C no longer kills the
+/// process by default, so every handler here must lead to an exit.
+struct Signals {
+    term: Signal,
+    int: Signal,
+}
+
+impl Signals {
+    fn new() -> std::io::Result<Self> {
+        Ok(Self {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
+    }
+
+    async fn recv(&mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
+        }
+    }
+}
+
+/// The job as given on the command line.
+#[derive(Debug, Clone)]
+struct Standalone {
+    dir: PathBuf,
+    id: JobId,
+    steps: Option<Vec<Step>>,
+    workspaces_dir: PathBuf,
+    default_timeout: Duration,
+    kill_grace: Duration,
+    pass_env: BTreeMap<String, String>,
+}
+
+async fn standalone(cli: Cli) -> anyhow::Result<ExitCode> {
+    let Some(dir) = cli.job else {
+        bail!("give --job DIR (or --pipe, as the supervisor does)");
+    };
+    let dir = std::path::absolute(&dir).with_context(|| format!("resolving {}", dir.display()))?;
+    let name = match &cli.id {
+        Some(id) => id.clone(),
+        None => dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+    };
+    let id = JobId::parse(&name)
+        .with_context(|| format!("{name:?} cannot be a job id; name the job with --id"))?;
+    let steps = match &cli.steps {
+        None => None,
+        Some(text) => {
+            let value: serde_json::Value =
+                serde_json::from_str(text).context("--steps is not valid JSON")?;
+            Some(steps_from_value(&value, "--steps")?)
+        }
+    };
+    let mut pass_env = BTreeMap::new();
+    for name in cli.pass_env.iter().filter(|n| !n.is_empty()) {
+        if let Ok(value) = std::env::var(name) {
+            pass_env.insert(name.clone(), value);
+        }
+    }
+    let job = Standalone {
+        dir,
+        id,
+        steps,
+        workspaces_dir: cli.workspaces_dir.unwrap_or_else(std::env::temp_dir),
+        default_timeout: cli.timeout,
+        kill_grace: cli.kill_grace,
+        pass_env,
+    };
+    let mut signals = Signals::new().context("listening for signals")?;
+    if cli.watch {
+        watch::watch(&job, &mut signals).await
+    } else {
+        let (outcome, _) = run_once(&job, &mut signals).await?;
+        print_result(&job.id, &outcome);
+        Ok(exit_code(&outcome))
+    }
+}
+
+/// One standalone run in a fresh workspace. Ctrl-C cancels (TERM, grace, KILL); a second
+/// Ctrl-C kills at once. Also says whether a signal arrived.
+async fn run_once(job: &Standalone, signals: &mut Signals) -> anyhow::Result<(Outcome, bool)> {
+    let workspace = tempfile::Builder::new()
+        .prefix(&format!("{}.", job.id))
+        .tempdir_in(&job.workspaces_dir)
+        .with_context(|| format!("creating a workspace in {}", job.workspaces_dir.display()))?;
+    let start = StartJob {
+        version: PROTOCOL_VERSION,
+        id: job.id.clone(),
+        attempt: 1,
+        stream_sequence: None,
+        job_dir: job.dir.clone(),
+        workspace: workspace.path().to_owned(),
+        steps: job.steps.clone(),
+        default_timeout_ms: millis(job.default_timeout),
+        kill_grace_ms: millis(job.kill_grace),
+        base_env: base_env(),
+        pass_env: job.pass_env.clone(),
+        worker: None,
+    };
+    let (handle, mut stop) = control::channel();
+    let mut human = Human;
+    let run = run::run(&start, &mut human, &mut stop);
+    tokio::pin!(run);
+    let outcome = loop {
+        tokio::select! {
+            outcome = &mut run => break outcome,
+            () = signals.recv() => {
+                let now = handle.is_requested();
+                if !now {
+                    warn!("stopping the job (press Ctrl-C again to kill it at once)");
+                }
+                handle.request(Stop { cancel: true, now });
+            }
+        }
+    };
+    clean_workspace(workspace.path(), true);
+    Ok((outcome, handle.is_requested()))
+}
+
+/// `PATH` and `LANG` for the steps, from our own environment or sane defaults.
+fn base_env() -> BTreeMap<String, String> {
+    let mut env = BTreeMap::new();
+    env.insert(
+        "PATH".to_owned(),
+        std::env::var("PATH").unwrap_or_else(|_| "/usr/local/bin:/usr/bin:/bin".to_owned()),
+    );
+    env.insert(
+        "LANG".to_owned(),
+        std::env::var("LANG").unwrap_or_else(|_| "C.UTF-8".to_owned()),
+    );
+    env
+}
+
+/// Removes the workspace (or, under a supervisor that owns the folder itself, its contents).
+fn clean_workspace(workspace: &Path, remove_folder: bool) {
+    let cleaned = if remove_folder {
+        nats_fs::tree::remove_tree(workspace)
+    } else {
+        nats_fs::tree::empty_dir(workspace)
+    };
+    if let Err(e) = cleaned {
+        warn!("removing workspace {}: {e}", workspace.display());
+    }
+}
+
+fn print_result(id: &JobId, outcome: &Outcome) {
+    let message = match outcome {
+        Outcome::Finished {
+            manifest: Some(manifest),
+            ..
+        } => ResultMessage::from_manifest(manifest),
+        Outcome::Finished {
+            error, duration_ms, ..
+        } => ResultMessage {
+            duration_ms: Some(*duration_ms),
+            ..ResultMessage::error(id.as_str(), error.clone().unwrap_or_default())
+        },
+        Outcome::Aborted { reason } => ResultMessage::error(id.as_str(), reason.clone()),
+        Outcome::Fault { error } => ResultMessage::error(id.as_str(), error.clone()),
+    };
+    match serde_json::to_string(&message) {
+        Ok(line) => println!("{line}"),
+        Err(e) => eprintln!("nats-fs-runner: printing the result: {e}"),
+    }
+}
+
+fn exit_code(outcome: &Outcome) -> ExitCode {
+    if outcome.is_success() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}

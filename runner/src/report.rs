@@ -1,0 +1,71 @@
+//! Where a run's events go: JSON lines on stdout for the supervisor ([`Pipe`]), or readable log
+//! lines on stderr for a person running `nats-fs-runner --job` ([`Human`]).
+
+use std::io::{self, Write};
+
+use nats_fs::protocol::FromRunner;
+use tracing::{info, warn};
+
+/// Receives the events of a run.
+pub(crate) trait Report {
+    fn event(&mut self, event: &FromRunner);
+}
+
+/// The supervisor's pipe: one JSON object per line, flushed at once.
+#[derive(Debug, Default)]
+pub(crate) struct Pipe;
+
+impl Report for Pipe {
+    fn event(&mut self, event: &FromRunner) {
+        // If the supervisor is gone, writing fails with EPIPE (std ignores SIGPIPE); the closed
+        // stdin tells the run to stop, so the error itself needs no handling here.
+        let mut out = io::stdout().lock();
+        let _ = serde_json::to_writer(&mut out, event);
+        let _ = out.write_all(b"\n");
+        let _ = out.flush();
+    }
+}
+
+/// Log lines for a person at a terminal.
+#[derive(Debug, Default)]
+pub(crate) struct Human;
+
+impl Report for Human {
+    fn event(&mut self, event: &FromRunner) {
+        match event {
+            FromRunner::Staged {
+                files,
+                bytes,
+                duration_ms,
+            } => info!("staged {files} files ({bytes} bytes) in {duration_ms} ms"),
+            FromRunner::StepStarted { index, name, pid } => {
+                info!(step = index, name = name.as_deref(), pid, "step started");
+            }
+            FromRunner::StepFinished {
+                index,
+                status,
+                exit_code,
+                signal,
+                duration_ms,
+            } => info!(
+                step = index,
+                ?status,
+                exit_code,
+                signal = signal.as_deref(),
+                "step finished in {duration_ms} ms"
+            ),
+            FromRunner::Synced {
+                files,
+                bytes,
+                duration_ms,
+            } => info!("synced {files} artifacts ({bytes} bytes) in {duration_ms} ms"),
+            FromRunner::Warning { message } => warn!("{message}"),
+            FromRunner::Finished { status, error, .. } => {
+                info!(%status, error = error.as_deref(), "job finished");
+            }
+            FromRunner::Aborted { reason } => warn!("job aborted: {reason}"),
+            FromRunner::Fault { error } => warn!("job could not run: {error}"),
+            FromRunner::Unknown => {}
+        }
+    }
+}

@@ -1,0 +1,27 @@
+//! `nats-fs`: the contract shared by `nats-fs-supervisor`, `nats-fs-runner` and their users.
+//!
+//! A controller drops a job folder on a shared drive (`{jobs_dir}/{id}/job.json`) and publishes
+//! `{"id": "…"}` on a JetStream subject. A supervisor on each host pulls the request, spawns one
+//! privilege-dropped runner per job and talks to it over a pipe; the runner stages the folder,
+//! runs the steps, syncs artifacts back to `results/` and writes `results/result.json`; the
+//! supervisor then publishes the result message and acks.
+//!
+//! This crate holds everything both sides (and tests, and controllers written in Rust) must agree
+//! on, as plain data with validation, and no I/O policy of its own beyond a few file helpers.
+//!
+//! # Layout
+//! - [`job`]: the request (`{"id", "steps"?}`), `job.json`, steps, ids and durations, validated.
+//! - [`manifest`]: `results/result.json`, the result message, statuses and their exit codes.
+//! - [`protocol`]: the supervisor⇄runner pipe messages (versioned JSON lines).
+//! - [`tree`]: file-tree helpers both processes need (removing a tree a job may have locked).
+//! - [`reap`]: finding and killing the leftover children of a process (`/proc` scan).
+
+pub mod job;
+pub mod manifest;
+pub mod protocol;
+pub mod reap;
+pub mod tree;
+
+pub use job::{JobId, JobRequest, JobSpec, RequestError, SpecError, Step};
+pub use manifest::{Manifest, ResultMessage, Status};
+pub use protocol::{FromRunner, StartJob, ToRunner, PROTOCOL_VERSION};

@@ -1,0 +1,360 @@
+//! What a finished job leaves behind: `results/result.json` ([`Manifest`], SPEC §5) and the
+//! result message published on `{output_subject}.{id}` ([`ResultMessage`], SPEC §6).
+//!
+//! The runner writes the manifest; the supervisor reads it back to recognise a redelivery of a
+//! job whose previous attempt already finished (the ack was lost), and tests read it to check
+//! the contract. Field names are camelCase, as in the original worker.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// The folder, inside a job folder, that receives logs, artifacts and the manifest.
+pub const RESULTS_DIR: &str = "results";
+/// The manifest's file name inside `results/`.
+pub const MANIFEST_FILE: &str = "result.json";
+/// The manifest's path relative to the job folder, as the result message names it.
+pub const MANIFEST_PATH: &str = "results/result.json";
+/// A manifest larger than this is not ours; reading it is refused.
+const MAX_MANIFEST_BYTES: u64 = 16 << 20;
+
+/// How a job ended (SPEC §6).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    /// Every step exited 0.
+    Success,
+    /// A step exited non-zero or died by a signal.
+    Failed,
+    /// A job or step timeout fired.
+    Timeout,
+    /// A cancel request stopped the job.
+    Cancelled,
+    /// The job cannot run as given (bad folder, `job.json` or steps), or gave up after its
+    /// last delivery.
+    Error,
+}
+
+impl Status {
+    /// The conventional exit code of a status; `failed` carries its step's code instead.
+    #[must_use]
+    pub fn exit_code(self, failed_step_code: i32) -> i32 {
+        match self {
+            Self::Success => 0,
+            Self::Failed => failed_step_code,
+            Self::Timeout => 124,
+            Self::Cancelled => 130,
+            Self::Error => 1,
+        }
+    }
+
+    /// The status as written in JSON.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Success => "success",
+            Self::Failed => "failed",
+            Self::Timeout => "timeout",
+            Self::Cancelled => "cancelled",
+            Self::Error => "error",
+        }
+    }
+}
+
+impl std::fmt::Display for Status {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// How one step ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StepStatus {
+    Success,
+    Failed,
+    Timeout,
+    Cancelled,
+    /// Not run, because an earlier step did not succeed.
+    Skipped,
+}
+
+/// `results/result.json`: a superset of the original worker's manifest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Manifest {
+    pub job_id: String,
+    pub status: Status,
+    pub exit_code: i32,
+    /// The delivery count of the job message (1 for the first attempt).
+    pub attempt: u64,
+    /// The worker id (durable consumer name) of the supervisor, if any.
+    pub worker: Option<String>,
+    pub host: String,
+    pub timing: Timing,
+    pub steps: Vec<StepRecord>,
+    pub artifacts: Vec<Artifact>,
+    pub error: Option<String>,
+    /// The JetStream stream sequence of the job message this run answered; lets a redelivery
+    /// recognise that this attempt already finished. Absent for standalone runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stream_sequence: Option<u64>,
+    /// Things the operator should know that did not fail the job (skipped special files, …).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
+}
+
+/// Wall-clock times of a run; `stageMs` and `syncMs` split out the file copying.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Timing {
+    /// RFC 3339, UTC, milliseconds.
+    pub start: String,
+    pub end: String,
+    pub duration_ms: u64,
+    #[serde(default)]
+    pub stage_ms: u64,
+    #[serde(default)]
+    pub sync_ms: u64,
+}
+
+/// One step as run (or skipped).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StepRecord {
+    pub index: usize,
+    pub name: Option<String>,
+    pub command: String,
+    pub status: StepStatus,
+    /// The shell's exit code, or 128+n when it died by signal n; null when skipped.
+    pub exit_code: Option<i32>,
+    /// The signal that ended the step's shell, such as `"SIGKILL"`.
+    pub signal: Option<String>,
+    pub duration_ms: u64,
+    /// The log's file name inside `results/`; null when skipped.
+    pub log: Option<String>,
+}
+
+/// A file (or symlink) the steps created or modified, copied to `results/<path>`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Artifact {
+    /// Relative to the workspace and to `results/`.
+    pub path: String,
+    pub size: u64,
+    /// Hex SHA-256 of the contents; null for symlinks.
+    pub sha256: Option<String>,
+    /// For a symlink: its target, verbatim (never followed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub link: Option<String>,
+}
+
+impl Manifest {
+    /// Writes the manifest to `results_dir/result.json` atomically: a temp file in the same
+    /// folder, then a rename, so readers see the old file or the whole new one, never a part.
+    pub fn write_atomic(&self, results_dir: &Path) -> io::Result<PathBuf> {
+        let target = results_dir.join(MANIFEST_FILE);
+        let tmp = results_dir.join(format!(".{MANIFEST_FILE}.{}.tmp", std::process::id()));
+        let mut bytes = serde_json::to_vec_pretty(self).map_err(io::Error::other)?;
+        bytes.push(b'\n');
+        let written = (|| {
+            let mut file = OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .custom_flags(nix::libc::O_NOFOLLOW)
+                .open(&tmp)?;
+            file.write_all(&bytes)?;
+            fs::rename(&tmp, &target)
+        })();
+        if written.is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+        written.map(|()| target)
+    }
+
+    /// Reads `results_dir/result.json` without following a symlink and refusing anything
+    /// larger than a manifest can be. `Ok(None)` when there is no manifest.
+    pub fn read(results_dir: &Path) -> io::Result<Option<Self>> {
+        let path = results_dir.join(MANIFEST_FILE);
+        let file = match OpenOptions::new()
+            .read(true)
+            .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK)
+            .open(&path)
+        {
+            Ok(file) => file,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let meta = file.metadata()?;
+        if !meta.is_file() || meta.len() > MAX_MANIFEST_BYTES {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{} is not a manifest file", path.display()),
+            ));
+        }
+        let mut bytes = Vec::new();
+        File::take(file, MAX_MANIFEST_BYTES).read_to_end(&mut bytes)?;
+        serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+    }
+}
+
+/// The message published on `{output_subject}.{id}` when a job ends (SPEC §6).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ResultMessage {
+    pub id: String,
+    pub status: Status,
+    pub exit_code: i32,
+    /// `results/result.json` (relative to the job folder), or null when none was written.
+    pub manifest_file: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempt: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worker: Option<String>,
+}
+
+impl ResultMessage {
+    /// The message for a job that ended with `manifest` on disk.
+    #[must_use]
+    pub fn from_manifest(manifest: &Manifest) -> Self {
+        Self {
+            id: manifest.job_id.clone(),
+            status: manifest.status,
+            exit_code: manifest.exit_code,
+            manifest_file: Some(MANIFEST_PATH.to_owned()),
+            attempt: Some(manifest.attempt),
+            error: manifest.error.clone(),
+            duration_ms: Some(manifest.timing.duration_ms),
+            worker: manifest.worker.clone(),
+        }
+    }
+
+    /// A final `error` result for a job that has no manifest (bad request, missing folder,
+    /// deliveries exhausted).
+    #[must_use]
+    pub fn error(id: &str, error: impl Into<String>) -> Self {
+        Self {
+            id: id.to_owned(),
+            status: Status::Error,
+            exit_code: Status::Error.exit_code(1),
+            manifest_file: None,
+            attempt: None,
+            error: Some(error.into()),
+            duration_ms: None,
+            worker: None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Manifest {
+        Manifest {
+            job_id: "j".into(),
+            status: Status::Failed,
+            exit_code: 3,
+            attempt: 2,
+            worker: Some("worker-01".into()),
+            host: "h".into(),
+            timing: Timing {
+                start: "2026-11-29T01:26:51.134Z".into(),
+                end: "2026-11-29T01:26:51.154Z".into(),
+                duration_ms: 20,
+                stage_ms: 1,
+                sync_ms: 1,
+            },
+            steps: vec![StepRecord {
+                index: 0,
+                name: None,
+                command: "exit 3".into(),
+                status: StepStatus::Failed,
+                exit_code: Some(3),
+                signal: None,
+                duration_ms: 6,
+                log: Some("step_0.log".into()),
+            }],
+            artifacts: vec![],
+            error: None,
+            stream_sequence: Some(7),
+            warnings: vec![],
+        }
+    }
+
+    #[test]
+    fn exit_codes_follow_the_table() {
+        assert_eq!(Status::Success.exit_code(9), 0);
+        assert_eq!(Status::Failed.exit_code(9), 9);
+        assert_eq!(Status::Timeout.exit_code(9), 124);
+        assert_eq!(Status::Cancelled.exit_code(9), 130);
+        assert_eq!(Status::Error.exit_code(9), 1);
+    }
+
+    #[test]
+    fn manifest_uses_the_original_field_names() {
+        let v = serde_json::to_value(sample()).unwrap();
+        for key in [
+            "jobId",
+            "status",
+            "exitCode",
+            "attempt",
+            "worker",
+            "host",
+            "timing",
+            "steps",
+            "artifacts",
+            "error",
+        ] {
+            assert!(v.get(key).is_some(), "missing {key}");
+        }
+        assert_eq!(v["timing"]["durationMs"], 20);
+        assert_eq!(v["steps"][0]["exitCode"], 3);
+        assert_eq!(v["status"], "failed");
+        assert!(v.get("warnings").is_none());
+    }
+
+    #[test]
+    fn write_then_read_round_trips_and_leaves_no_temp_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = sample();
+        m.write_atomic(dir.path()).unwrap();
+        assert_eq!(Manifest::read(dir.path()).unwrap(), Some(m));
+        let names: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from(MANIFEST_FILE)]);
+    }
+
+    #[test]
+    fn read_refuses_symlinks_and_tolerates_absence() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(Manifest::read(dir.path()).unwrap(), None);
+        std::os::unix::fs::symlink("/etc/passwd", dir.path().join(MANIFEST_FILE)).unwrap();
+        assert!(Manifest::read(dir.path()).is_err());
+    }
+
+    #[test]
+    fn result_message_shape() {
+        let msg = ResultMessage::from_manifest(&sample());
+        let v = serde_json::to_value(&msg).unwrap();
+        assert_eq!(v["id"], "j");
+        assert_eq!(v["status"], "failed");
+        assert_eq!(v["exitCode"], 3);
+        assert_eq!(v["manifestFile"], "results/result.json");
+        let err = serde_json::to_value(ResultMessage::error("j", "no folder")).unwrap();
+        assert_eq!(err["manifestFile"], serde_json::Value::Null);
+        assert_eq!(err["exitCode"], 1);
+    }
+}

@@ -1,0 +1,195 @@
+//! The pipe between `nats-fs-supervisor` and the `nats-fs-runner` it spawns for one job.
+//!
+//! JSON lines in both directions. The supervisor writes one [`ToRunner::Start`] and, later, at
+//! most a [`ToRunner::Cancel`]; closing the runner's stdin means "the supervisor is gone: stop
+//! now". The runner answers with [`FromRunner`] events and ends with exactly one of `Finished`,
+//! `Aborted` or `Fault`. Step output never crosses the pipe: it goes to `results/step_N.log`.
+//!
+//! Both enums are internally tagged (`"type": "…"`) and carry an `Unknown` fallback, so a
+//! supervisor and a runner of neighbouring versions ignore what they do not know instead of
+//! failing. [`PROTOCOL_VERSION`] changes only when a message changes meaning.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::job::{JobId, Step};
+use crate::manifest::{Status, StepStatus};
+
+/// Bumped when a message changes meaning; the runner refuses a start of another version.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Supervisor → runner.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ToRunner {
+    /// Run this job. Sent once, first.
+    Start(Box<StartJob>),
+    /// Stop the job (TERM to the step's group, the kill grace, then KILL).
+    Cancel {
+        /// Final (`cancelled`, manifest written) or not (the job will be redelivered).
+        mode: CancelMode,
+    },
+    /// A message from a newer supervisor; ignored.
+    #[serde(other)]
+    Unknown,
+}
+
+/// Why a job is being stopped, which decides what it leaves behind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CancelMode {
+    /// A cancel request: the job ends `cancelled`, artifacts are synced, the manifest written.
+    Cancel,
+    /// Drain deadline or lost lease: stop and write nothing final, so the job can run again.
+    Abort,
+    /// As `Abort`, but without the grace period (a second shutdown signal).
+    AbortNow,
+}
+
+/// Everything a runner needs to run one job. Built by the supervisor, or by the runner itself
+/// in standalone mode (`--job`), so both modes run the same code.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StartJob {
+    /// Must equal [`PROTOCOL_VERSION`].
+    pub version: u32,
+    pub id: JobId,
+    /// The delivery count (1 on the first attempt).
+    pub attempt: u64,
+    /// The stream sequence of the job message, recorded in the manifest.
+    pub stream_sequence: Option<u64>,
+    /// `{jobs_dir}/{id}`.
+    pub job_dir: PathBuf,
+    /// An empty, private folder owned by the runner's user, to stage into.
+    pub workspace: PathBuf,
+    /// Steps from the request, replacing those of `job.json`.
+    pub steps: Option<Vec<Step>>,
+    /// The job timeout when `job.json` sets none, in milliseconds.
+    pub default_timeout_ms: u64,
+    /// SIGTERM → SIGKILL grace, in milliseconds.
+    pub kill_grace_ms: u64,
+    /// `PATH` and `LANG` for the steps.
+    pub base_env: BTreeMap<String, String>,
+    /// Variables the operator passes through (`--pass-env`), applied last.
+    pub pass_env: BTreeMap<String, String>,
+    /// The worker id, for the manifest.
+    pub worker: Option<String>,
+}
+
+/// Runner → supervisor.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum FromRunner {
+    /// The job folder is copied into the workspace.
+    Staged {
+        files: u64,
+        bytes: u64,
+        duration_ms: u64,
+    },
+    /// A step's shell was started.
+    StepStarted {
+        index: usize,
+        name: Option<String>,
+        pid: u32,
+    },
+    /// A step ended and every process it started is gone.
+    StepFinished {
+        index: usize,
+        status: StepStatus,
+        exit_code: Option<i32>,
+        signal: Option<String>,
+        duration_ms: u64,
+    },
+    /// New and modified files are copied to `results/`.
+    Synced {
+        files: u64,
+        bytes: u64,
+        duration_ms: u64,
+    },
+    /// Something the operator should know that does not fail the job.
+    Warning { message: String },
+    /// The job ended; when `manifest` is true, `results/result.json` is on disk.
+    Finished {
+        status: Status,
+        exit_code: i32,
+        error: Option<String>,
+        manifest: bool,
+        duration_ms: u64,
+    },
+    /// The job was stopped for redelivery; nothing final was written.
+    Aborted { reason: String },
+    /// A fault of the host rather than the job (disk, permissions, shared drive): retry later.
+    Fault { error: String },
+    /// An event from a newer runner; ignored.
+    #[serde(other)]
+    Unknown,
+}
+
+impl FromRunner {
+    /// Whether this event ends the conversation.
+    #[must_use]
+    pub fn is_last(&self) -> bool {
+        matches!(
+            self,
+            Self::Finished { .. } | Self::Aborted { .. } | Self::Fault { .. }
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_messages_are_tolerated() {
+        let msg: ToRunner = serde_json::from_str(r#"{"type":"resize","rows":3}"#).unwrap();
+        assert_eq!(msg, ToRunner::Unknown);
+        let ev: FromRunner = serde_json::from_str(r#"{"type":"progress","pct":50}"#).unwrap();
+        assert_eq!(ev, FromRunner::Unknown);
+    }
+
+    #[test]
+    fn messages_are_tagged_snake_case() {
+        let line = serde_json::to_string(&ToRunner::Cancel {
+            mode: CancelMode::AbortNow,
+        })
+        .unwrap();
+        assert_eq!(line, r#"{"type":"cancel","mode":"abort_now"}"#);
+        let line = serde_json::to_string(&FromRunner::Fault { error: "x".into() }).unwrap();
+        assert_eq!(line, r#"{"type":"fault","error":"x"}"#);
+    }
+
+    #[test]
+    fn start_round_trips() {
+        let start = ToRunner::Start(Box::new(StartJob {
+            version: PROTOCOL_VERSION,
+            id: JobId::parse("a.b").unwrap(),
+            attempt: 2,
+            stream_sequence: Some(9),
+            job_dir: "/jobs/a.b".into(),
+            workspace: "/ws/a.b-9".into(),
+            steps: Some(vec![Step::shell("true")]),
+            default_timeout_ms: 1000,
+            kill_grace_ms: 10,
+            base_env: BTreeMap::from([("PATH".into(), "/bin".into())]),
+            pass_env: BTreeMap::new(),
+            worker: Some("w".into()),
+        }));
+        let line = serde_json::to_string(&start).unwrap();
+        assert!(
+            line.starts_with(r#"{"type":"start","version":1,"#),
+            "{line}"
+        );
+        let back: ToRunner = serde_json::from_str(&line).unwrap();
+        assert_eq!(back, start);
+    }
+
+    #[test]
+    fn start_rejects_a_hostile_id() {
+        let line = r#"{"type":"start","version":1,"id":"../x","attempt":1,"stream_sequence":null,
+            "job_dir":"/j","workspace":"/w","steps":null,"default_timeout_ms":1,"kill_grace_ms":1,
+            "base_env":{},"pass_env":{},"worker":null}"#;
+        assert!(serde_json::from_str::<ToRunner>(line).is_err());
+    }
+}

@@ -1,0 +1,1 @@
+//! Integration tests: real nats-server, real binaries, real folders.
