@@ -1,0 +1,475 @@
+//! Configuration (SPEC §7): flags and environment variables with the original worker's names,
+//! checked once at start so that a daemon that starts is a daemon that can work.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::{Parser, ValueEnum};
+use nats_fs::job::{check_env_name, parse_default_timeout, parse_duration};
+
+use crate::spawn::RunAs;
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line, for log shippers.
+    Json,
+}
+
+/// The command line, as clap reads it. See [`Settings`] for the checked form.
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "nats-fs-supervisor",
+    version,
+    about = "Pull jobs from NATS JetStream and run each in a fresh, privilege-dropped nats-fs-runner.",
+    long_about = "Pull jobs from NATS JetStream and run each in a fresh, privilege-dropped nats-fs-runner.\n\n\
+    A job is a folder {jobs_dir}/{id}/ with a job.json listing shell steps; a controller publishes \
+    {\"id\": \"...\"} on the input subject. The result message goes to {output_subject}.{id} once \
+    results/result.json is written.\n\n\
+    Every option can also be set through the environment variable shown with it. SIGTERM or SIGINT \
+    drains (running jobs finish, then exit 0); a second signal stops them at once.",
+    after_help = "Statuses: success (ack), failed (ack), timeout (ack), cancelled (ack), error (terminate). \
+    Faults of the host are retried with a growing delay; after --max-deliver attempts the job ends as error."
+)]
+pub struct Args {
+    /// NATS server URL(s), comma-separated.
+    #[arg(
+        short = 'u',
+        long,
+        env = "NATS_URL",
+        default_value = "nats://localhost:4222"
+    )]
+    pub url: String,
+
+    /// User name for NATS.
+    #[arg(short = 'n', long, env = "NATS_USERNAME")]
+    pub username: Option<String>,
+
+    /// Password for NATS (with --username).
+    #[arg(short = 'p', long, env = "NATS_PASSWORD", hide_env_values = true)]
+    pub password: Option<String>,
+
+    /// Token for NATS.
+    #[arg(short = 't', long, env = "NATS_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+
+    /// NATS credentials file (JWT and `NKey` seed).
+    #[arg(long, env = "NATS_CREDS", value_name = "FILE")]
+    pub creds: Option<PathBuf>,
+
+    /// Worker id: the durable consumer name (same on every host that shares the work) and the
+    /// connection name.
+    #[arg(
+        short = 'i',
+        long = "id",
+        env = "WORKER_ID",
+        default_value = "worker-01"
+    )]
+    pub worker_id: String,
+
+    /// Folder holding one folder per job (`{jobs_dir}/{id}/job.json`), usually a shared drive.
+    #[arg(
+        short = 'j',
+        long,
+        env = "NATS_JOBS_DIR",
+        default_value = "./jobs",
+        value_name = "DIR"
+    )]
+    pub jobs_dir: PathBuf,
+
+    /// Local folder for the private per-job workspaces (one supervisor per folder).
+    #[arg(
+        short = 'w',
+        long,
+        env = "NATS_WORKSPACES_DIR",
+        default_value = "./workspaces",
+        value_name = "DIR"
+    )]
+    pub workspaces_dir: PathBuf,
+
+    /// JetStream stream name (created when missing: work-queue retention, file storage).
+    #[arg(short = 's', long, env = "NATS_STREAM", default_value = "JOBS")]
+    pub stream: String,
+
+    /// Subject on which job requests arrive.
+    #[arg(
+        short = 'k',
+        long,
+        env = "NATS_INPUT_SUBJECT",
+        default_value = "jobs.pending"
+    )]
+    pub input_subject: String,
+
+    /// Prefix of the result subjects; results go to `{output_subject}.{id}`.
+    #[arg(
+        short = 'r',
+        long,
+        env = "NATS_OUTPUT_SUBJECT",
+        default_value = "jobs.results"
+    )]
+    pub output_subject: String,
+
+    /// A job's timeout when its job.json sets none ("90s", "10m", "1h"; a bare number means minutes).
+    #[arg(short = 'o', long, env = "JOB_TIMEOUT", default_value = "30m", value_parser = parse_default_timeout)]
+    pub timeout: Duration,
+
+    /// Prefix of the cancel subjects; a message on `{cancel_subject}.{id}` cancels that job.
+    #[arg(long, env = "NATS_FS_CANCEL_SUBJECT", default_value = "jobs.cancel")]
+    pub cancel_subject: String,
+
+    /// Where rejected requests and jobs out of deliveries are republished, with the reason in
+    /// the Nats-Fs-Reason header. Empty disables.
+    #[arg(long, env = "NATS_FS_DEAD_LETTER_SUBJECT", default_value = "jobs.dead")]
+    pub dead_letter_subject: String,
+
+    /// How many jobs this host runs at once.
+    #[arg(long, env = "NATS_FS_CONCURRENCY", default_value_t = 1)]
+    pub concurrency: usize,
+
+    /// User the runner and the steps run as [default: nobody when started as root, else the
+    /// current user].
+    #[arg(long, env = "NATS_FS_RUN_AS", value_name = "USER")]
+    pub run_as: Option<String>,
+
+    /// Ack wait of the consumer; running jobs are kept alive with progress acks well inside it.
+    #[arg(long, env = "NATS_FS_ACK_WAIT", default_value = "30s", value_parser = parse_duration)]
+    pub ack_wait: Duration,
+
+    /// Deliveries of a job before it gets a final error result.
+    #[arg(long, env = "NATS_FS_MAX_DELIVER", default_value_t = 5)]
+    pub max_deliver: i64,
+
+    /// On SIGTERM, how long running jobs may take to finish before they are stopped and
+    /// handed back for redelivery.
+    #[arg(long, env = "NATS_FS_DRAIN_TIMEOUT", default_value = "5m", value_parser = parse_duration)]
+    pub drain_timeout: Duration,
+
+    /// Time between SIGTERM and SIGKILL when a step is stopped.
+    #[arg(long, env = "NATS_FS_KILL_GRACE", default_value = "10s", value_parser = parse_duration)]
+    pub kill_grace: Duration,
+
+    /// Comma-separated names of variables passed from this environment to the steps.
+    #[arg(
+        long,
+        env = "NATS_FS_PASS_ENV",
+        value_delimiter = ',',
+        value_name = "NAMES"
+    )]
+    pub pass_env: Vec<String>,
+
+    /// Path of the nats-fs-runner binary [default: next to this binary].
+    #[arg(long, env = "NATS_FS_RUNNER", value_name = "PATH")]
+    pub runner: Option<PathBuf>,
+
+    /// Log format.
+    #[arg(long, env = "NATS_FS_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+
+    /// Run ./test-payload.json once through the runner, without NATS, print the result
+    /// message and exit (0 on success).
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+/// How to authenticate to NATS.
+#[derive(Clone)]
+pub enum Auth {
+    None,
+    UserPassword { user: String, password: String },
+    Token(String),
+    Creds(PathBuf),
+}
+
+impl std::fmt::Debug for Auth {
+    // Never print secrets, not even in debug output.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::None => f.write_str("none"),
+            Self::UserPassword { user, .. } => write!(f, "user {user} with a password"),
+            Self::Token(_) => f.write_str("token"),
+            Self::Creds(path) => write!(f, "credentials file {}", path.display()),
+        }
+    }
+}
+
+impl Auth {
+    fn from_args(args: &Args) -> anyhow::Result<Self> {
+        Ok(
+            match (&args.username, &args.password, &args.token, &args.creds) {
+                (None, None, None, None) => Self::None,
+                (Some(user), Some(password), None, None) => Self::UserPassword {
+                    user: user.clone(),
+                    password: password.clone(),
+                },
+                (Some(_), None, None, None) => {
+                    bail!("--username (NATS_USERNAME) needs --password (NATS_PASSWORD)")
+                }
+                (None, Some(_), None, None) => {
+                    bail!("--password (NATS_PASSWORD) needs --username (NATS_USERNAME)")
+                }
+                (None, None, Some(token), None) => Self::Token(token.clone()),
+                (None, None, None, Some(creds)) => Self::Creds(creds.clone()),
+                _ => {
+                    bail!("give one way to authenticate: --username/--password, --token or --creds")
+                }
+            },
+        )
+    }
+}
+
+/// Checked configuration.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub urls: Vec<String>,
+    pub auth: Auth,
+    pub worker_id: String,
+    pub jobs_dir: PathBuf,
+    pub workspaces_dir: PathBuf,
+    pub stream: String,
+    pub input_subject: String,
+    pub output_subject: String,
+    pub cancel_subject: String,
+    pub dead_letter_subject: Option<String>,
+    pub default_timeout: Duration,
+    pub concurrency: usize,
+    pub run_as: RunAs,
+    pub ack_wait: Duration,
+    pub max_deliver: i64,
+    pub drain_timeout: Duration,
+    pub kill_grace: Duration,
+    pub pass_env: Vec<String>,
+    pub runner: PathBuf,
+}
+
+impl Settings {
+    /// Checks the arguments; every error names the option and what is wrong with it.
+    pub fn from_args(args: &Args) -> anyhow::Result<Self> {
+        let urls: Vec<String> = args
+            .url
+            .split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .map(str::to_owned)
+            .collect();
+        if urls.is_empty() {
+            bail!("--url (NATS_URL) names no server");
+        }
+        let auth = Auth::from_args(args)?;
+        check_name("--id (WORKER_ID)", &args.worker_id)?;
+        check_name("--stream (NATS_STREAM)", &args.stream)?;
+        check_subject(
+            "--input-subject (NATS_INPUT_SUBJECT)",
+            &args.input_subject,
+            true,
+        )?;
+        check_subject(
+            "--output-subject (NATS_OUTPUT_SUBJECT)",
+            &args.output_subject,
+            false,
+        )?;
+        check_subject(
+            "--cancel-subject (NATS_FS_CANCEL_SUBJECT)",
+            &args.cancel_subject,
+            false,
+        )?;
+        let dead_letter_subject = match args.dead_letter_subject.trim() {
+            "" => None,
+            subject => {
+                check_subject(
+                    "--dead-letter-subject (NATS_FS_DEAD_LETTER_SUBJECT)",
+                    subject,
+                    false,
+                )?;
+                Some(subject.to_owned())
+            }
+        };
+        if args.concurrency == 0 || args.concurrency > 1024 {
+            bail!(
+                "--concurrency (NATS_FS_CONCURRENCY) must be between 1 and 1024, not {}",
+                args.concurrency
+            );
+        }
+        if args.max_deliver < 1 {
+            bail!(
+                "--max-deliver (NATS_FS_MAX_DELIVER) must be at least 1, not {}",
+                args.max_deliver
+            );
+        }
+        if args.ack_wait < Duration::from_secs(1) {
+            bail!("--ack-wait (NATS_FS_ACK_WAIT) must be at least 1s");
+        }
+        let mut pass_env = Vec::new();
+        for name in args
+            .pass_env
+            .iter()
+            .map(|n| n.trim())
+            .filter(|n| !n.is_empty())
+        {
+            check_env_name(name).map_err(|problem| {
+                anyhow::anyhow!("--pass-env (NATS_FS_PASS_ENV): {name:?} {problem}")
+            })?;
+            pass_env.push(name.to_owned());
+        }
+        let runner = match &args.runner {
+            Some(path) => path.clone(),
+            None => default_runner()?,
+        };
+        let run_as = RunAs::resolve(args.run_as.as_deref())?;
+        Ok(Self {
+            urls,
+            auth,
+            worker_id: args.worker_id.clone(),
+            jobs_dir: absolute(&args.jobs_dir)?,
+            workspaces_dir: absolute(&args.workspaces_dir)?,
+            stream: args.stream.clone(),
+            input_subject: args.input_subject.clone(),
+            output_subject: args.output_subject.clone(),
+            cancel_subject: args.cancel_subject.clone(),
+            dead_letter_subject,
+            default_timeout: args.timeout,
+            concurrency: args.concurrency,
+            run_as,
+            ack_wait: args.ack_wait,
+            max_deliver: args.max_deliver,
+            drain_timeout: args.drain_timeout,
+            kill_grace: args.kill_grace,
+            pass_env,
+            runner,
+        })
+    }
+
+    /// The subject a job's result is published on.
+    pub fn result_subject(&self, id: &str) -> String {
+        format!("{}.{id}", self.output_subject)
+    }
+}
+
+fn absolute(path: &Path) -> anyhow::Result<PathBuf> {
+    std::path::absolute(path).with_context(|| format!("resolving {}", path.display()))
+}
+
+/// `nats-fs-runner` next to our own binary, as the package installs them.
+fn default_runner() -> anyhow::Result<PathBuf> {
+    let me =
+        std::env::current_exe().context("finding this binary's path for the default --runner")?;
+    Ok(me.with_file_name("nats-fs-runner"))
+}
+
+/// A durable consumer or stream name: letters, digits, `_` and `-`.
+fn check_name(what: &str, name: &str) -> anyhow::Result<()> {
+    if name.is_empty() || name.len() > 64 {
+        bail!("{what} must be 1 to 64 characters long");
+    }
+    if let Some(bad) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '-')))
+    {
+        bail!("{what} {name:?} contains {bad:?}; use letters, digits, '_' and '-'");
+    }
+    Ok(())
+}
+
+/// A subject: dot-separated non-empty tokens without spaces; wildcards only where allowed.
+fn check_subject(what: &str, subject: &str, wildcards: bool) -> anyhow::Result<()> {
+    let tokens_ok = !subject.is_empty()
+        && subject.split('.').all(|t| {
+            !t.is_empty()
+                && !t.chars().any(|c| c.is_whitespace() || c.is_control())
+                && (wildcards || (t != "*" && t != ">"))
+                && (t.len() == 1 || !t.contains(['*', '>']))
+        });
+    if !tokens_ok {
+        bail!(
+            "{what} {subject:?} is not a valid subject{}",
+            if wildcards {
+                ""
+            } else {
+                " prefix (no wildcards)"
+            }
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(extra: &[&str]) -> anyhow::Result<Settings> {
+        let mut argv = vec!["nats-fs-supervisor", "--runner", "/bin/true"];
+        argv.extend_from_slice(extra);
+        Settings::from_args(&Args::try_parse_from(argv)?)
+    }
+
+    #[test]
+    fn defaults_match_the_spec() {
+        let args = Args::try_parse_from(["nats-fs-supervisor"]).unwrap();
+        assert_eq!(args.url, "nats://localhost:4222");
+        assert_eq!(args.worker_id, "worker-01");
+        assert_eq!(args.stream, "JOBS");
+        assert_eq!(args.input_subject, "jobs.pending");
+        assert_eq!(args.output_subject, "jobs.results");
+        assert_eq!(args.cancel_subject, "jobs.cancel");
+        assert_eq!(args.dead_letter_subject, "jobs.dead");
+        assert_eq!(args.timeout, Duration::from_secs(1800));
+        assert_eq!(args.concurrency, 1);
+        assert_eq!(args.ack_wait, Duration::from_secs(30));
+        assert_eq!(args.max_deliver, 5);
+        assert_eq!(args.drain_timeout, Duration::from_secs(300));
+        assert_eq!(args.kill_grace, Duration::from_secs(10));
+        assert_eq!(args.log_format, LogFormat::Text);
+    }
+
+    #[test]
+    fn bare_job_timeout_is_minutes() {
+        let args = Args::try_parse_from(["x", "--timeout", "2"]).unwrap();
+        assert_eq!(args.timeout, Duration::from_secs(120));
+    }
+
+    #[test]
+    fn url_lists_and_auth() {
+        let s = parse(&["-u", "nats://a:4222, nats://b:4222"]).unwrap();
+        assert_eq!(s.urls, ["nats://a:4222", "nats://b:4222"]);
+        assert!(matches!(
+            parse(&["-n", "u", "-p", "pw"]).unwrap().auth,
+            Auth::UserPassword { .. }
+        ));
+        assert!(parse(&["-n", "u"])
+            .unwrap_err()
+            .to_string()
+            .contains("needs --password"));
+        assert!(parse(&["-t", "x", "-n", "u", "-p", "y"]).is_err());
+        let debug = format!("{:?}", parse(&["-t", "s3cret"]).unwrap());
+        assert!(!debug.contains("s3cret"), "{debug}");
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        let cases: &[(&[&str], &str)] = &[
+            (&["--id", "a.b"], "--id"),
+            (&["--stream", "a b"], "--stream"),
+            (&["--output-subject", "jobs.*"], "--output-subject"),
+            (&["--input-subject", "jobs..x"], "--input-subject"),
+            (&["--concurrency", "0"], "--concurrency"),
+            (&["--max-deliver", "0"], "--max-deliver"),
+            (&["--ack-wait", "10ms"], "--ack-wait"),
+            (&["--pass-env", "A=B"], "--pass-env"),
+            (
+                &["--dead-letter-subject", "dead.>"],
+                "--dead-letter-subject",
+            ),
+        ];
+        for (argv, want) in cases {
+            let err = parse(argv).unwrap_err().to_string();
+            assert!(err.contains(want), "{argv:?}: {err}");
+        }
+        assert!(parse(&["--input-subject", "jobs.*"]).is_ok());
+        assert!(parse(&["--dead-letter-subject", ""])
+            .unwrap()
+            .dead_letter_subject
+            .is_none());
+    }
+}

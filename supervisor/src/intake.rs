@@ -1,0 +1,358 @@
+//! Where jobs come from: the NATS connection, the stream and durable pull consumer (SPEC §7),
+//! the pull loop, and cancel requests.
+//!
+//! The pull loop asks for exactly as many messages as there are free slots and waits for a
+//! slot before asking again, so a host never holds a job it cannot start while another host
+//! could. Pull requests are short (`PULL_EXPIRES`) so that a draining supervisor can let the
+//! last one run out — handing back anything it brings — instead of leaving a message assigned
+//! to an inbox nobody reads until the ack wait passes.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy, PullConsumer};
+use async_nats::jetstream::stream::{self, RetentionPolicy, StorageType};
+use async_nats::jetstream::{self, AckKind};
+use async_nats::{ConnectOptions, Event, ServerAddr};
+use futures_util::StreamExt;
+use nats_fs::job::JobId;
+use nats_fs::protocol::CancelMode;
+use tokio::sync::{watch, Semaphore};
+use tokio::time::sleep;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, error, info, warn};
+
+use crate::config::{Auth, Settings};
+use crate::job_task::{self, Ctx};
+use crate::Shutdown;
+
+/// How long one pull request waits on the server for messages.
+const PULL_EXPIRES: Duration = Duration::from_secs(1);
+/// The longest pause between reconnection attempts.
+const MAX_RECONNECT_DELAY: Duration = Duration::from_secs(2);
+
+/// Connects to NATS. Returns at once: the client connects (and reconnects, forever) in the
+/// background, and every connection change is logged.
+pub async fn connect(settings: &Settings) -> anyhow::Result<async_nats::Client> {
+    let addrs = settings
+        .urls
+        .iter()
+        .map(|url| {
+            url.parse::<ServerAddr>()
+                .with_context(|| format!("--url: {url:?} is not a NATS server URL"))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let options = match &settings.auth {
+        Auth::None => ConnectOptions::new(),
+        Auth::UserPassword { user, password } => {
+            ConnectOptions::with_user_and_password(user.clone(), password.clone())
+        }
+        Auth::Token(token) => ConnectOptions::with_token(token.clone()),
+        Auth::Creds(path) => ConnectOptions::with_credentials_file(path)
+            .await
+            .with_context(|| format!("--creds: reading {}", path.display()))?,
+    };
+    let client = options
+        .name(&settings.worker_id)
+        .retry_on_initial_connect()
+        .max_reconnects(None)
+        .ping_interval(Duration::from_secs(10))
+        .reconnect_delay_callback(|attempts| {
+            let exponent = u32::try_from(attempts.min(5)).unwrap_or(5);
+            (Duration::from_millis(100) * 2u32.pow(exponent)).min(MAX_RECONNECT_DELAY)
+        })
+        .event_callback(|event| async move {
+            match event {
+                Event::Connected => info!("connected to NATS"),
+                Event::Disconnected => warn!("disconnected from NATS; reconnecting"),
+                Event::LameDuckMode => warn!("the NATS server is entering lame duck mode"),
+                Event::SlowConsumer(sid) => warn!(sid, "NATS slow consumer"),
+                Event::ServerError(e) => error!("NATS server error: {e}"),
+                Event::ClientError(e) => error!("NATS client error: {e}"),
+                Event::Draining | Event::Closed => debug!("NATS connection {event}"),
+            }
+        })
+        .connect(addrs)
+        .await
+        .context("connecting to NATS")?;
+    Ok(client)
+}
+
+/// The consumer and the limits the server actually applies to it.
+#[derive(Debug)]
+pub struct Intake {
+    pub consumer: PullConsumer,
+    pub ack_wait: Duration,
+    pub max_deliver: i64,
+}
+
+/// Why the stream or consumer could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum EnsureError {
+    /// Will not get better by waiting: a configuration mismatch.
+    #[error("{0}")]
+    Config(String),
+    /// NATS is unreachable or failing; try again.
+    #[error("{0}")]
+    Nats(String),
+}
+
+/// Creates the stream and the durable consumer when missing, reuses them when present, and
+/// checks that what exists can serve: the stream must capture the input subject, and the
+/// consumer must filter on it with explicit acks.
+pub async fn ensure(settings: &Settings, js: &jetstream::Context) -> Result<Intake, EnsureError> {
+    let nats = |what: &str| {
+        let what = what.to_owned();
+        move |e: Box<dyn std::error::Error + Send + Sync>| EnsureError::Nats(format!("{what}: {e}"))
+    };
+    let mut stream = js
+        .get_or_create_stream(stream::Config {
+            name: settings.stream.clone(),
+            subjects: vec![settings.input_subject.clone()],
+            retention: RetentionPolicy::WorkQueue,
+            storage: StorageType::File,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| nats(&format!("setting up stream {}", settings.stream))(e.into()))?;
+    let subjects = stream
+        .info()
+        .await
+        .map_err(|e| nats(&format!("reading stream {}", settings.stream))(e.into()))?
+        .config
+        .subjects
+        .clone();
+    if !subjects.iter().any(|s| covers(s, &settings.input_subject)) {
+        return Err(EnsureError::Config(format!(
+            "stream {} exists but does not capture the input subject {} (its subjects: {}); \
+             add the subject to the stream or choose another --stream",
+            settings.stream,
+            settings.input_subject,
+            subjects.join(", ")
+        )));
+    }
+    let consumer: PullConsumer = stream
+        .get_or_create_consumer(
+            &settings.worker_id,
+            pull::Config {
+                durable_name: Some(settings.worker_id.clone()),
+                description: Some("nats-fs-worker job runners".to_owned()),
+                ack_policy: AckPolicy::Explicit,
+                deliver_policy: DeliverPolicy::All,
+                filter_subject: settings.input_subject.clone(),
+                ack_wait: settings.ack_wait,
+                max_deliver: settings.max_deliver,
+                ..Default::default()
+            },
+        )
+        .await
+        .map_err(|e| nats(&format!("setting up consumer {}", settings.worker_id))(e.into()))?;
+    let config = &consumer.cached_info().config;
+    if config.filter_subject != settings.input_subject || config.ack_policy != AckPolicy::Explicit {
+        return Err(EnsureError::Config(format!(
+            "consumer {} on stream {} exists with filter {:?} and ack policy {:?}; it needs filter {:?} \
+             and explicit acks: delete it or choose another --id",
+            settings.worker_id, settings.stream, config.filter_subject, config.ack_policy, settings.input_subject
+        )));
+    }
+    if config.ack_wait != settings.ack_wait || config.max_deliver != settings.max_deliver {
+        warn!(
+            "consumer {} already exists with ack wait {} and max deliver {}; using those, not the flags \
+             (ack wait {}, max deliver {}). Update or delete the consumer to change them.",
+            settings.worker_id,
+            humantime::format_duration(config.ack_wait),
+            config.max_deliver,
+            humantime::format_duration(settings.ack_wait),
+            settings.max_deliver
+        );
+    }
+    Ok(Intake {
+        ack_wait: config.ack_wait,
+        // -1 (unlimited) on a consumer someone else made: never give up.
+        max_deliver: if config.max_deliver > 0 {
+            config.max_deliver
+        } else {
+            i64::MAX
+        },
+        consumer,
+    })
+}
+
+/// Whether stream subject `pattern` captures every subject `subject` stands for.
+fn covers(pattern: &str, subject: &str) -> bool {
+    let mut pattern = pattern.split('.');
+    let mut subject = subject.split('.');
+    loop {
+        match (pattern.next(), subject.next()) {
+            (None, None) | (Some(">"), Some(_)) => return true,
+            (Some("*"), Some(token)) if token != ">" => {}
+            (Some(p), Some(s)) if p == s => {}
+            _ => return false,
+        }
+    }
+}
+
+/// Sets up the stream and consumer, waiting (and saying so) while NATS is unreachable.
+/// `Ok(None)` when shutdown was requested meanwhile.
+pub async fn ensure_patiently(
+    settings: &Settings,
+    js: &jetstream::Context,
+    shutdown: &mut watch::Receiver<Shutdown>,
+) -> anyhow::Result<Option<Intake>> {
+    let mut pause = Duration::from_millis(250);
+    loop {
+        match ensure(settings, js).await {
+            Ok(intake) => return Ok(Some(intake)),
+            Err(EnsureError::Config(problem)) => anyhow::bail!(problem),
+            Err(EnsureError::Nats(problem)) => warn!("waiting for NATS JetStream: {problem}"),
+        }
+        tokio::select! {
+            () = sleep(pause) => {}
+            _ = shutdown.wait_for(|s| *s != Shutdown::Run) => return Ok(None),
+        }
+        pause = (pause * 2).min(Duration::from_secs(10));
+    }
+}
+
+/// Pulls messages while there are free slots, and hands each to a job task. Returns once
+/// shutdown starts and the last pull request has run out.
+pub async fn pull(ctx: Arc<Ctx>, mut intake: Intake, js: jetstream::Context, tracker: TaskTracker) {
+    let slots = Arc::new(Semaphore::new(ctx.settings.concurrency));
+    let mut shutdown = ctx.shutdown.clone();
+    let mut failures = 0u32;
+    loop {
+        if *shutdown.borrow() != Shutdown::Run {
+            return;
+        }
+        if failures >= 3 {
+            // The consumer may have been deleted under us: set it up again.
+            match ensure(&ctx.settings, &js).await {
+                Ok(fresh) => {
+                    info!("set up the consumer again");
+                    intake = fresh;
+                }
+                Err(e) => warn!("setting up the consumer again: {e}"),
+            }
+        }
+        if failures > 0 {
+            let pause =
+                Duration::from_millis(100 * 2u64.pow(failures.min(6))).min(Duration::from_secs(5));
+            tokio::select! {
+                () = sleep(pause) => {}
+                _ = shutdown.changed() => continue,
+            }
+        }
+        let first = tokio::select! {
+            permit = slots.clone().acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => return,
+            },
+            _ = shutdown.changed() => continue,
+        };
+        let mut permits = vec![first];
+        while let Ok(permit) = slots.clone().try_acquire_owned() {
+            permits.push(permit);
+        }
+        let mut batch = match intake
+            .consumer
+            .batch()
+            .max_messages(permits.len())
+            .expires(PULL_EXPIRES)
+            .messages()
+            .await
+        {
+            Ok(batch) => batch,
+            Err(e) => {
+                failures += 1;
+                warn!("asking for jobs: {e}");
+                continue;
+            }
+        };
+        let mut draining = false;
+        loop {
+            let item = tokio::select! {
+                item = batch.next() => item,
+                changed = shutdown.changed(), if !draining => {
+                    draining = true;
+                    if changed.is_err() || *shutdown.borrow() == Shutdown::Now {
+                        return;
+                    }
+                    continue;
+                }
+            };
+            let msg = match item {
+                None => break,
+                Some(Ok(msg)) => msg,
+                Some(Err(e)) => {
+                    failures += 1;
+                    warn!("receiving jobs: {e}");
+                    break;
+                }
+            };
+            failures = 0;
+            if *shutdown.borrow() != Shutdown::Run {
+                // Arrived after shutdown began: hand it straight to another host.
+                let _ = msg.ack_with(AckKind::Nak(None)).await;
+                continue;
+            }
+            let Some(permit) = permits.pop() else {
+                let _ = msg.ack_with(AckKind::Nak(None)).await;
+                continue;
+            };
+            let ctx = ctx.clone();
+            tracker.spawn(async move {
+                job_task::handle(ctx, msg).await;
+                drop(permit);
+            });
+        }
+    }
+}
+
+/// Stops running jobs named on `{cancel_subject}.{id}`.
+pub async fn listen_for_cancels(ctx: Arc<Ctx>) {
+    let prefix = format!("{}.", ctx.settings.cancel_subject);
+    let mut subscription = loop {
+        match ctx.client.subscribe(format!("{prefix}>")).await {
+            Ok(subscription) => break subscription,
+            Err(e) => {
+                warn!("subscribing to cancel requests: {e}");
+                sleep(Duration::from_secs(1)).await;
+            }
+        }
+    };
+    while let Some(msg) = subscription.next().await {
+        let Some(id) = msg.subject.strip_prefix(&prefix) else {
+            continue;
+        };
+        let Ok(id) = JobId::parse(id) else {
+            debug!(subject = %msg.subject, "ignoring a cancel request for an invalid id");
+            continue;
+        };
+        let stopped = ctx.running.stop(&id, CancelMode::Cancel);
+        if stopped > 0 {
+            info!(%id, "cancel requested: stopping the job");
+        } else {
+            debug!(%id, "cancel requested for a job that is not running here");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::covers;
+
+    #[test]
+    fn subject_coverage() {
+        assert!(covers("jobs.pending", "jobs.pending"));
+        assert!(covers("jobs.*", "jobs.pending"));
+        assert!(covers("jobs.>", "jobs.pending.x"));
+        assert!(covers(">", "jobs.pending"));
+        assert!(covers("jobs.>", "jobs.*"));
+        assert!(!covers("jobs.*", "jobs.pending.x"));
+        assert!(!covers("jobs.pending", "jobs.*"));
+        assert!(!covers("jobs.*", "jobs.>"));
+        assert!(!covers("other", "jobs.pending"));
+        assert!(!covers("jobs.pending.x", "jobs.pending"));
+    }
+}

@@ -1,0 +1,439 @@
+//! One job message, from delivery to settlement: decode and validate the request, recognise a
+//! redelivery of a job that already finished, run it while keeping its lease with progress
+//! acks, then publish the result and ack — or nak, terminate, or leave it, per [`decide`].
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use async_nats::jetstream::{self, AckKind};
+use async_nats::HeaderMap;
+use nats_fs::job::{JobId, JobRequest, RequestError};
+use nats_fs::manifest::{Manifest, RESULTS_DIR};
+use nats_fs::protocol::CancelMode;
+use nats_fs::{ResultMessage, Status};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio::time::{sleep, sleep_until, timeout, Instant};
+use tracing::{debug, error, info, info_span, warn, Instrument, Span};
+
+use crate::config::Settings;
+use crate::execute::{execute, JobEnd, JobRun};
+use crate::settle::{decide, Ack, Decision};
+use crate::spawn::Runners;
+use crate::Shutdown;
+
+/// Everything a job task shares with the rest of the supervisor.
+#[derive(Debug)]
+pub struct Ctx {
+    pub settings: Settings,
+    pub client: async_nats::Client,
+    pub running: Running,
+    pub runners: Runners,
+    /// The consumer's ack wait and max deliver as the server has them (an existing consumer
+    /// may differ from the flags).
+    pub ack_wait: Duration,
+    pub max_deliver: i64,
+    pub shutdown: watch::Receiver<Shutdown>,
+}
+
+/// The jobs running on this host, by stream sequence, for cancel requests and draining.
+#[derive(Debug, Default)]
+pub struct Running {
+    jobs: Mutex<HashMap<u64, (JobId, mpsc::Sender<CancelMode>)>>,
+}
+
+impl Running {
+    fn register(&self, seq: u64, id: JobId, tx: mpsc::Sender<CancelMode>) -> Registered<'_> {
+        self.lock().insert(seq, (id, tx));
+        Registered { running: self, seq }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, (JobId, mpsc::Sender<CancelMode>)>> {
+        self.jobs.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Asks every job with this id to stop with `mode`; returns how many were asked.
+    pub fn stop(&self, id: &JobId, mode: CancelMode) -> usize {
+        self.lock()
+            .values()
+            .filter(|(job, _)| job == id)
+            .map(|(_, tx)| usize::from(tx.try_send(mode).is_ok()))
+            .sum()
+    }
+
+    /// Asks every running job to stop with `mode`.
+    pub fn stop_all(&self, mode: CancelMode) -> usize {
+        self.lock()
+            .values()
+            .map(|(_, tx)| usize::from(tx.try_send(mode).is_ok()))
+            .sum()
+    }
+
+    /// How many jobs are running.
+    pub fn count(&self) -> usize {
+        self.lock().len()
+    }
+}
+
+/// Removes a job from [`Running`] when its task ends, however it ends.
+struct Registered<'a> {
+    running: &'a Running,
+    seq: u64,
+}
+
+impl Drop for Registered<'_> {
+    fn drop(&mut self) {
+        self.running.lock().remove(&self.seq);
+    }
+}
+
+/// Handles one delivered message to the end. Every log line inside carries the job's id,
+/// attempt and stream sequence.
+pub async fn handle(ctx: Arc<Ctx>, msg: jetstream::Message) {
+    let received = Instant::now();
+    let (delivered, seq) = match msg.info() {
+        Ok(info) => (
+            u64::try_from(info.delivered).unwrap_or(1),
+            info.stream_sequence,
+        ),
+        Err(e) => {
+            warn!("ignoring a message that is not a JetStream delivery: {e}");
+            return;
+        }
+    };
+    let span = info_span!("job", id = tracing::field::Empty, attempt = delivered, seq);
+    process(ctx, Arc::new(msg), delivered, seq, received)
+        .instrument(span)
+        .await;
+}
+
+async fn process(
+    ctx: Arc<Ctx>,
+    msg: Arc<jetstream::Message>,
+    delivered: u64,
+    seq: u64,
+    received: Instant,
+) {
+    let request = match JobRequest::decode(&msg.payload) {
+        Ok(request) => request,
+        Err(rejected) => return reject(&ctx, &msg, &rejected, delivered, seq).await,
+    };
+    Span::current().record("id", request.id.as_str());
+    let earlier = {
+        let results = ctx
+            .settings
+            .jobs_dir
+            .join(request.id.as_str())
+            .join(RESULTS_DIR);
+        let id = request.id.clone();
+        tokio::task::spawn_blocking(move || already_finished(&results, &id, seq))
+            .await
+            .ok()
+            .flatten()
+    };
+    if let Some(manifest) = earlier {
+        info!(
+            status = %manifest.status,
+            "attempt {} already finished this delivery; republishing its result instead of running it again",
+            manifest.attempt
+        );
+        let result = Box::new(ResultMessage::from_manifest(&manifest));
+        let decision = Decision::Publish {
+            ack: crate::settle::ack_for(result.status),
+            result,
+            dead_letter: None,
+        };
+        return carry_out(&ctx, &msg, decision, &request.id, delivered, seq).await;
+    }
+    info!("job started");
+    let (tx, mut rx) = mpsc::channel(4);
+    let _registered = ctx.running.register(seq, request.id.clone(), tx.clone());
+    let job = JobRun {
+        settings: &ctx.settings,
+        request: &request,
+        attempt: delivered,
+        stream_sequence: Some(seq),
+        tag: seq.to_string(),
+    };
+    let execution = execute(&job, &ctx.runners, &mut rx);
+    let (end, lease_lost) = keep_lease(execution, &ctx, &msg, received, &tx).await;
+    let decision = decide(
+        request.id.as_str(),
+        end,
+        delivered,
+        ctx.max_deliver,
+        lease_lost,
+    );
+    carry_out(&ctx, &msg, decision, &request.id, delivered, seq).await;
+}
+
+/// Drives the job while keeping its lease: a progress ack every third of the ack wait, each
+/// confirmed by the server. If no confirmation has been seen for nearly an ack wait (the
+/// connection is down), the server is about to hand the job to someone else, so the job is
+/// stopped here at once rather than run twice.
+async fn keep_lease(
+    execution: impl std::future::Future<Output = JobEnd>,
+    ctx: &Ctx,
+    msg: &Arc<jetstream::Message>,
+    received: Instant,
+    control: &mpsc::Sender<CancelMode>,
+) -> (JobEnd, bool) {
+    let ack_wait = ctx.ack_wait;
+    let every = ack_wait / 3;
+    let margin = (ack_wait / 10).max(Duration::from_millis(200));
+    // The server started its timer a little before we received the message.
+    let mut confirmed = received;
+    let mut next_progress = received + every;
+    let mut in_flight: Option<JoinHandle<Option<Instant>>> = None;
+    let mut lease_lost = false;
+    tokio::pin!(execution);
+    loop {
+        let expires = confirmed + ack_wait - margin;
+        tokio::select! {
+            end = &mut execution => {
+                if let Some(task) = in_flight {
+                    task.abort();
+                }
+                return (end, lease_lost);
+            }
+            () = sleep_until(next_progress), if in_flight.is_none() => {
+                let msg = msg.clone();
+                in_flight = Some(tokio::spawn(async move {
+                    let sent = Instant::now();
+                    match timeout(every, msg.double_ack_with(AckKind::Progress)).await {
+                        Ok(Ok(())) => Some(sent),
+                        Ok(Err(e)) => { debug!("progress ack failed: {e}"); None }
+                        Err(_) => { debug!("progress ack not confirmed in time"); None }
+                    }
+                }));
+            }
+            done = finished(&mut in_flight), if in_flight.is_some() => {
+                in_flight = None;
+                if let Ok(Some(sent)) = done {
+                    confirmed = confirmed.max(sent);
+                    next_progress = sent + every;
+                } else {
+                    // Not confirmed: try again soon, but not in a tight loop.
+                    next_progress = Instant::now() + (every / 4).max(Duration::from_millis(100));
+                }
+            }
+            () = sleep_until(expires), if !lease_lost => {
+                lease_lost = true;
+                error!(
+                    unconfirmed_ms = u64::try_from(confirmed.elapsed().as_millis()).unwrap_or(u64::MAX),
+                    ack_wait_ms = u64::try_from(ack_wait.as_millis()).unwrap_or(u64::MAX),
+                    "lost the lease on this job (no progress ack confirmed within the ack wait): stopping it so that it does not run twice"
+                );
+                let _ = control.try_send(CancelMode::AbortNow);
+            }
+        }
+    }
+}
+
+/// Waits for an in-flight task; pending forever when there is none.
+async fn finished<T>(task: &mut Option<JoinHandle<T>>) -> Result<T, tokio::task::JoinError> {
+    match task {
+        Some(task) => task.await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The manifest of an earlier attempt at this very delivery (same stream sequence), if it
+/// recorded a final status: the job ran to its end and only the ack was lost.
+fn already_finished(results: &std::path::Path, id: &JobId, seq: u64) -> Option<Manifest> {
+    match Manifest::read(results) {
+        Ok(Some(manifest))
+            if manifest.stream_sequence == Some(seq) && manifest.job_id == id.as_str() =>
+        {
+            Some(manifest)
+        }
+        Ok(_) => None,
+        Err(e) => {
+            debug!("not reading an earlier manifest: {e}");
+            None
+        }
+    }
+}
+
+/// A payload that fails SPEC §2: never touches the disk, never runs, never comes back.
+async fn reject(
+    ctx: &Ctx,
+    msg: &jetstream::Message,
+    rejected: &RequestError,
+    delivered: u64,
+    seq: u64,
+) {
+    warn!(reason = %rejected, "rejected a job request");
+    let reason = rejected.to_string();
+    if let Some(id) = rejected.id() {
+        Span::current().record("id", id.as_str());
+        let decision = Decision::Publish {
+            result: Box::new(ResultMessage {
+                attempt: Some(delivered),
+                ..ResultMessage::error(id.as_str(), reason.clone())
+            }),
+            ack: Ack::Term,
+            dead_letter: Some(reason),
+        };
+        carry_out(ctx, msg, decision, id, delivered, seq).await;
+    } else {
+        dead_letter(ctx, msg, &reason, delivered, seq).await;
+        settle(ctx, msg, Ack::Term).await;
+    }
+}
+
+/// Publishes, dead-letters and acks as decided.
+async fn carry_out(
+    ctx: &Ctx,
+    msg: &jetstream::Message,
+    decision: Decision,
+    id: &JobId,
+    delivered: u64,
+    seq: u64,
+) {
+    match decision {
+        Decision::Publish {
+            result,
+            ack,
+            dead_letter: reason,
+        } => {
+            let level_ok = matches!(result.status, Status::Success);
+            if level_ok {
+                info!(status = %result.status, exit_code = result.exit_code, "job finished");
+            } else {
+                warn!(status = %result.status, exit_code = result.exit_code, error = result.error.as_deref(), "job finished");
+            }
+            if !publish_result(ctx, id, seq, &result).await {
+                warn!("the result could not be published before shutdown; the job will be redelivered and its result republished");
+                return;
+            }
+            if let Some(reason) = reason {
+                dead_letter(ctx, msg, &reason, delivered, seq).await;
+            }
+            settle(ctx, msg, ack).await;
+        }
+        Decision::Retry { delay, why } => {
+            if delay.is_zero() {
+                info!("handing the job back for redelivery: {why}");
+            } else {
+                warn!(
+                    retry_in_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
+                    "job could not run here: {why}"
+                );
+            }
+            if let Err(e) = msg.ack_with(AckKind::Nak(Some(delay))).await {
+                warn!("nak failed ({e}); the job will be redelivered after the ack wait");
+            }
+        }
+        Decision::Leave { why } => {
+            warn!("leaving the job to its redelivery: {why}");
+        }
+    }
+}
+
+/// Publishes the result on `{output}.{id}` with `Nats-Msg-Id: {id}-{seq}`, retrying through a
+/// disconnection. Gives up only when told to stop at once.
+async fn publish_result(ctx: &Ctx, id: &JobId, seq: u64, result: &ResultMessage) -> bool {
+    let subject = ctx.settings.result_subject(id.as_str());
+    let payload = match serde_json::to_vec(result) {
+        Ok(payload) => bytes::Bytes::from(payload),
+        Err(e) => {
+            error!("encoding the result: {e}");
+            return false;
+        }
+    };
+    let mut headers = HeaderMap::new();
+    headers.insert("Nats-Msg-Id", format!("{id}-{seq}").as_str());
+    persist(ctx, "publishing the result", || {
+        let (subject, headers, payload) = (subject.clone(), headers.clone(), payload.clone());
+        async move {
+            ctx.client
+                .publish_with_headers(subject, headers, payload)
+                .await?;
+            ctx.client.flush().await?;
+            Ok(())
+        }
+    })
+    .await
+}
+
+/// Republishes a request on the dead-letter subject, with why in `Nats-Fs-Reason`.
+async fn dead_letter(ctx: &Ctx, msg: &jetstream::Message, reason: &str, delivered: u64, seq: u64) {
+    let Some(subject) = &ctx.settings.dead_letter_subject else {
+        return;
+    };
+    let mut headers = HeaderMap::new();
+    // Header values cannot hold line breaks.
+    let reason: String = reason
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    headers.insert("Nats-Fs-Reason", reason.as_str());
+    headers.insert("Nats-Fs-Subject", msg.subject.as_str());
+    headers.insert("Nats-Fs-Stream-Sequence", seq.to_string().as_str());
+    headers.insert("Nats-Fs-Delivered", delivered.to_string().as_str());
+    headers.insert("Nats-Fs-Worker", ctx.settings.worker_id.as_str());
+    headers.insert("Nats-Msg-Id", format!("dead-{seq}").as_str());
+    let payload = msg.payload.clone();
+    let sent = persist(ctx, "publishing the dead letter", || {
+        let (subject, headers, payload) = (subject.clone(), headers.clone(), payload.clone());
+        async move {
+            ctx.client
+                .publish_with_headers(subject, headers, payload)
+                .await?;
+            ctx.client.flush().await?;
+            Ok(())
+        }
+    })
+    .await;
+    if sent {
+        info!(subject = %subject, "republished on the dead-letter subject");
+    }
+}
+
+/// Acks or terminates, with the server's confirmation, retrying for up to an ack wait. If it
+/// never gets through, the message is redelivered and recognised as finished.
+async fn settle(ctx: &Ctx, msg: &jetstream::Message, ack: Ack) {
+    let kind = match ack {
+        Ack::Ack => AckKind::Ack,
+        Ack::Term => AckKind::Term,
+    };
+    let give_up = Instant::now() + ctx.ack_wait;
+    let mut pause = Duration::from_millis(100);
+    loop {
+        match msg.double_ack_with(kind).await {
+            Ok(()) => return,
+            Err(e) if Instant::now() >= give_up || *ctx.shutdown.borrow() == Shutdown::Now => {
+                warn!("could not confirm the {ack:?} ({e}); a redelivery will be recognised as finished");
+                return;
+            }
+            Err(e) => debug!("{ack:?} not confirmed yet: {e}"),
+        }
+        sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_secs(2));
+    }
+}
+
+/// Runs `attempt` until it succeeds, backing off between tries, unless the supervisor is told
+/// to stop at once. Each try is bounded so that a dead connection cannot hang the job.
+async fn persist<F, Fut>(ctx: &Ctx, what: &str, attempt: F) -> bool
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Result<(), async_nats::Error>>,
+{
+    let mut shutdown = ctx.shutdown.clone();
+    let mut pause = Duration::from_millis(100);
+    loop {
+        match timeout(Duration::from_secs(5), attempt()).await {
+            Ok(Ok(())) => return true,
+            Ok(Err(e)) => warn!("{what} failed, will retry: {e}"),
+            Err(_) => warn!("{what} timed out, will retry"),
+        }
+        tokio::select! {
+            () = sleep(pause) => {}
+            _ = shutdown.wait_for(|s| *s == Shutdown::Now) => return false,
+        }
+        pause = (pause * 2).min(Duration::from_secs(5));
+    }
+}

@@ -1,0 +1,168 @@
+//! `nats-fs-supervisor`: the host daemon of nats-fs-worker.
+//!
+//! It owns the NATS connection and a durable pull consumer (the same durable name on many
+//! hosts makes them competing consumers). For every job it spawns one fresh
+//! `nats-fs-runner`, privilege-dropped, and talks to it over a pipe; it never runs a job's
+//! commands itself. When the runner is done it publishes the result message and acks.
+//!
+//! ```text
+//!  jobs.pending ──pull (free slots only)──▶ intake ──▶ job_task ──▶ execute ──spawn──▶ runner
+//!                                                        │  progress acks  │  JSON lines  │
+//!  jobs.results.{id} ◀──publish, then ack── settle ◀─────┘                 ◀──events──────┘
+//!  jobs.cancel.{id} ──▶ Running registry ──cancel──▶ runner
+//! ```
+//!
+//! # Layout
+//! - `config`: flags and environment (SPEC §7), checked at start.
+//! - `intake`: connection, stream and consumer, the pull loop, cancel requests.
+//! - `job_task`: one message from delivery to ack; the lease (progress acks).
+//! - `execute`: one run through a runner: folders, spawn, pipe conversation, cleanup.
+//! - `settle`: the pure decision of how a message is settled.
+//! - `spawn`: the privilege drop.
+//! - `sweep`: the workspaces folder, its lock, and what crashed runs left behind.
+//! - `signals`: SIGTERM/SIGINT to drain, twice to stop now.
+//! - `dry_run`: `--dry-run`.
+
+pub mod config;
+pub mod dry_run;
+pub mod execute;
+pub mod intake;
+pub mod job_task;
+pub mod settle;
+pub mod signals;
+pub mod spawn;
+pub mod sweep;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use async_nats::jetstream;
+use nats_fs::protocol::CancelMode;
+use tokio::sync::watch;
+use tokio::time::{sleep, timeout};
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+use crate::config::Settings;
+use crate::job_task::{Ctx, Running};
+use crate::spawn::Runners;
+
+/// How far along shutdown is (SPEC §8).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shutdown {
+    /// Taking jobs.
+    Run,
+    /// No new jobs; running ones may finish within the drain timeout.
+    Drain,
+    /// Stop running jobs at once and hand them back.
+    Now,
+}
+
+/// Runs the supervisor until `shutdown` says stop and the running jobs are dealt with.
+pub async fn run(
+    settings: Settings,
+    mut shutdown: watch::Receiver<Shutdown>,
+) -> anyhow::Result<()> {
+    // Runners that crash leave their steps orphaned; as a subreaper we inherit and kill them.
+    nix::sys::prctl::set_child_subreaper(true).context("becoming a child subreaper")?;
+    let _lock = sweep::prepare_workspaces(&settings.workspaces_dir, &settings.run_as)?;
+    check_surroundings(&settings);
+    info!(
+        worker = %settings.worker_id,
+        stream = %settings.stream,
+        subject = %settings.input_subject,
+        concurrency = settings.concurrency,
+        run_as = %settings.run_as.describe(),
+        "starting"
+    );
+    let client = intake::connect(&settings).await?;
+    let js = jetstream::new(client.clone());
+    let Some(intake) = intake::ensure_patiently(&settings, &js, &mut shutdown).await? else {
+        return Ok(());
+    };
+    let ctx = Arc::new(Ctx {
+        settings,
+        client,
+        running: Running::default(),
+        runners: Runners::default(),
+        ack_wait: intake.ack_wait,
+        max_deliver: intake.max_deliver,
+        shutdown: shutdown.clone(),
+    });
+    let cancels = tokio::spawn(intake::listen_for_cancels(ctx.clone()));
+    let tracker = TaskTracker::new();
+    info!("ready for jobs");
+    intake::pull(ctx.clone(), intake, js, tracker.clone()).await;
+    tracker.close();
+    drain(&ctx, &tracker, shutdown).await;
+    cancels.abort();
+    let _ = timeout(Duration::from_secs(5), ctx.client.flush()).await;
+    info!("stopped");
+    Ok(())
+}
+
+/// Lets running jobs finish within the drain timeout, then stops what is left and waits for
+/// it to be handed back. A second signal skips the wait.
+async fn drain(ctx: &Ctx, tracker: &TaskTracker, mut shutdown: watch::Receiver<Shutdown>) {
+    if tracker.is_empty() {
+        return;
+    }
+    info!(
+        running = ctx.running.count(),
+        "waiting up to {} for running jobs to finish",
+        humantime::format_duration(ctx.settings.drain_timeout)
+    );
+    tokio::select! {
+        () = tracker.wait() => return,
+        () = sleep(ctx.settings.drain_timeout) => {
+            let stopped = ctx.running.stop_all(CancelMode::Abort);
+            warn!(stopped, "drain timeout passed: stopping the running jobs and handing them back");
+        }
+        _ = shutdown.wait_for(|s| *s == Shutdown::Now) => {
+            ctx.running.stop_all(CancelMode::AbortNow);
+        }
+    }
+    tokio::select! {
+        () = tracker.wait() => {}
+        _ = shutdown.wait_for(|s| *s == Shutdown::Now) => {
+            ctx.running.stop_all(CancelMode::AbortNow);
+            tracker.wait().await;
+        }
+    }
+}
+
+/// Warns about what would make every job fail, without refusing to start: a shared drive may
+/// be mounted later, and a runner binary may be installed by the next upgrade.
+fn check_surroundings(settings: &Settings) {
+    if !settings.runner.is_file() {
+        warn!(
+            "the runner {} does not exist; jobs will be retried until it does (see --runner)",
+            settings.runner.display()
+        );
+    }
+    if !settings.jobs_dir.is_dir() {
+        warn!(
+            "the jobs folder {} does not exist (yet)",
+            settings.jobs_dir.display()
+        );
+    } else if let Err(problem) = settings.run_as.can_traverse(&settings.jobs_dir) {
+        warn!("runners may not reach the jobs folder: {problem}");
+    }
+}
+
+/// `PATH` and `LANG` for the steps: the supervisor's own, or sane defaults.
+#[must_use]
+pub fn base_env() -> BTreeMap<String, String> {
+    let mut env = BTreeMap::new();
+    env.insert(
+        "PATH".to_owned(),
+        std::env::var("PATH").unwrap_or_else(|_| spawn::DEFAULT_PATH.to_owned()),
+    );
+    env.insert(
+        "LANG".to_owned(),
+        std::env::var("LANG").unwrap_or_else(|_| "C.UTF-8".to_owned()),
+    );
+    env
+}

@@ -1,0 +1,198 @@
+//! Deciding how a job message is settled (SPEC §6), as a pure function so every row of the
+//! table is unit-tested: publish a final result then ack or terminate, nak with a delay to retry
+//! a host fault, or leave the message alone when its lease is already lost.
+
+use std::time::Duration;
+
+use nats_fs::{ResultMessage, Status};
+
+use crate::execute::JobEnd;
+
+/// The first retry delay of a host fault; it doubles with every delivery.
+const FIRST_RETRY: Duration = Duration::from_secs(1);
+/// The longest retry delay.
+const MAX_RETRY: Duration = Duration::from_secs(60);
+
+/// What to do with a job message once its run is over.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Decision {
+    /// Publish `result`, republish the request on the dead-letter subject when `dead_letter`
+    /// gives a reason, then `ack`.
+    Publish {
+        result: Box<ResultMessage>,
+        ack: Ack,
+        dead_letter: Option<String>,
+    },
+    /// Nak with this delay so the job runs again (here or on another host).
+    Retry { delay: Duration, why: String },
+    /// Do nothing: the lease was lost, so the server redelivers (or already has) and a nak
+    /// from this stale delivery could disturb the copy running elsewhere.
+    Leave { why: String },
+}
+
+/// The final acknowledgement of a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ack {
+    /// Done: `+ACK`.
+    Ack,
+    /// Never again: `+TERM`.
+    Term,
+}
+
+/// The ack that goes with a final status: `error` terminates, everything else acks.
+#[must_use]
+pub fn ack_for(status: Status) -> Ack {
+    if status == Status::Error {
+        Ack::Term
+    } else {
+        Ack::Ack
+    }
+}
+
+/// How long to wait before the next delivery after a host fault on delivery `delivered`.
+#[must_use]
+pub fn retry_delay(delivered: u64) -> Duration {
+    let exponent = u32::try_from(delivered.saturating_sub(1).min(16)).unwrap_or(16);
+    FIRST_RETRY.saturating_mul(1 << exponent).min(MAX_RETRY)
+}
+
+/// Decides what to do with a message on its `delivered`-th delivery out of `max_deliver`.
+#[must_use]
+pub fn decide(
+    id: &str,
+    end: JobEnd,
+    delivered: u64,
+    max_deliver: i64,
+    lease_lost: bool,
+) -> Decision {
+    let last_delivery = i64::try_from(delivered).unwrap_or(i64::MAX) >= max_deliver;
+    match end {
+        JobEnd::Final(result) => Decision::Publish {
+            ack: ack_for(result.status),
+            result,
+            dead_letter: None,
+        },
+        JobEnd::Aborted(why) | JobEnd::Fault(why) if lease_lost => Decision::Leave { why },
+        JobEnd::Aborted(why) if !last_delivery => Decision::Retry {
+            delay: Duration::ZERO,
+            why,
+        },
+        JobEnd::Fault(why) if !last_delivery => Decision::Retry {
+            delay: retry_delay(delivered),
+            why,
+        },
+        JobEnd::Aborted(why) | JobEnd::Fault(why) => {
+            let error = format!("gave up after {delivered} of {max_deliver} deliveries; the last one ended with: {why}");
+            Decision::Publish {
+                result: Box::new(ResultMessage {
+                    attempt: Some(delivered),
+                    ..ResultMessage::error(id, error.clone())
+                }),
+                ack: Ack::Term,
+                dead_letter: Some(error),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn result(status: Status) -> ResultMessage {
+        ResultMessage {
+            status,
+            ..ResultMessage::error("j", "x")
+        }
+    }
+
+    #[test]
+    fn final_statuses_ack_except_error() {
+        for status in [
+            Status::Success,
+            Status::Failed,
+            Status::Timeout,
+            Status::Cancelled,
+        ] {
+            let d = decide("j", JobEnd::Final(Box::new(result(status))), 1, 5, false);
+            assert!(
+                matches!(
+                    d,
+                    Decision::Publish {
+                        ack: Ack::Ack,
+                        dead_letter: None,
+                        ..
+                    }
+                ),
+                "{status}"
+            );
+        }
+        let d = decide(
+            "j",
+            JobEnd::Final(Box::new(result(Status::Error))),
+            1,
+            5,
+            false,
+        );
+        assert!(matches!(d, Decision::Publish { ack: Ack::Term, .. }));
+        // A job that finished is published even if its lease was lost meanwhile.
+        let d = decide(
+            "j",
+            JobEnd::Final(Box::new(result(Status::Success))),
+            1,
+            5,
+            true,
+        );
+        assert!(matches!(d, Decision::Publish { ack: Ack::Ack, .. }));
+    }
+
+    #[test]
+    fn faults_retry_with_growing_delay_then_give_up() {
+        let delays: Vec<_> = (1..5)
+            .map(
+                |n| match decide("j", JobEnd::Fault("disk".into()), n, 5, false) {
+                    Decision::Retry { delay, .. } => delay,
+                    other => panic!("{other:?}"),
+                },
+            )
+            .collect();
+        assert_eq!(delays, [1, 2, 4, 8].map(Duration::from_secs));
+        match decide("j", JobEnd::Fault("disk".into()), 5, 5, false) {
+            Decision::Publish {
+                result,
+                ack,
+                dead_letter,
+            } => {
+                assert_eq!(result.status, Status::Error);
+                assert_eq!(ack, Ack::Term);
+                assert!(result.error.unwrap().contains("disk"));
+                assert!(dead_letter.is_some());
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(retry_delay(40), MAX_RETRY);
+    }
+
+    #[test]
+    fn aborts_retry_at_once_unless_out_of_deliveries_or_lease() {
+        assert_eq!(
+            decide("j", JobEnd::Aborted("drain".into()), 1, 5, false),
+            Decision::Retry {
+                delay: Duration::ZERO,
+                why: "drain".into()
+            }
+        );
+        assert!(matches!(
+            decide("j", JobEnd::Aborted("drain".into()), 5, 5, false),
+            Decision::Publish { ack: Ack::Term, .. }
+        ));
+        assert!(matches!(
+            decide("j", JobEnd::Aborted("lease".into()), 1, 5, true),
+            Decision::Leave { .. }
+        ));
+        assert!(matches!(
+            decide("j", JobEnd::Fault("x".into()), 5, 5, true),
+            Decision::Leave { .. }
+        ));
+    }
+}
