@@ -1,1 +1,12 @@
-//! Integration tests: real nats-server, real binaries, real folders.
+//! Integration tests: real `nats-server` processes, the real binaries, real folders.
+//!
+//! Build the binaries first (`cargo build --workspace`; `scripts/test` does). Tests that drop
+//! privileges need root, as CI has; they say SKIPPED otherwise.
+
+// Test modules share helpers through `pub` items; this is a test binary, nothing escapes.
+#![allow(unreachable_pub)]
+
+mod support;
+
+/// `nats-fs-runner --job`: staging, steps, logs, sync, manifest, process cleanup.
+mod runner;

@@ -1,0 +1,640 @@
+//! Test support: real `nats-server` processes on free ports with their own stores, the real
+//! binaries, real folders. Nothing is mocked.
+//!
+//! Every wait here polls a condition under a deadline and fails with what it was waiting for;
+//! none sleeps for a fixed time and hopes.
+
+#![allow(unsafe_code)] // pre_exec for PR_SET_PDEATHSIG, see `die_with_test`.
+#![allow(dead_code)] // Each test module uses its own part of this.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::future::Future;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream;
+use futures_util::StreamExt;
+use nats_fs::manifest::Manifest;
+use nats_fs::ResultMessage;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use serde_json::Value;
+use tempfile::TempDir;
+
+/// The deadline for anything that should happen "soon".
+pub const SOON: Duration = Duration::from_secs(20);
+
+/// Whether the tests run as root (CI does); privilege-drop tests need it.
+pub fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+/// Says a test was skipped, and why, where `cargo test` shows it.
+pub fn skip(why: &str) {
+    eprintln!("SKIPPED: {why}");
+}
+
+/// Kills the spawned process when the test's thread ends, even if the test binary is killed.
+fn die_with_test(command: &mut Command) {
+    // SAFETY: prctl is a plain system call, async-signal-safe, and touches no memory of ours.
+    unsafe {
+        command.pre_exec(|| {
+            nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)?;
+            Ok(())
+        });
+    }
+}
+
+/// A built binary of this workspace, found next to the test binary (`target/<profile>/`).
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("the test binary's path");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>/deps");
+    let path = dir.join(name);
+    assert!(
+        path.is_file(),
+        "{} is not built: run `cargo build --workspace` before the tests (scripts/test does)",
+        path.display()
+    );
+    path
+}
+
+/// Polls `check` every 20 ms until it returns `Some`, failing after `timeout`.
+pub async fn eventually<T>(timeout: Duration, what: &str, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = check() {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Awaits `future`, failing after `timeout` with what it was waiting for.
+pub async fn within<T>(timeout: Duration, what: &str, future: impl Future<Output = T>) -> T {
+    tokio::time::timeout(timeout, future)
+        .await
+        .unwrap_or_else(|_| panic!("timed out after {timeout:?} waiting for {what}"))
+}
+
+/// A folder readable (and, with `writable`, writable) by the unprivileged runner user:
+/// `tempfile` makes 0700 folders, which `nobody` cannot enter.
+pub fn open_dir(writable: bool) -> TempDir {
+    let dir = tempfile::Builder::new()
+        .prefix("nats-fs-test.")
+        .tempdir()
+        .expect("temp dir");
+    let mode = if writable { 0o777 } else { 0o755 };
+    fs::set_permissions(dir.path(), fs::Permissions::from_mode(mode)).expect("chmod");
+    dir
+}
+
+/// Pids of live processes whose command line contains `token`.
+pub fn processes_with(token: &str) -> Vec<i32> {
+    let me = std::process::id();
+    let mut found = Vec::new();
+    for entry in fs::read_dir("/proc").expect("/proc").flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        if pid.unsigned_abs() == me {
+            continue;
+        }
+        let Ok(cmdline) = fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
+        let state = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let zombie = state.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'));
+        if !zombie && String::from_utf8_lossy(&cmdline).replace('\0', " ").contains(token) {
+            found.push(pid);
+        }
+    }
+    found
+}
+
+/// Waits until no live process carries `token` in its command line.
+pub async fn no_process_with(token: &str, timeout: Duration) {
+    eventually(timeout, &format!("the processes marked {token} to be gone"), || {
+        processes_with(token).is_empty().then_some(())
+    })
+    .await;
+}
+
+/// A unique marker for process command lines and file names.
+pub fn marker(what: &str) -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    format!("nfs{what}{}x{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed))
+}
+
+/// Runs a command to its end, killing it if it takes longer than `timeout`.
+pub fn run_with_timeout(command: &mut Command, timeout: Duration) -> Output {
+    die_with_test(command);
+    let mut child = command
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawning");
+    let deadline = Instant::now() + timeout;
+    // Read the pipes on threads so a chatty child cannot block on a full pipe.
+    let mut stdout = child.stdout.take().expect("stdout");
+    let mut stderr = child.stderr.take().expect("stderr");
+    let out = std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        let _ = stdout.read_to_end(&mut buf);
+        buf
+    });
+    let err = std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        let _ = stderr.read_to_end(&mut buf);
+        buf
+    });
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("waiting") {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{command:?} did not finish within {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    Output {
+        status,
+        stdout: out.join().expect("stdout thread"),
+        stderr: err.join().expect("stderr thread"),
+    }
+}
+
+/// A `nats-server` with JetStream on a free loopback port and a store of its own.
+pub struct Server {
+    child: Option<Child>,
+    pub port: u16,
+    pub url: String,
+    dir: TempDir,
+    extra: Vec<String>,
+}
+
+impl Server {
+    /// Starts a server; `extra` are additional nats-server arguments (e.g. `--auth TOKEN`).
+    pub fn start(extra: &[&str]) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut server = Self {
+            child: None,
+            port: 0,
+            url: String::new(),
+            dir,
+            extra: extra.iter().map(ToString::to_string).collect(),
+        };
+        server.launch(None);
+        server
+    }
+
+    fn launch(&mut self, port: Option<u16>) {
+        let ports_dir = self.dir.path().join("ports");
+        let _ = fs::remove_dir_all(&ports_dir);
+        fs::create_dir_all(&ports_dir).expect("ports dir");
+        let mut command = Command::new("nats-server");
+        command
+            .args(["-a", "127.0.0.1", "-js", "-p"])
+            .arg(port.map_or_else(|| "-1".to_owned(), |p| p.to_string()))
+            .arg("-sd")
+            .arg(self.dir.path().join("js"))
+            .arg("--ports_file_dir")
+            .arg(&ports_dir)
+            .args(&self.extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(fs::File::create(self.dir.path().join("server.log")).expect("log")));
+        die_with_test(&mut command);
+        let child = command
+            .spawn()
+            .expect("starting nats-server (is it installed? scripts/test installs it)");
+        let pid = child.id();
+        self.child = Some(child);
+        let ports_file = ports_dir.join(format!("nats-server_{pid}.ports"));
+        let deadline = Instant::now() + SOON;
+        let url = loop {
+            if let Ok(text) = fs::read_to_string(&ports_file) {
+                if let Ok(ports) = serde_json::from_str::<Value>(&text) {
+                    if let Some(url) = ports["nats"][0].as_str() {
+                        break url.to_owned();
+                    }
+                }
+            }
+            assert!(Instant::now() < deadline, "nats-server did not write {}", ports_file.display());
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        self.port = url.rsplit(':').next().and_then(|p| p.parse().ok()).expect("port in URL");
+        self.url = url;
+    }
+
+    /// Stops the server with SIGKILL (its store stays).
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts it again on the same port with the same store.
+    pub fn restart(&mut self) {
+        self.kill();
+        let port = self.port;
+        self.launch(Some(port));
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A three-node JetStream cluster on loopback.
+pub struct Cluster {
+    pub nodes: Vec<ClusterNode>,
+    dir: TempDir,
+}
+
+/// One node of a [`Cluster`].
+pub struct ClusterNode {
+    child: Option<Child>,
+    pub name: String,
+    pub url: String,
+    pub monitor_port: u16,
+}
+
+impl Cluster {
+    pub fn start() -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let pick = || portpicker::pick_unused_port().expect("a free port");
+        let ports: Vec<(u16, u16, u16)> = (0..3).map(|_| (pick(), pick(), pick())).collect();
+        let routes: Vec<String> = ports
+            .iter()
+            .map(|(_, cluster, _)| format!("nats://127.0.0.1:{cluster}"))
+            .collect();
+        let mut nodes = Vec::new();
+        for (i, (client, cluster, monitor)) in ports.iter().enumerate() {
+            let name = format!("n{i}");
+            let mut command = Command::new("nats-server");
+            command
+                .args(["-a", "127.0.0.1", "-js", "--cluster_name", "nfstest"])
+                .args(["-p", &client.to_string(), "-m", &monitor.to_string()])
+                .args(["--server_name", &name])
+                .arg("-sd")
+                .arg(dir.path().join(&name))
+                .args(["--cluster", &format!("nats://127.0.0.1:{cluster}")])
+                .args(["--routes", &routes.join(",")])
+                .stdout(Stdio::null())
+                .stderr(Stdio::from(
+                    fs::File::create(dir.path().join(format!("{name}.log"))).expect("log"),
+                ));
+            die_with_test(&mut command);
+            nodes.push(ClusterNode {
+                child: Some(command.spawn().expect("starting nats-server")),
+                name,
+                url: format!("nats://127.0.0.1:{client}"),
+                monitor_port: *monitor,
+            });
+        }
+        Self { nodes, dir }
+    }
+
+    /// All client URLs, comma-separated, as `--url` takes them.
+    pub fn urls(&self) -> String {
+        self.nodes.iter().map(|n| n.url.as_str()).collect::<Vec<_>>().join(",")
+    }
+
+    /// The node where a client connection named `name` is, from each node's `/connz`.
+    pub fn node_with_client(&self, name: &str) -> Option<usize> {
+        self.nodes.iter().position(|node| {
+            node.child.is_some()
+                && http_get(node.monitor_port, "/connz?limit=1024")
+                    .is_some_and(|body| body.contains(&format!("\"name\": \"{name}\"")))
+        })
+    }
+
+    /// Stops node `i` with SIGKILL.
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut child) = self.nodes[i].child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for i in 0..self.nodes.len() {
+            self.kill(i);
+        }
+    }
+}
+
+/// A plain HTTP GET on loopback (the monitoring port), without a client library.
+fn http_get(port: u16, path: &str) -> Option<String> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").ok()?;
+    let mut body = String::new();
+    stream.read_to_string(&mut body).ok()?;
+    Some(body)
+}
+
+/// A running `nats-fs-supervisor`, its output captured to a file the test can search.
+pub struct Supervisor {
+    child: Option<Child>,
+    pub log_path: PathBuf,
+    pub workspaces: PathBuf,
+    _dir: TempDir,
+}
+
+impl Supervisor {
+    /// Starts the supervisor against `url` and `jobs`, with short test-friendly defaults that
+    /// `args` may override (later flags win), and `env` added to its environment.
+    pub fn start(url: &str, jobs: &Path, args: &[&str], env: &[(&str, &str)]) -> Self {
+        let dir = open_dir(false);
+        let workspaces = dir.path().join("workspaces");
+        let log_path = dir.path().join("supervisor.log");
+        Self::start_in(dir, workspaces, log_path, url, jobs, args, env)
+    }
+
+    /// Starts again with the same workspaces folder (to see what a restart sweeps).
+    pub fn restart(mut self, url: &str, jobs: &Path, args: &[&str], env: &[(&str, &str)]) -> Self {
+        self.kill();
+        let dir = std::mem::replace(&mut self._dir, tempfile::tempdir().expect("temp dir"));
+        let (workspaces, log_path) = (self.workspaces.clone(), self.log_path.clone());
+        Self::start_in(dir, workspaces, log_path, url, jobs, args, env)
+    }
+
+    fn start_in(
+        dir: TempDir,
+        workspaces: PathBuf,
+        log_path: PathBuf,
+        url: &str,
+        jobs: &Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Self {
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .expect("log file");
+        let mut command = Command::new(bin("nats-fs-supervisor"));
+        command
+            .arg("--url")
+            .arg(url)
+            .arg("--jobs-dir")
+            .arg(jobs)
+            .arg("--workspaces-dir")
+            .arg(&workspaces)
+            .args(["--ack-wait", "5s", "--kill-grace", "2s", "--drain-timeout", "30s"])
+            .args(args)
+            .envs(env.iter().copied())
+            .env("NATS_FS_LOG_FORMAT", "text")
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(log.try_clone().expect("log")))
+            .stderr(Stdio::from(log));
+        die_with_test(&mut command);
+        let child = command.spawn().expect("starting nats-fs-supervisor");
+        Self {
+            child: Some(child),
+            log_path,
+            workspaces,
+            _dir: dir,
+        }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child
+            .as_ref()
+            .and_then(|c| i32::try_from(c.id()).ok())
+            .expect("a running supervisor")
+    }
+
+    /// Everything it has logged so far.
+    pub fn log(&self) -> String {
+        fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// How many log lines contain `needle`.
+    pub fn count(&self, needle: &str) -> usize {
+        self.log().lines().filter(|l| l.contains(needle)).count()
+    }
+
+    /// Waits until the log has `needle` at least `times` times.
+    pub async fn wait_log(&self, needle: &str, times: usize) {
+        eventually(SOON, &format!("{times}× {needle:?} in the supervisor log"), || {
+            (self.count(needle) >= times).then_some(())
+        })
+        .await;
+    }
+
+    /// Waits until it is connected and pulling.
+    pub async fn ready(&self) {
+        self.wait_log("ready for jobs", 1).await;
+    }
+
+    pub fn signal(&self, signal: Signal) {
+        kill(Pid::from_raw(self.pid()), signal).expect("signalling the supervisor");
+    }
+
+    /// Whether it is still running.
+    pub fn is_running(&mut self) -> bool {
+        self.child.as_mut().is_some_and(|c| c.try_wait().ok().flatten().is_none())
+    }
+
+    /// Waits for it to exit.
+    pub async fn exit(&mut self, timeout: Duration) -> ExitStatus {
+        let child = self.child.as_mut().expect("a supervisor");
+        eventually(timeout, "the supervisor to exit", || child.try_wait().ok().flatten()).await
+    }
+
+    /// SIGKILL, as a crash.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Supervisor {
+    fn drop(&mut self) {
+        self.kill();
+        if std::thread::panicking() {
+            eprintln!("--- supervisor log ---\n{}", self.log());
+        }
+    }
+}
+
+/// A jobs folder that runners (as `nobody`) can read, with helpers to add jobs.
+pub struct Jobs {
+    dir: TempDir,
+}
+
+impl Jobs {
+    pub fn new() -> Self {
+        Self { dir: open_dir(false) }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Creates `{jobs}/{id}/job.json` with `job` as its contents; returns the job folder.
+    pub fn add(&self, id: &str, job: &Value) -> PathBuf {
+        let dir = self.dir.path().join(id);
+        fs::create_dir_all(&dir).expect("job dir");
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).expect("chmod");
+        fs::write(dir.join("job.json"), job.to_string()).expect("job.json");
+        dir
+    }
+
+    pub fn results(&self, id: &str) -> PathBuf {
+        self.dir.path().join(id).join("results")
+    }
+
+    pub fn manifest(&self, id: &str) -> Manifest {
+        Manifest::read(&self.results(id))
+            .expect("reading result.json")
+            .expect("a result.json")
+    }
+
+    pub fn log(&self, id: &str, step: usize) -> String {
+        fs::read_to_string(self.results(id).join(format!("step_{step}.log"))).unwrap_or_default()
+    }
+}
+
+/// A test's NATS client: submits jobs like a controller and watches results.
+pub struct Nats {
+    pub client: async_nats::Client,
+    pub js: jetstream::Context,
+    results: async_nats::Subscriber,
+}
+
+/// A result message with its headers.
+#[derive(Debug)]
+pub struct Received {
+    pub subject: String,
+    pub result: ResultMessage,
+    pub raw: Value,
+    pub msg_id: Option<String>,
+}
+
+impl Nats {
+    pub async fn connect(url: &str) -> Self {
+        Self::connect_with(url, async_nats::ConnectOptions::new()).await
+    }
+
+    pub async fn connect_with(url: &str, options: async_nats::ConnectOptions) -> Self {
+        let client = options.connect(url).await.expect("connecting to the test server");
+        let results = client.subscribe("jobs.results.>").await.expect("subscribing");
+        client.flush().await.expect("flush");
+        Self {
+            js: jetstream::new(client.clone()),
+            client,
+            results,
+        }
+    }
+
+    /// Publishes a request on `jobs.pending` and returns its stream sequence.
+    pub async fn submit(&self, payload: impl Into<bytes::Bytes>) -> u64 {
+        let ack = self
+            .js
+            .publish("jobs.pending", payload.into())
+            .await
+            .expect("publishing")
+            .await
+            .expect("the stream to store the request");
+        ack.sequence
+    }
+
+    /// Publishes `{"id": id}`.
+    pub async fn submit_id(&self, id: &str) -> u64 {
+        self.submit(serde_json::json!({ "id": id }).to_string()).await
+    }
+
+    /// The next result message.
+    pub async fn result(&mut self) -> Received {
+        self.result_within(SOON).await
+    }
+
+    pub async fn result_within(&mut self, timeout: Duration) -> Received {
+        let msg = within(timeout, "a result message", self.results.next())
+            .await
+            .expect("the results subscription");
+        let raw: Value = serde_json::from_slice(&msg.payload).expect("a JSON result");
+        Received {
+            subject: msg.subject.to_string(),
+            result: serde_json::from_value(raw.clone()).expect("a result message"),
+            raw,
+            msg_id: msg
+                .headers
+                .as_ref()
+                .and_then(|h| h.get("Nats-Msg-Id"))
+                .map(ToString::to_string),
+        }
+    }
+
+    /// Results for `n` distinct jobs, by id, failing on a duplicate.
+    pub async fn results(&mut self, n: usize, timeout: Duration) -> BTreeMap<String, Received> {
+        let deadline = Instant::now() + timeout;
+        let mut seen = BTreeMap::new();
+        while seen.len() < n {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let received = self.result_within(left).await;
+            let id = received.result.id.clone();
+            assert!(seen.insert(id.clone(), received).is_none(), "a second result for {id}");
+        }
+        seen
+    }
+
+    /// Asserts that no further result arrives within `quiet`.
+    pub async fn no_more_results(&mut self, quiet: Duration) {
+        if let Ok(Some(msg)) = tokio::time::timeout(quiet, self.results.next()).await {
+            panic!(
+                "unexpected result on {}: {}",
+                msg.subject,
+                String::from_utf8_lossy(&msg.payload)
+            );
+        }
+    }
+
+    /// The durable consumer's state.
+    pub async fn consumer(&self, name: &str) -> jetstream::consumer::Info {
+        let stream = self.js.get_stream("JOBS").await.expect("the JOBS stream");
+        let mut consumer: jetstream::consumer::PullConsumer =
+            stream.get_consumer(name).await.expect("the consumer");
+        consumer.info().await.expect("consumer info").clone()
+    }
+
+    /// Waits until the consumer has nothing pending and nothing awaiting an ack.
+    pub async fn drained(&self, name: &str) -> jetstream::consumer::Info {
+        let deadline = Instant::now() + SOON;
+        loop {
+            let info = self.consumer(name).await;
+            if info.num_pending == 0 && info.num_ack_pending == 0 {
+                return info;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "consumer {name} still has {} pending and {} unacked",
+                info.num_pending,
+                info.num_ack_pending
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
