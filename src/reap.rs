@@ -1,11 +1,11 @@
-//! Finding and killing the leftover children of this process.
+//! Finding, killing and reaping the leftover children of this process.
 //!
 //! The runner (and the supervisor, for runners that crashed) are child subreapers
 //! (`PR_SET_CHILD_SUBREAPER`): a process orphaned below them — a `sleep 300 &`, a `setsid`
 //! daemon, a `nohup` job — is re-parented to them rather than to init. Nothing else keeps track
-//! of such processes, so we find them the way `ps` does, by scanning `/proc` for our pid as
-//! parent. (`/proc/<pid>/task/*/children` would be cheaper but needs `CONFIG_PROC_CHILDREN`,
-//! which these kernels lack.)
+//! of such processes, so we find them the way `ps` does, by scanning `/proc`.
+//! (`/proc/<pid>/task/*/children` would be cheaper but needs `CONFIG_PROC_CHILDREN`, which
+//! these kernels lack.)
 //!
 //! Only specific pids are ever waited for: a blanket `waitpid(-1)` would steal the exit status
 //! of processes tokio is waiting for.
@@ -16,37 +16,70 @@ use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use nix::sys::signal::{kill, killpg, Signal};
-use nix::sys::wait::{waitid, waitpid, Id, WaitPidFlag};
+use nix::sys::wait::{waitid, waitpid, Id, WaitPidFlag, WaitStatus};
 use nix::unistd::{getpgrp, getpid, Pid};
 
-/// The pids whose parent is `parent` (live or zombie), from `/proc/<pid>/stat`.
-#[must_use]
-pub fn children_of(parent: Pid) -> Vec<Pid> {
+/// One line of `/proc/<pid>/stat`, the parts we need.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Proc {
+    pid: i32,
+    ppid: i32,
+    pgrp: i32,
+    /// Dead, waiting to be reaped.
+    zombie: bool,
+}
+
+/// Every process visible in `/proc`. One that exits during the scan is simply missed.
+fn scan() -> Vec<Proc> {
     let Ok(entries) = fs::read_dir("/proc") else {
         return Vec::new();
     };
-    let mut children = Vec::new();
-    for entry in entries.flatten() {
-        let name = entry.file_name();
-        let Some(pid) = name.to_str().and_then(|s| s.parse::<i32>().ok()) else {
-            continue;
-        };
-        // A process that exits between the listing and the read is simply skipped.
-        let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
-            continue;
-        };
-        if parent_in_stat(&stat) == Some(parent.as_raw()) {
-            children.push(Pid::from_raw(pid));
-        }
-    }
-    children
+    entries
+        .flatten()
+        .filter_map(|entry| {
+            let pid: i32 = entry.file_name().to_str()?.parse().ok()?;
+            let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            parse_stat(pid, &stat)
+        })
+        .collect()
 }
 
-/// The ppid field of a `/proc/<pid>/stat` line. The command name is in parentheses and may
-/// itself contain spaces and parentheses, so fields are counted after the last `)`.
-fn parent_in_stat(stat: &str) -> Option<i32> {
-    let rest = &stat[stat.rfind(')')? + 1..];
-    rest.split_ascii_whitespace().nth(1)?.parse().ok()
+/// Parses state, ppid and pgrp from a `/proc/<pid>/stat` line. The command name is in
+/// parentheses and may itself hold spaces and parentheses, so fields are counted after the
+/// last `)`.
+fn parse_stat(pid: i32, stat: &str) -> Option<Proc> {
+    let mut fields = stat[stat.rfind(')')? + 1..].split_ascii_whitespace();
+    let state = fields.next()?;
+    let parent = fields.next()?.parse().ok()?;
+    let group = fields.next()?.parse().ok()?;
+    Some(Proc {
+        pid,
+        ppid: parent,
+        pgrp: group,
+        zombie: state == "Z",
+    })
+}
+
+/// The pids whose parent is `parent`, live or zombie.
+#[must_use]
+pub fn children_of(parent: Pid) -> Vec<Pid> {
+    scan()
+        .into_iter()
+        .filter(|p| p.ppid == parent.as_raw())
+        .map(|p| Pid::from_raw(p.pid))
+        .collect()
+}
+
+/// How many live processes are this process's children or members of `group`: what a step
+/// left running after its shell exited.
+#[must_use]
+pub fn count_live(group: Option<Pid>) -> usize {
+    let me = getpid().as_raw();
+    let group = group.map(Pid::as_raw);
+    scan()
+        .iter()
+        .filter(|p| !p.zombie && (p.ppid == me || Some(p.pgrp) == group))
+        .count()
 }
 
 /// Whether this process has any child at all, live or zombie, without reaping one.
@@ -62,24 +95,24 @@ pub fn has_children() -> bool {
 /// What [`kill_children`] did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Sweep {
-    /// Children killed and reaped.
-    pub killed: usize,
-    /// Children still present when the deadline passed (stuck in the kernel, e.g. on NFS).
+    /// Children killed (or already dead) and reaped.
+    pub reaped: usize,
+    /// Children still there when the time ran out (stuck in the kernel, e.g. on NFS).
     pub left: usize,
 }
 
 /// Kills with SIGKILL every child of this process for which `keep` is false, together with
 /// the process groups they lead (a `setsid` child's own descendants), and reaps them. Killing
 /// a child re-parents its own children to us, so this repeats until no such child is left or
-/// `timeout` passes. `also_group`, when given, is SIGKILLed every round too (a step's group,
-/// whose members may still have a living parent below us).
+/// `timeout` passes. `also_group`, when given, is killed every round too (a step's group, whose
+/// members may still have a living parent below us).
 pub fn kill_children(
     keep: impl Fn(Pid) -> bool,
     also_group: Option<Pid>,
     timeout: Duration,
 ) -> Sweep {
-    let me = getpid();
-    let my_group = getpgrp();
+    let me = getpid().as_raw();
+    let my_group = getpgrp().as_raw();
     let deadline = Instant::now() + timeout;
     let mut sweep = Sweep::default();
     let mut pause = Duration::from_millis(1);
@@ -87,23 +120,24 @@ pub fn kill_children(
         if let Some(group) = also_group {
             let _ = killpg(group, Signal::SIGKILL);
         }
-        let children: Vec<Pid> = children_of(me).into_iter().filter(|&p| !keep(p)).collect();
+        let children: Vec<Proc> = scan()
+            .into_iter()
+            .filter(|p| p.ppid == me && !keep(Pid::from_raw(p.pid)))
+            .collect();
         if children.is_empty() {
             return sweep;
         }
-        for &child in &children {
-            if let Ok(group) = nix::unistd::getpgid(Some(child)) {
-                if group == child && group != my_group {
-                    let _ = killpg(group, Signal::SIGKILL);
-                }
+        for child in children.iter().filter(|p| !p.zombie) {
+            if child.pgrp == child.pid && child.pgrp != my_group {
+                let _ = killpg(Pid::from_raw(child.pgrp), Signal::SIGKILL);
             }
-            let _ = kill(child, Signal::SIGKILL);
+            let _ = kill(Pid::from_raw(child.pid), Signal::SIGKILL);
         }
         let mut alive = 0;
-        for &child in &children {
-            match waitpid(child, Some(WaitPidFlag::WNOHANG)) {
-                Ok(nix::sys::wait::WaitStatus::StillAlive) => alive += 1,
-                Ok(_) => sweep.killed += 1,
+        for child in &children {
+            match waitpid(Pid::from_raw(child.pid), Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::StillAlive) => alive += 1,
+                Ok(_) => sweep.reaped += 1,
                 Err(_) => {}
             }
         }
@@ -124,10 +158,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn parses_ppid_after_a_hostile_command_name() {
-        assert_eq!(parent_in_stat("42 (a) b (c) S 17 42 42 0"), Some(17));
-        assert_eq!(parent_in_stat("42 (sh) R 1 42"), Some(1));
-        assert_eq!(parent_in_stat("garbage"), None);
+    fn parses_stat_after_a_hostile_command_name() {
+        let p = parse_stat(42, "42 (a) b (c) S 17 40 40 0").unwrap();
+        assert_eq!((p.ppid, p.pgrp, p.zombie), (17, 40, false));
+        assert!(parse_stat(42, "42 (sh) Z 1 42 42").unwrap().zombie);
+        assert_eq!(parse_stat(1, "garbage"), None);
     }
 
     #[test]
@@ -138,6 +173,7 @@ mod tests {
             .unwrap();
         let pid = Pid::from_raw(i32::try_from(child.id()).unwrap());
         assert!(children_of(getpid()).contains(&pid));
+        assert!(count_live(None) >= 1);
         child.kill().unwrap();
         child.wait().unwrap();
     }

@@ -155,16 +155,28 @@ impl Running {
     /// Kills and reaps whatever the step left running. The shell has been reaped by tokio at
     /// this point, so every remaining child of the runner is a leftover of this step.
     fn sweep(&self, ending: Ending, status: ExitStatus) -> Finished {
-        let _ = killpg(self.group, Signal::SIGKILL);
-        let swept = if reap::has_children() {
-            reap::kill_children(|_| false, Some(self.group), SWEEP_TIMEOUT)
+        // Whatever of the step outlived its shell descends from it and was re-parented to us
+        // (we are a subreaper), or still has such a parent: no child means nothing is left.
+        if !reap::has_children() {
+            return Finished {
+                ending,
+                status,
+                leftovers: 0,
+                stuck: 0,
+            };
+        }
+        // Counted before the kill, and only when the shell ended by itself: after a timeout
+        // or a stop request the group was killed on purpose.
+        let leftovers = if ending == Ending::Exited {
+            reap::count_live(Some(self.group))
         } else {
-            reap::Sweep::default()
+            0
         };
+        let swept = reap::kill_children(|_| false, Some(self.group), SWEEP_TIMEOUT);
         Finished {
             ending,
             status,
-            leftovers: swept.killed,
+            leftovers,
             stuck: swept.left,
         }
     }

@@ -239,9 +239,9 @@ async fn converse(
         // A runner that died abnormally cannot have killed its steps: they were re-parented to
         // us (we are a child subreaper). Kill them before anything else runs.
         let swept = reap::kill_children(|p| runners.contains(p.as_raw()), None, SWEEP_TIMEOUT);
-        if swept.killed > 0 || swept.left > 0 {
+        if swept.reaped > 0 || swept.left > 0 {
             warn!(
-                killed = swept.killed,
+                reaped = swept.reaped,
                 stuck = swept.left,
                 "killed processes left by the runner"
             );
@@ -430,7 +430,7 @@ fn log_event(event: &FromRunner) {
             duration_ms,
         } => info!(
             step = index,
-            status = ?status,
+            status = %status,
             exit_code,
             signal = signal.as_deref(),
             duration_ms,

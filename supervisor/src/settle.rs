@@ -72,7 +72,10 @@ pub fn decide(
             result,
             dead_letter: None,
         },
-        JobEnd::Aborted(why) | JobEnd::Fault(why) if lease_lost => Decision::Leave { why },
+        // On the last delivery there is no copy to race: fall through to the final error.
+        JobEnd::Aborted(why) | JobEnd::Fault(why) if lease_lost && !last_delivery => {
+            Decision::Leave { why }
+        }
         JobEnd::Aborted(why) if !last_delivery => Decision::Retry {
             delay: Duration::ZERO,
             why,
@@ -191,8 +194,13 @@ mod tests {
             Decision::Leave { .. }
         ));
         assert!(matches!(
-            decide("j", JobEnd::Fault("x".into()), 5, 5, true),
+            decide("j", JobEnd::Fault("x".into()), 4, 5, true),
             Decision::Leave { .. }
+        ));
+        // Out of deliveries, nothing else will run it: it must end with a final error.
+        assert!(matches!(
+            decide("j", JobEnd::Aborted("lease".into()), 5, 5, true),
+            Decision::Publish { ack: Ack::Term, .. }
         ));
     }
 }
