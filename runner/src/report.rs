@@ -49,7 +49,7 @@ impl Report for Human {
                 duration_ms,
             } => info!(
                 step = index,
-                ?status,
+                %status,
                 exit_code,
                 signal = signal.as_deref(),
                 "step finished in {duration_ms} ms"

@@ -23,6 +23,7 @@ pub enum LogFormat {
 #[derive(Debug, Clone, Parser)]
 #[command(
     name = "nats-fs-supervisor",
+    args_override_self = true,
     version,
     about = "Pull jobs from NATS JetStream and run each in a fresh, privilege-dropped nats-fs-runner.",
     long_about = "Pull jobs from NATS JetStream and run each in a fresh, privilege-dropped nats-fs-runner.\n\n\

@@ -58,10 +58,7 @@ pub async fn connect(settings: &Settings) -> anyhow::Result<async_nats::Client> 
         .retry_on_initial_connect()
         .max_reconnects(None)
         .ping_interval(Duration::from_secs(10))
-        .reconnect_delay_callback(|attempts| {
-            let exponent = u32::try_from(attempts.min(5)).unwrap_or(5);
-            (Duration::from_millis(100) * 2u32.pow(exponent)).min(MAX_RECONNECT_DELAY)
-        })
+        .reconnect_delay_callback(reconnect_delay)
         .event_callback(|event| async move {
             match event {
                 Event::Connected => info!("connected to NATS"),
@@ -77,6 +74,19 @@ pub async fn connect(settings: &Settings) -> anyhow::Result<async_nats::Client> 
         .await
         .context("connecting to NATS")?;
     Ok(client)
+}
+
+/// The pause before connection attempt `attempts` (counted from 1, reset by a success): none
+/// for the first, then 100 ms doubling up to `MAX_RECONNECT_DELAY`. Short, because a job's
+/// lease runs out if the connection stays down for an ack wait.
+fn reconnect_delay(attempts: usize) -> Duration {
+    match attempts {
+        0 | 1 => Duration::ZERO,
+        n => {
+            let exponent = u32::try_from(n - 2).unwrap_or(u32::MAX).min(5);
+            (Duration::from_millis(100) * 2u32.pow(exponent)).min(MAX_RECONNECT_DELAY)
+        }
+    }
 }
 
 /// The consumer and the limits the server actually applies to it.
@@ -341,6 +351,26 @@ pub async fn listen_for_cancels(ctx: Arc<Ctx>) {
 #[cfg(test)]
 mod tests {
     use super::covers;
+
+    #[test]
+    fn reconnects_at_once_then_backs_off_to_a_cap() {
+        use std::time::Duration;
+        let delays: Vec<_> = (1..=8).map(super::reconnect_delay).collect();
+        let ms = |n| Duration::from_millis(n);
+        assert_eq!(
+            delays,
+            [
+                ms(0),
+                ms(100),
+                ms(200),
+                ms(400),
+                ms(800),
+                ms(1600),
+                ms(2000),
+                ms(2000)
+            ]
+        );
+    }
 
     #[test]
     fn subject_coverage() {

@@ -10,3 +10,7 @@ mod support;
 
 /// `nats-fs-runner --job`: staging, steps, logs, sync, manifest, process cleanup.
 mod runner;
+
+/// `nats-fs-supervisor`: the contract end to end, rejected input, privilege drop, leases,
+/// cancel, concurrency, configuration errors and the dry run.
+mod supervisor;

@@ -12,7 +12,9 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use serde_json::{json, Value};
 
-use crate::support::{bin, eventually, marker, no_process_with, processes_with, run_with_timeout, Jobs, SOON};
+use crate::support::{
+    bin, eventually, no_process_with, processes_with, run_with_timeout, sleeper, Jobs, SOON,
+};
 
 /// Runs `nats-fs-runner --job` on `{jobs}/{id}` and returns its output and result message.
 fn run(jobs: &Jobs, id: &str, extra: &[&str]) -> (Output, Value) {
@@ -41,12 +43,6 @@ fn run(jobs: &Jobs, id: &str, extra: &[&str]) -> (Output, Value) {
     (output, result)
 }
 
-/// A `sleep` whose command line carries a unique token, so the test can find it.
-fn sleeper() -> (String, String) {
-    let token = marker("").trim_start_matches("nfs").replace('x', "0");
-    (token.clone(), format!("sleep 300.{token}"))
-}
-
 #[test]
 fn success_with_artifacts_in_nested_folders() {
     let jobs = Jobs::new();
@@ -55,12 +51,22 @@ fn success_with_artifacts_in_nested_folders() {
         &json!({"steps": ["mkdir -p dist/js/min && echo app > dist/js/min/app.js", {"run": "echo $GREETING > dist/hello.txt", "name": "greet", "env": {"GREETING": "hi"}}]}),
     );
     let (output, result) = run(&jobs, "ok", &[]);
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     assert_eq!(result["status"], "success");
     assert_eq!(result["exitCode"], 0);
     assert_eq!(result["manifestFile"], "results/result.json");
-    assert_eq!(fs::read_to_string(dir.join("results/dist/js/min/app.js")).unwrap(), "app\n");
-    assert_eq!(fs::read_to_string(dir.join("results/dist/hello.txt")).unwrap(), "hi\n");
+    assert_eq!(
+        fs::read_to_string(dir.join("results/dist/js/min/app.js")).unwrap(),
+        "app\n"
+    );
+    assert_eq!(
+        fs::read_to_string(dir.join("results/dist/hello.txt")).unwrap(),
+        "hi\n"
+    );
     let manifest = jobs.manifest("ok");
     assert_eq!(manifest.status, Status::Success);
     assert_eq!(manifest.job_id, "ok");
@@ -68,13 +74,19 @@ fn success_with_artifacts_in_nested_folders() {
     assert_eq!(paths, ["dist/hello.txt", "dist/js/min/app.js"]);
     assert_eq!(manifest.steps[1].name.as_deref(), Some("greet"));
     assert_eq!(manifest.steps[1].log.as_deref(), Some("step_1.log"));
-    assert!(manifest.artifacts[0].sha256.as_deref().is_some_and(|h| h.len() == 64));
+    assert!(manifest.artifacts[0]
+        .sha256
+        .as_deref()
+        .is_some_and(|h| h.len() == 64));
 }
 
 #[test]
 fn unchanged_inputs_stay_out_and_modified_inputs_are_synced() {
     let jobs = Jobs::new();
-    let dir = jobs.add("sync", &json!({"steps": ["echo more >> src/edited.txt; touch -d 2001-01-01 src/old.txt"]}));
+    let dir = jobs.add(
+        "sync",
+        &json!({"steps": ["echo more >> src/edited.txt; touch -d 2001-01-01 src/old.txt"]}),
+    );
     fs::create_dir(dir.join("src")).unwrap();
     for name in ["kept.txt", "edited.txt", "old.txt"] {
         fs::write(dir.join("src").join(name), "input\n").unwrap();
@@ -87,22 +99,34 @@ fn unchanged_inputs_stay_out_and_modified_inputs_are_synced() {
     assert_eq!(paths, ["src/edited.txt", "src/old.txt"]);
     assert!(!dir.join("results/src/kept.txt").exists());
     assert!(!dir.join("results/job.json").exists());
-    assert_eq!(fs::read_to_string(dir.join("results/src/edited.txt")).unwrap(), "input\nmore\n");
+    assert_eq!(
+        fs::read_to_string(dir.join("results/src/edited.txt")).unwrap(),
+        "input\nmore\n"
+    );
 }
 
 #[test]
 fn a_failing_step_stops_the_job_with_its_exit_code() {
     let jobs = Jobs::new();
-    let dir = jobs.add("fail", &json!({"steps": ["echo before", "exit 3", "touch never"]}));
+    let dir = jobs.add(
+        "fail",
+        &json!({"steps": ["echo before", "exit 3", "touch never"]}),
+    );
     let (output, result) = run(&jobs, "fail", &[]);
     assert_eq!(output.status.code(), Some(1));
     assert_eq!(result["status"], "failed");
     assert_eq!(result["exitCode"], 3);
     let manifest = jobs.manifest("fail");
     let statuses: Vec<_> = manifest.steps.iter().map(|s| s.status).collect();
-    assert_eq!(statuses, [StepStatus::Success, StepStatus::Failed, StepStatus::Skipped]);
+    assert_eq!(
+        statuses,
+        [StepStatus::Success, StepStatus::Failed, StepStatus::Skipped]
+    );
     assert_eq!(manifest.steps[1].exit_code, Some(3));
-    assert!(manifest.error.as_deref().is_some_and(|e| e.contains("exited with code 3")));
+    assert!(manifest
+        .error
+        .as_deref()
+        .is_some_and(|e| e.contains("exited with code 3")));
     assert!(!dir.join("results/never").exists());
     assert!(!dir.join("results/step_2.log").exists());
 }
@@ -129,11 +153,17 @@ fn a_step_timeout_kills_the_whole_group() {
     let (_, result) = run(&jobs, "steptimeout", &[]);
     assert_eq!(result["status"], "timeout");
     assert_eq!(result["exitCode"], 124);
-    assert!(processes_with(&token).is_empty(), "a step process outlived its timeout");
+    assert!(
+        processes_with(&token).is_empty(),
+        "a step process outlived its timeout"
+    );
     let manifest = jobs.manifest("steptimeout");
     assert_eq!(manifest.steps[0].status, StepStatus::Timeout);
     assert_eq!(manifest.steps[1].status, StepStatus::Skipped);
-    assert!(manifest.error.as_deref().is_some_and(|e| e.contains("step 0 timed out after 1s")));
+    assert!(manifest
+        .error
+        .as_deref()
+        .is_some_and(|e| e.contains("step 0 timed out after 1s")));
 }
 
 #[test]
@@ -147,9 +177,15 @@ fn a_job_timeout_kills_the_whole_group_even_when_it_ignores_sigterm() {
     let (_, result) = run(&jobs, "jobtimeout", &[]);
     assert_eq!(result["status"], "timeout");
     assert_eq!(result["exitCode"], 124);
-    assert!(processes_with(&token).is_empty(), "a step process outlived the job timeout");
+    assert!(
+        processes_with(&token).is_empty(),
+        "a step process outlived the job timeout"
+    );
     let manifest = jobs.manifest("jobtimeout");
-    assert!(manifest.error.as_deref().is_some_and(|e| e.contains("the job timed out after 1s")));
+    assert!(manifest
+        .error
+        .as_deref()
+        .is_some_and(|e| e.contains("the job timed out after 1s")));
 }
 
 #[test]
@@ -163,10 +199,17 @@ fn background_setsid_and_nohup_children_are_killed_at_step_end() {
     let (_, result) = run(&jobs, "leftovers", &[]);
     assert_eq!(result["status"], "success");
     // The runner reaps before it reports: nothing may be left at this point, not even briefly.
-    assert_eq!(processes_with(&token), Vec::<i32>::new(), "leftover step processes");
+    assert_eq!(
+        processes_with(&token),
+        Vec::<i32>::new(),
+        "leftover step processes"
+    );
     let manifest = jobs.manifest("leftovers");
     assert!(
-        manifest.warnings.iter().any(|w| w.contains("left") && w.contains("killed")),
+        manifest
+            .warnings
+            .iter()
+            .any(|w| w.contains("left") && w.contains("killed")),
         "{:?}",
         manifest.warnings
     );
@@ -186,13 +229,23 @@ fn links_are_never_followed() {
     let results = dir.join("results");
     for (name, target) in [("made", "/etc/shadow"), ("dir-link", "../../../../etc")] {
         let meta = fs::symlink_metadata(results.join(name)).unwrap();
-        assert!(meta.file_type().is_symlink(), "{name} was not synced as a link");
-        assert_eq!(fs::read_link(results.join(name)).unwrap(), Path::new(target));
+        assert!(
+            meta.file_type().is_symlink(),
+            "{name} was not synced as a link"
+        );
+        assert_eq!(
+            fs::read_link(results.join(name)).unwrap(),
+            Path::new(target)
+        );
     }
     // The input link is unchanged, so it is not an artifact.
     assert!(fs::symlink_metadata(results.join("shadow")).is_err());
     let manifest = jobs.manifest("links");
-    let made = manifest.artifacts.iter().find(|a| a.path == "made").unwrap();
+    let made = manifest
+        .artifacts
+        .iter()
+        .find(|a| a.path == "made")
+        .unwrap();
     assert_eq!(made.link.as_deref(), Some("/etc/shadow"));
     assert_eq!(made.sha256, None);
 }
@@ -200,13 +253,27 @@ fn links_are_never_followed() {
 #[test]
 fn a_fifo_in_the_job_folder_is_skipped_without_failing_the_job() {
     let jobs = Jobs::new();
-    let dir = jobs.add("fifo", &json!({"steps": ["test ! -e pipe && echo no-fifo"]}));
-    nix::unistd::mkfifo(&dir.join("pipe"), nix::sys::stat::Mode::from_bits_truncate(0o644)).unwrap();
+    let dir = jobs.add(
+        "fifo",
+        &json!({"steps": ["test ! -e pipe && echo no-fifo"]}),
+    );
+    nix::unistd::mkfifo(
+        &dir.join("pipe"),
+        nix::sys::stat::Mode::from_bits_truncate(0o644),
+    )
+    .unwrap();
     let (_, result) = run(&jobs, "fifo", &[]);
     assert_eq!(result["status"], "success");
     assert!(jobs.log("fifo", 0).contains("no-fifo"));
     let manifest = jobs.manifest("fifo");
-    assert!(manifest.warnings.iter().any(|w| w.contains("pipe") && w.contains("FIFO")), "{:?}", manifest.warnings);
+    assert!(
+        manifest
+            .warnings
+            .iter()
+            .any(|w| w.contains("pipe") && w.contains("FIFO")),
+        "{:?}",
+        manifest.warnings
+    );
 }
 
 #[test]
@@ -230,7 +297,10 @@ fn results_from_an_earlier_run_are_emptied_first() {
 async fn a_line_is_in_the_log_while_the_step_still_runs() {
     let jobs = Jobs::new();
     let (token, sleep) = sleeper();
-    jobs.add("live", &json!({"steps": [format!("echo first-line; {sleep}")]}));
+    jobs.add(
+        "live",
+        &json!({"steps": [format!("echo first-line; {sleep}")]}),
+    );
     let workspaces = tempfile::tempdir().unwrap();
     let mut child = Command::new(bin("nats-fs-runner"))
         .arg("--job")
@@ -246,10 +316,20 @@ async fn a_line_is_in_the_log_while_the_step_still_runs() {
         jobs.log("live", 0).contains("first-line").then_some(())
     })
     .await;
-    assert!(child.try_wait().unwrap().is_none(), "the runner finished before the step did");
-    assert!(!processes_with(&token).is_empty(), "the step is not running any more");
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the runner finished before the step did"
+    );
+    assert!(
+        !processes_with(&token).is_empty(),
+        "the step is not running any more"
+    );
     // Ctrl-C cancels the job.
-    kill(Pid::from_raw(i32::try_from(child.id()).unwrap()), Signal::SIGINT).unwrap();
+    kill(
+        Pid::from_raw(i32::try_from(child.id()).unwrap()),
+        Signal::SIGINT,
+    )
+    .unwrap();
     let status = eventually(SOON, "the runner to exit", || child.try_wait().unwrap()).await;
     assert_eq!(status.code(), Some(1));
     assert_eq!(jobs.manifest("live").status, Status::Cancelled);
@@ -259,7 +339,10 @@ async fn a_line_is_in_the_log_while_the_step_still_runs() {
 #[test]
 fn stdout_and_stderr_lose_no_line() {
     let jobs = Jobs::new();
-    jobs.add("streams", &json!({"steps": ["i=0; while [ $i -lt 300 ]; do echo o; echo e >&2; i=$((i+1)); done"]}));
+    jobs.add(
+        "streams",
+        &json!({"steps": ["i=0; while [ $i -lt 300 ]; do echo o; echo e >&2; i=$((i+1)); done"]}),
+    );
     let (_, result) = run(&jobs, "streams", &[]);
     assert_eq!(result["status"], "success");
     let log = jobs.log("streams", 0);
@@ -271,7 +354,10 @@ fn stdout_and_stderr_lose_no_line() {
 /// The runner's own peak RSS, read by a step from its parent's /proc status after `output`.
 fn runner_peak_kib(output: &str) -> u64 {
     let jobs = Jobs::new();
-    jobs.add("rss", &json!({"steps": [output, "grep VmHWM /proc/$PPID/status"]}));
+    jobs.add(
+        "rss",
+        &json!({"steps": [output, "grep VmHWM /proc/$PPID/status"]}),
+    );
     let (_, result) = run(&jobs, "rss", &[]);
     assert_eq!(result["status"], "success");
     let log = jobs.log("rss", 1);
@@ -286,7 +372,10 @@ fn printing_300_mb_keeps_the_runners_memory_flat() {
     let quiet = runner_peak_kib("echo small");
     let loud = runner_peak_kib("head -c 300000000 /dev/zero | tr '\\0' 'x'");
     eprintln!("runner peak RSS: {quiet} KiB after a line, {loud} KiB after 300 MB");
-    assert!(loud < quiet + 2048, "the runner grew from {quiet} KiB to {loud} KiB");
+    assert!(
+        loud < quiet + 2048,
+        "the runner grew from {quiet} KiB to {loud} KiB"
+    );
 }
 
 #[test]
@@ -311,17 +400,47 @@ fn steps_get_a_clean_environment() {
     assert!(output.status.success());
     let log = jobs.log("env", 0);
     let names: Vec<&str> = log.lines().filter_map(|l| l.split('=').next()).collect();
-    for name in ["PATH", "HOME", "LANG", "JOB_ID", "JOB_ATTEMPT", "JOB_WORKSPACE", "JOB_RESULTS_DIR", "JOBVAR", "OVER", "PASSED"] {
+    for name in [
+        "PATH",
+        "HOME",
+        "LANG",
+        "JOB_ID",
+        "JOB_ATTEMPT",
+        "JOB_WORKSPACE",
+        "JOB_RESULTS_DIR",
+        "JOBVAR",
+        "OVER",
+        "PASSED",
+    ] {
         assert!(names.contains(&name), "{name} missing from {names:?}");
     }
-    assert!(log.contains("OVER=step\n") && log.contains("JOB_ID=env\n") && log.contains("PASSED=yes\n"));
-    assert!(!log.contains("s3cret-token"), "the runner's environment leaked into a step");
+    assert!(
+        log.contains("OVER=step\n") && log.contains("JOB_ID=env\n") && log.contains("PASSED=yes\n")
+    );
+    assert!(
+        !log.contains("s3cret-token"),
+        "the runner's environment leaked into a step"
+    );
     // What the shell itself adds (PWD, SHLVL, _) is all that may be extra.
     let allowed_extra = ["PWD", "SHLVL", "_", "OLDPWD"];
     let extra: Vec<_> = names
         .iter()
         .filter(|n| !allowed_extra.contains(n))
-        .filter(|n| !["PATH", "HOME", "LANG", "JOB_ID", "JOB_ATTEMPT", "JOB_WORKSPACE", "JOB_RESULTS_DIR", "JOBVAR", "OVER", "PASSED"].contains(n))
+        .filter(|n| {
+            ![
+                "PATH",
+                "HOME",
+                "LANG",
+                "JOB_ID",
+                "JOB_ATTEMPT",
+                "JOB_WORKSPACE",
+                "JOB_RESULTS_DIR",
+                "JOBVAR",
+                "OVER",
+                "PASSED",
+            ]
+            .contains(n)
+        })
         .collect();
     assert!(extra.is_empty(), "unexpected variables: {extra:?}");
 }
@@ -339,11 +458,20 @@ fn steps_from_the_command_line_replace_job_json() {
 #[test]
 fn a_bad_job_is_an_error_with_a_clear_message() {
     let jobs = Jobs::new();
-    let dir = jobs.add("bad", &json!({"steps": [{"run": "true", "timeout": "soon"}]}));
+    let dir = jobs.add(
+        "bad",
+        &json!({"steps": [{"run": "true", "timeout": "soon"}]}),
+    );
     let (output, result) = run(&jobs, "bad", &[]);
     assert_eq!(output.status.code(), Some(1));
     assert_eq!(result["status"], "error");
-    assert!(result["error"].as_str().unwrap().contains("steps[0].timeout"), "{result}");
+    assert!(
+        result["error"]
+            .as_str()
+            .unwrap()
+            .contains("steps[0].timeout"),
+        "{result}"
+    );
     let manifest: Manifest = jobs.manifest("bad");
     assert_eq!(manifest.status, Status::Error);
     assert!(manifest.steps.is_empty());
@@ -351,5 +479,11 @@ fn a_bad_job_is_an_error_with_a_clear_message() {
     fs::create_dir(&dir).unwrap();
     let (_, result) = run(&jobs, "bad", &[]);
     assert_eq!(result["status"], "error");
-    assert!(result["error"].as_str().unwrap().contains("job.json does not exist"), "{result}");
+    assert!(
+        result["error"]
+            .as_str()
+            .unwrap()
+            .contains("job.json does not exist"),
+        "{result}"
+    );
 }

@@ -59,22 +59,46 @@ pub fn bin(name: &str) -> PathBuf {
         .and_then(Path::parent)
         .expect("target/<profile>/deps");
     let path = dir.join(name);
+    let built = fs::metadata(&path)
+        .and_then(|m| m.modified())
+        .unwrap_or_else(|_| {
+            panic!(
+            "{} is not built: run `cargo build --workspace` before the tests (scripts/test does)",
+            path.display()
+        )
+        });
+    // `cargo test` does not rebuild another package's binaries: refuse to test a stale one.
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let crate_dir = name.strip_prefix("nats-fs-").unwrap_or(name);
+    let newest = [root.join("src"), root.join(crate_dir).join("src")]
+        .iter()
+        .filter_map(|dir| fs::read_dir(dir).ok())
+        .flat_map(Iterator::flatten)
+        .filter_map(|entry| entry.metadata().and_then(|m| m.modified()).ok())
+        .max();
     assert!(
-        path.is_file(),
-        "{} is not built: run `cargo build --workspace` before the tests (scripts/test does)",
+        newest.is_none_or(|newest| newest <= built),
+        "{} is older than its sources: run `cargo build --workspace` first (scripts/test does)",
         path.display()
     );
     path
 }
 
 /// Polls `check` every 20 ms until it returns `Some`, failing after `timeout`.
-pub async fn eventually<T>(timeout: Duration, what: &str, mut check: impl FnMut() -> Option<T>) -> T {
+pub async fn eventually<T>(
+    timeout: Duration,
+    what: &str,
+    mut check: impl FnMut() -> Option<T>,
+) -> T {
     let deadline = Instant::now() + timeout;
     loop {
         if let Some(value) = check() {
             return value;
         }
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -103,7 +127,11 @@ pub fn processes_with(token: &str) -> Vec<i32> {
     let me = std::process::id();
     let mut found = Vec::new();
     for entry in fs::read_dir("/proc").expect("/proc").flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<i32>().ok())
+        else {
             continue;
         };
         if pid.unsigned_abs() == me {
@@ -113,8 +141,14 @@ pub fn processes_with(token: &str) -> Vec<i32> {
             continue;
         };
         let state = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        let zombie = state.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'));
-        if !zombie && String::from_utf8_lossy(&cmdline).replace('\0', " ").contains(token) {
+        let zombie = state
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'));
+        if !zombie
+            && String::from_utf8_lossy(&cmdline)
+                .replace('\0', " ")
+                .contains(token)
+        {
             found.push(pid);
         }
     }
@@ -123,9 +157,11 @@ pub fn processes_with(token: &str) -> Vec<i32> {
 
 /// Waits until no live process carries `token` in its command line.
 pub async fn no_process_with(token: &str, timeout: Duration) {
-    eventually(timeout, &format!("the processes marked {token} to be gone"), || {
-        processes_with(token).is_empty().then_some(())
-    })
+    eventually(
+        timeout,
+        &format!("the processes marked {token} to be gone"),
+        || processes_with(token).is_empty().then_some(()),
+    )
     .await;
 }
 
@@ -133,7 +169,18 @@ pub async fn no_process_with(token: &str, timeout: Duration) {
 pub fn marker(what: &str) -> String {
     use std::sync::atomic::{AtomicU32, Ordering};
     static NEXT: AtomicU32 = AtomicU32::new(0);
-    format!("nfs{what}{}x{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed))
+    format!(
+        "nfs{what}{}x{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// A `sleep 300` whose command line carries a unique token (GNU sleep takes any fraction), so
+/// a test can find its processes even after a shell `exec`s it: `(token, command)`.
+pub fn sleeper() -> (String, String) {
+    let token = marker("").trim_start_matches("nfs").replace('x', "0");
+    (token.clone(), format!("sleep 300.{token}"))
 }
 
 /// Runs a command to its end, killing it if it takes longer than `timeout`.
@@ -214,7 +261,9 @@ impl Server {
             .arg(&ports_dir)
             .args(&self.extra)
             .stdout(Stdio::null())
-            .stderr(Stdio::from(fs::File::create(self.dir.path().join("server.log")).expect("log")));
+            .stderr(Stdio::from(
+                fs::File::create(self.dir.path().join("server.log")).expect("log"),
+            ));
         die_with_test(&mut command);
         let child = command
             .spawn()
@@ -231,10 +280,18 @@ impl Server {
                     }
                 }
             }
-            assert!(Instant::now() < deadline, "nats-server did not write {}", ports_file.display());
+            assert!(
+                Instant::now() < deadline,
+                "nats-server did not write {}",
+                ports_file.display()
+            );
             std::thread::sleep(Duration::from_millis(5));
         };
-        self.port = url.rsplit(':').next().and_then(|p| p.parse().ok()).expect("port in URL");
+        self.port = url
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .expect("port in URL");
         self.url = url;
     }
 
@@ -312,7 +369,11 @@ impl Cluster {
 
     /// All client URLs, comma-separated, as `--url` takes them.
     pub fn urls(&self) -> String {
-        self.nodes.iter().map(|n| n.url.as_str()).collect::<Vec<_>>().join(",")
+        self.nodes
+            .iter()
+            .map(|n| n.url.as_str())
+            .collect::<Vec<_>>()
+            .join(",")
     }
 
     /// The node where a client connection named `name` is, from each node's `/connz`.
@@ -356,7 +417,7 @@ pub struct Supervisor {
     child: Option<Child>,
     pub log_path: PathBuf,
     pub workspaces: PathBuf,
-    _dir: TempDir,
+    dir: TempDir,
 }
 
 impl Supervisor {
@@ -372,7 +433,7 @@ impl Supervisor {
     /// Starts again with the same workspaces folder (to see what a restart sweeps).
     pub fn restart(mut self, url: &str, jobs: &Path, args: &[&str], env: &[(&str, &str)]) -> Self {
         self.kill();
-        let dir = std::mem::replace(&mut self._dir, tempfile::tempdir().expect("temp dir"));
+        let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().expect("temp dir"));
         let (workspaces, log_path) = (self.workspaces.clone(), self.log_path.clone());
         Self::start_in(dir, workspaces, log_path, url, jobs, args, env)
     }
@@ -399,7 +460,14 @@ impl Supervisor {
             .arg(jobs)
             .arg("--workspaces-dir")
             .arg(&workspaces)
-            .args(["--ack-wait", "5s", "--kill-grace", "2s", "--drain-timeout", "30s"])
+            .args([
+                "--ack-wait",
+                "5s",
+                "--kill-grace",
+                "2s",
+                "--drain-timeout",
+                "30s",
+            ])
             .args(args)
             .envs(env.iter().copied())
             .env("NATS_FS_LOG_FORMAT", "text")
@@ -412,7 +480,7 @@ impl Supervisor {
             child: Some(child),
             log_path,
             workspaces,
-            _dir: dir,
+            dir,
         }
     }
 
@@ -435,9 +503,11 @@ impl Supervisor {
 
     /// Waits until the log has `needle` at least `times` times.
     pub async fn wait_log(&self, needle: &str, times: usize) {
-        eventually(SOON, &format!("{times}× {needle:?} in the supervisor log"), || {
-            (self.count(needle) >= times).then_some(())
-        })
+        eventually(
+            SOON,
+            &format!("{times}× {needle:?} in the supervisor log"),
+            || (self.count(needle) >= times).then_some(()),
+        )
         .await;
     }
 
@@ -452,13 +522,18 @@ impl Supervisor {
 
     /// Whether it is still running.
     pub fn is_running(&mut self) -> bool {
-        self.child.as_mut().is_some_and(|c| c.try_wait().ok().flatten().is_none())
+        self.child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().ok().flatten().is_none())
     }
 
     /// Waits for it to exit.
     pub async fn exit(&mut self, timeout: Duration) -> ExitStatus {
         let child = self.child.as_mut().expect("a supervisor");
-        eventually(timeout, "the supervisor to exit", || child.try_wait().ok().flatten()).await
+        eventually(timeout, "the supervisor to exit", || {
+            child.try_wait().ok().flatten()
+        })
+        .await
     }
 
     /// SIGKILL, as a crash.
@@ -486,7 +561,9 @@ pub struct Jobs {
 
 impl Jobs {
     pub fn new() -> Self {
-        Self { dir: open_dir(false) }
+        Self {
+            dir: open_dir(false),
+        }
     }
 
     pub fn path(&self) -> &Path {
@@ -539,8 +616,14 @@ impl Nats {
     }
 
     pub async fn connect_with(url: &str, options: async_nats::ConnectOptions) -> Self {
-        let client = options.connect(url).await.expect("connecting to the test server");
-        let results = client.subscribe("jobs.results.>").await.expect("subscribing");
+        let client = options
+            .connect(url)
+            .await
+            .expect("connecting to the test server");
+        let results = client
+            .subscribe("jobs.results.>")
+            .await
+            .expect("subscribing");
         client.flush().await.expect("flush");
         Self {
             js: jetstream::new(client.clone()),
@@ -563,7 +646,8 @@ impl Nats {
 
     /// Publishes `{"id": id}`.
     pub async fn submit_id(&self, id: &str) -> u64 {
-        self.submit(serde_json::json!({ "id": id }).to_string()).await
+        self.submit(serde_json::json!({ "id": id }).to_string())
+            .await
     }
 
     /// The next result message.
@@ -596,7 +680,10 @@ impl Nats {
             let left = deadline.saturating_duration_since(Instant::now());
             let received = self.result_within(left).await;
             let id = received.result.id.clone();
-            assert!(seen.insert(id.clone(), received).is_none(), "a second result for {id}");
+            assert!(
+                seen.insert(id.clone(), received).is_none(),
+                "a second result for {id}"
+            );
         }
         seen
     }
