@@ -11,15 +11,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
+use async_nats::jetstream::consumer::pull::BatchConfig;
 use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy, PullConsumer};
 use async_nats::jetstream::stream::{self, RetentionPolicy, StorageType};
 use async_nats::jetstream::{self, AckKind};
-use async_nats::{ConnectOptions, Event, ServerAddr};
+use async_nats::{ConnectOptions, Event, ServerAddr, StatusCode};
 use futures_util::StreamExt;
 use nats_fs::job::JobId;
 use nats_fs::protocol::CancelMode;
-use tokio::sync::{watch, Semaphore};
-use tokio::time::sleep;
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use tokio::time::{sleep, Instant};
 use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn};
 
@@ -66,7 +67,8 @@ pub async fn connect(settings: &Settings) -> anyhow::Result<async_nats::Client> 
                 Event::LameDuckMode => warn!("the NATS server is entering lame duck mode"),
                 Event::SlowConsumer(sid) => warn!(sid, "NATS slow consumer"),
                 Event::ServerError(e) => error!("NATS server error: {e}"),
-                Event::ClientError(e) => error!("NATS client error: {e}"),
+                Event::ClientError(e) => warn!("NATS connection: {e}"),
+
                 Event::Draining | Event::Closed => debug!("NATS connection {event}"),
             }
         })
@@ -227,94 +229,203 @@ pub async fn ensure_patiently(
 
 /// Pulls messages while there are free slots, and hands each to a job task. Returns once
 /// shutdown starts and the last pull request has run out.
+///
+/// The pull requests all name one inbox whose subscription lives as long as the loop. (A
+/// subscription per request, as async-nats' `batch()` makes, loses a message that nats-server
+/// 2.9 delivers right after the request's 408 timeout status: the batch ends on the 408 and
+/// unsubscribes, and the message waits out a whole ack wait — or, on its last delivery, is
+/// stranded.) Here a late message is simply received, and run if a slot is free.
 pub async fn pull(ctx: Arc<Ctx>, mut intake: Intake, js: jetstream::Context, tracker: TaskTracker) {
-    let slots = Arc::new(Semaphore::new(ctx.settings.concurrency));
     let mut shutdown = ctx.shutdown.clone();
-    let mut failures = 0u32;
-    loop {
-        if *shutdown.borrow() != Shutdown::Run {
-            return;
-        }
-        if failures >= 3 {
-            // The consumer may have been deleted under us: set it up again.
-            match ensure(&ctx.settings, &js).await {
-                Ok(fresh) => {
-                    info!("set up the consumer again");
-                    intake = fresh;
+    let inbox = ctx.client.new_inbox();
+    let mut deliveries = loop {
+        match ctx.client.subscribe(inbox.clone()).await {
+            Ok(subscription) => break subscription,
+            Err(e) => {
+                warn!("subscribing to the job inbox: {e}");
+                tokio::select! {
+                    () = sleep(Duration::from_secs(1)) => {}
+                    _ = shutdown.wait_for(|s| *s != Shutdown::Run) => return,
                 }
-                Err(e) => warn!("setting up the consumer again: {e}"),
             }
         }
-        if failures > 0 {
-            let pause =
-                Duration::from_millis(100 * 2u64.pow(failures.min(6))).min(Duration::from_secs(5));
+    };
+    let mut puller = Puller {
+        slots: Arc::new(Semaphore::new(ctx.settings.concurrency)),
+        permits: Vec::new(),
+        outstanding: 0,
+        expires_at: Instant::now(),
+        failures: 0,
+    };
+    let mut draining = false;
+    loop {
+        if !draining && *shutdown.borrow() != Shutdown::Run {
+            draining = true;
+        }
+        if draining && puller.outstanding == 0 {
+            return;
+        }
+        if puller.outstanding == 0 {
+            if puller.failures > 0 {
+                puller.back_off(&ctx, &mut intake, &js, &mut shutdown).await;
+                if *shutdown.borrow() != Shutdown::Run {
+                    continue;
+                }
+            }
             tokio::select! {
-                () = sleep(pause) => {}
+                granted = puller.request(&intake, &inbox) => if !granted { continue },
                 _ = shutdown.changed() => continue,
             }
         }
-        let first = tokio::select! {
-            permit = slots.clone().acquire_owned() => match permit {
-                Ok(permit) => permit,
-                Err(_) => return,
-            },
-            _ = shutdown.changed() => continue,
-        };
-        let mut permits = vec![first];
-        while let Ok(permit) = slots.clone().try_acquire_owned() {
-            permits.push(permit);
+        tokio::select! {
+            delivery = deliveries.next() => {
+                let Some(delivery) = delivery else {
+                    error!("the job inbox subscription closed");
+                    return;
+                };
+                puller.receive(&ctx, &js, &tracker, delivery, draining).await;
+            }
+            () = tokio::time::sleep_until(puller.expires_at), if puller.outstanding > 0 => {
+                // No answer at all (the connection dropped meanwhile): the request is gone.
+                puller.end_request();
+            }
+            changed = shutdown.changed(), if !draining => {
+                draining = true;
+                if changed.is_err() || *shutdown.borrow() == Shutdown::Now {
+                    return;
+                }
+            }
         }
-        let mut batch = match intake
-            .consumer
-            .batch()
-            .max_messages(permits.len())
-            .expires(PULL_EXPIRES)
-            .messages()
-            .await
-        {
-            Ok(batch) => batch,
-            Err(e) => {
-                failures += 1;
-                warn!("asking for jobs: {e}");
-                continue;
-            }
+    }
+}
+
+/// The pull loop's bookkeeping: slots, the permits held for the outstanding request, and how
+/// many messages it may still bring.
+struct Puller {
+    slots: Arc<Semaphore>,
+    permits: Vec<OwnedSemaphorePermit>,
+    outstanding: usize,
+    /// When to give up on the outstanding request if the server never answers.
+    expires_at: tokio::time::Instant,
+    /// Consecutive failures to ask for or receive jobs.
+    failures: u32,
+}
+
+impl Puller {
+    /// Waits for a free slot, takes every free slot, and asks for that many messages.
+    /// `false` if the request could not be sent.
+    async fn request(&mut self, intake: &Intake, inbox: &str) -> bool {
+        let Ok(first) = self.slots.clone().acquire_owned().await else {
+            return false;
         };
-        let mut draining = false;
-        loop {
-            let item = tokio::select! {
-                item = batch.next() => item,
-                changed = shutdown.changed(), if !draining => {
-                    draining = true;
-                    if changed.is_err() || *shutdown.borrow() == Shutdown::Now {
-                        return;
-                    }
-                    continue;
-                }
-            };
-            let msg = match item {
-                None => break,
-                Some(Ok(msg)) => msg,
-                Some(Err(e)) => {
-                    failures += 1;
-                    warn!("receiving jobs: {e}");
-                    break;
-                }
-            };
-            failures = 0;
-            if *shutdown.borrow() != Shutdown::Run {
-                // Arrived after shutdown began: hand it straight to another host.
-                let _ = msg.ack_with(AckKind::Nak(None)).await;
-                continue;
+        self.permits.push(first);
+        while let Ok(permit) = self.slots.clone().try_acquire_owned() {
+            self.permits.push(permit);
+        }
+        let request = BatchConfig {
+            batch: self.permits.len(),
+            expires: Some(PULL_EXPIRES),
+            ..BatchConfig::default()
+        };
+        match intake.consumer.request_batch(request, inbox.into()).await {
+            Ok(()) => {
+                self.outstanding = self.permits.len();
+                self.expires_at =
+                    tokio::time::Instant::now() + PULL_EXPIRES + Duration::from_secs(5);
+                true
             }
-            let Some(permit) = permits.pop() else {
-                let _ = msg.ack_with(AckKind::Nak(None)).await;
-                continue;
-            };
-            let ctx = ctx.clone();
-            tracker.spawn(async move {
-                job_task::handle(ctx, msg).await;
-                drop(permit);
-            });
+            Err(e) => {
+                warn!("asking for jobs: {e}");
+                self.failures += 1;
+                self.end_request();
+                false
+            }
+        }
+    }
+
+    /// The outstanding request is over: release the slots it held.
+    fn end_request(&mut self) {
+        self.outstanding = 0;
+        self.permits.clear();
+    }
+
+    /// Handles one message on the inbox: a job, or a status about the request.
+    async fn receive(
+        &mut self,
+        ctx: &Arc<Ctx>,
+        js: &jetstream::Context,
+        tracker: &TaskTracker,
+        delivery: async_nats::Message,
+        draining: bool,
+    ) {
+        match delivery.status {
+            None | Some(StatusCode::OK) => {}
+            Some(StatusCode::IDLE_HEARTBEAT) => return,
+            // The request expired, or (no_wait) found nothing: normal ends.
+            Some(StatusCode::TIMEOUT | StatusCode::NOT_FOUND) => {
+                self.failures = 0;
+                return self.end_request();
+            }
+            Some(status) => {
+                warn!(
+                    "asking for jobs: the server answered {status} {}",
+                    delivery.description.as_deref().unwrap_or_default()
+                );
+                self.failures += 1;
+                return self.end_request();
+            }
+        }
+        self.failures = 0;
+        self.outstanding = self.outstanding.saturating_sub(1);
+        let msg = jetstream::Message {
+            message: delivery,
+            context: js.clone(),
+        };
+        let permit = if draining {
+            None
+        } else {
+            self.permits
+                .pop()
+                .or_else(|| self.slots.clone().try_acquire_owned().ok())
+        };
+        let Some(permit) = permit else {
+            // Shutting down, or a late delivery with every slot busy: hand it straight back.
+            let _ = msg.ack_with(AckKind::Nak(None)).await;
+            return;
+        };
+        if self.outstanding == 0 {
+            self.permits.clear();
+        }
+        let ctx = ctx.clone();
+        tracker.spawn(async move {
+            job_task::handle(ctx, msg).await;
+            drop(permit);
+        });
+    }
+
+    /// After failures, waits a growing pause; after several, sets the consumer up again (it
+    /// may have been deleted under us).
+    async fn back_off(
+        &mut self,
+        ctx: &Ctx,
+        intake: &mut Intake,
+        js: &jetstream::Context,
+        shutdown: &mut watch::Receiver<Shutdown>,
+    ) {
+        let pause =
+            Duration::from_millis(100 * 2u64.pow(self.failures.min(6))).min(Duration::from_secs(5));
+        tokio::select! {
+            () = sleep(pause) => {}
+            _ = shutdown.changed() => return,
+        }
+        if self.failures >= 3 {
+            match ensure(&ctx.settings, js).await {
+                Ok(fresh) => {
+                    info!("set up the consumer again");
+                    *intake = fresh;
+                }
+                Err(e) => warn!("setting up the consumer again: {e}"),
+            }
         }
     }
 }
