@@ -19,6 +19,7 @@ use tracing::{debug, error, info, info_span, warn, Instrument, Span};
 
 use crate::config::Settings;
 use crate::execute::{execute, JobEnd, JobRun};
+use crate::outbox::Outbox;
 use crate::settle::{decide, Ack, Decision};
 use crate::spawn::Runners;
 use crate::Shutdown;
@@ -28,6 +29,7 @@ use crate::Shutdown;
 pub struct Ctx {
     pub settings: Settings,
     pub client: async_nats::Client,
+    pub outbox: Outbox,
     pub running: Running,
     pub runners: Runners,
     /// The consumer's ack wait and max deliver as the server has them (an existing consumer
@@ -345,17 +347,15 @@ async fn publish_result(ctx: &Ctx, id: &JobId, seq: u64, result: &ResultMessage)
     };
     let mut headers = HeaderMap::new();
     headers.insert("Nats-Msg-Id", format!("{id}-{seq}").as_str());
-    persist(ctx, "publishing the result", || {
-        let (subject, headers, payload) = (subject.clone(), headers.clone(), payload.clone());
-        async move {
-            ctx.client
-                .publish_with_headers(subject, headers, payload)
-                .await?;
-            ctx.client.flush().await?;
-            Ok(())
-        }
-    })
-    .await
+    ctx.outbox
+        .send(
+            "publishing the result",
+            &ctx.settings.output_subject,
+            subject,
+            headers,
+            payload,
+        )
+        .await
 }
 
 /// Republishes a request on the dead-letter subject, with why in `Nats-Fs-Reason`.
@@ -375,18 +375,16 @@ async fn dead_letter(ctx: &Ctx, msg: &jetstream::Message, reason: &str, delivere
     headers.insert("Nats-Fs-Delivered", delivered.to_string().as_str());
     headers.insert("Nats-Fs-Worker", ctx.settings.worker_id.as_str());
     headers.insert("Nats-Msg-Id", format!("dead-{seq}").as_str());
-    let payload = msg.payload.clone();
-    let sent = persist(ctx, "publishing the dead letter", || {
-        let (subject, headers, payload) = (subject.clone(), headers.clone(), payload.clone());
-        async move {
-            ctx.client
-                .publish_with_headers(subject, headers, payload)
-                .await?;
-            ctx.client.flush().await?;
-            Ok(())
-        }
-    })
-    .await;
+    let sent = ctx
+        .outbox
+        .send(
+            "publishing the dead letter",
+            subject,
+            subject.clone(),
+            headers,
+            msg.payload.clone(),
+        )
+        .await;
     if sent {
         info!(subject = %subject, "republished on the dead-letter subject");
     }
@@ -412,28 +410,5 @@ async fn settle(ctx: &Ctx, msg: &jetstream::Message, ack: Ack) {
         }
         sleep(pause).await;
         pause = (pause * 2).min(Duration::from_secs(2));
-    }
-}
-
-/// Runs `attempt` until it succeeds, backing off between tries, unless the supervisor is told
-/// to stop at once. Each try is bounded so that a dead connection cannot hang the job.
-async fn persist<F, Fut>(ctx: &Ctx, what: &str, attempt: F) -> bool
-where
-    F: Fn() -> Fut,
-    Fut: std::future::Future<Output = Result<(), async_nats::Error>>,
-{
-    let mut shutdown = ctx.shutdown.clone();
-    let mut pause = Duration::from_millis(100);
-    loop {
-        match timeout(Duration::from_secs(5), attempt()).await {
-            Ok(Ok(())) => return true,
-            Ok(Err(e)) => warn!("{what} failed, will retry: {e}"),
-            Err(_) => warn!("{what} timed out, will retry"),
-        }
-        tokio::select! {
-            () = sleep(pause) => {}
-            _ = shutdown.wait_for(|s| *s == Shutdown::Now) => return false,
-        }
-        pause = (pause * 2).min(Duration::from_secs(5));
     }
 }

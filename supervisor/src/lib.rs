@@ -18,6 +18,7 @@
 //! - `job_task`: one message from delivery to ack; the lease (progress acks).
 //! - `execute`: one run through a runner: folders, spawn, pipe conversation, cleanup.
 //! - `settle`: the pure decision of how a message is settled.
+//! - `outbox`: results and dead letters, delivered so that they are not lost.
 //! - `spawn`: the privilege drop.
 //! - `sweep`: the workspaces folder, its lock, and what crashed runs left behind.
 //! - `signals`: SIGTERM/SIGINT to drain, twice to stop now.
@@ -28,6 +29,7 @@ pub mod dry_run;
 pub mod execute;
 pub mod intake;
 pub mod job_task;
+pub mod outbox;
 pub mod settle;
 pub mod signals;
 pub mod spawn;
@@ -83,6 +85,7 @@ pub async fn run(
         return Ok(());
     };
     let ctx = Arc::new(Ctx {
+        outbox: outbox::Outbox::new(client.clone(), shutdown.clone()),
         settings,
         client,
         running: Running::default(),
