@@ -5,6 +5,8 @@
 
 // Test modules share helpers through `pub` items; this is a test binary, nothing escapes.
 #![allow(unreachable_pub)]
+// A failed unwrap in a test helper is a failed test, which is what it should be.
+#![allow(clippy::unwrap_used)]
 
 mod support;
 
@@ -14,3 +16,7 @@ mod runner;
 /// `nats-fs-supervisor`: the contract end to end, rejected input, privilege drop, leases,
 /// cancel, concurrency, configuration errors and the dry run.
 mod supervisor;
+
+/// Reliability under faults: crashes, restarts, drains, competition, host faults, lost acks
+/// and leases, a clustered server, dead letters.
+mod faults;

@@ -223,6 +223,27 @@ pub fn run_with_timeout(command: &mut Command, timeout: Duration) -> Output {
     }
 }
 
+/// A loopback port for a server that will be restarted or must stay reserved, from below the
+/// kernel's ephemeral range (32768–60999 here) and handed out once per test process.
+///
+/// `-p -1` lets the kernel choose from the ephemeral range, and the kernel may give a port a
+/// killed server just freed to the next server started by another test: a supervisor
+/// reconnecting to "its" server would then reach a stranger's. Servers that are killed and
+/// restarted therefore take their port from here, where nobody else allocates.
+pub fn reserved_port() -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    // Spread concurrent test processes (nextest) apart.
+    let base = 20_000 + (std::process::id() % 200) * 60;
+    loop {
+        let offset = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = u16::try_from(base + offset % 12_000).expect("a port number");
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+}
+
 /// A `nats-server` with JetStream on a free loopback port and a store of its own.
 pub struct Server {
     child: Option<Child>,
@@ -233,8 +254,18 @@ pub struct Server {
 }
 
 impl Server {
-    /// Starts a server; `extra` are additional nats-server arguments (e.g. `--auth TOKEN`).
+    /// Starts a server on a port the kernel chooses (`-p -1`); `extra` are additional
+    /// nats-server arguments (e.g. `--auth TOKEN`).
     pub fn start(extra: &[&str]) -> Self {
+        Self::start_on(None, extra)
+    }
+
+    /// Starts a server that the test will kill and restart, on a [`reserved_port`].
+    pub fn start_restartable(extra: &[&str]) -> Self {
+        Self::start_on(Some(reserved_port()), extra)
+    }
+
+    fn start_on(port: Option<u16>, extra: &[&str]) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let mut server = Self {
             child: None,
@@ -243,7 +274,7 @@ impl Server {
             dir,
             extra: extra.iter().map(ToString::to_string).collect(),
         };
-        server.launch(None);
+        server.launch(port);
         server
     }
 
@@ -251,6 +282,11 @@ impl Server {
         let ports_dir = self.dir.path().join("ports");
         let _ = fs::remove_dir_all(&ports_dir);
         fs::create_dir_all(&ports_dir).expect("ports dir");
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("server.log"))
+            .expect("log");
         let mut command = Command::new("nats-server");
         command
             .args(["-a", "127.0.0.1", "-js", "-p"])
@@ -261,9 +297,7 @@ impl Server {
             .arg(&ports_dir)
             .args(&self.extra)
             .stdout(Stdio::null())
-            .stderr(Stdio::from(
-                fs::File::create(self.dir.path().join("server.log")).expect("log"),
-            ));
+            .stderr(Stdio::from(log));
         die_with_test(&mut command);
         let child = command
             .spawn()
@@ -280,6 +314,13 @@ impl Server {
                     }
                 }
             }
+            assert!(
+                self.child
+                    .as_mut()
+                    .is_some_and(|c| c.try_wait().ok().flatten().is_none()),
+                "nats-server exited at start:\n{}",
+                fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
+            );
             assert!(
                 Instant::now() < deadline,
                 "nats-server did not write {}",
@@ -303,7 +344,8 @@ impl Server {
         }
     }
 
-    /// Starts it again on the same port with the same store.
+    /// Starts it again on the same port with the same store (after [`Server::kill`], or
+    /// killing it first). Only for servers made with [`Server::start_restartable`].
     pub fn restart(&mut self) {
         self.kill();
         let port = self.port;
@@ -314,6 +356,14 @@ impl Server {
 impl Drop for Server {
     fn drop(&mut self) {
         self.kill();
+        if std::thread::panicking() {
+            let log = fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(30).collect();
+            eprintln!("--- nats-server log (last lines) ---");
+            for line in tail.iter().rev() {
+                eprintln!("{line}");
+            }
+        }
     }
 }
 
@@ -334,8 +384,9 @@ pub struct ClusterNode {
 impl Cluster {
     pub fn start() -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
-        let pick = || portpicker::pick_unused_port().expect("a free port");
-        let ports: Vec<(u16, u16, u16)> = (0..3).map(|_| (pick(), pick(), pick())).collect();
+        let ports: Vec<(u16, u16, u16)> = (0..3)
+            .map(|_| (reserved_port(), reserved_port(), reserved_port()))
+            .collect();
         let routes: Vec<String> = ports
             .iter()
             .map(|(_, cluster, _)| format!("nats://127.0.0.1:{cluster}"))
@@ -363,6 +414,17 @@ impl Cluster {
                 url: format!("nats://127.0.0.1:{client}"),
                 monitor_port: *monitor,
             });
+        }
+        // Wait until every node accepts clients.
+        let deadline = Instant::now() + SOON;
+        for (client, _, _) in &ports {
+            while TcpStream::connect(("127.0.0.1", *client)).is_err() {
+                assert!(
+                    Instant::now() < deadline,
+                    "a cluster node did not start listening"
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
         }
         Self { nodes, dir }
     }
@@ -434,7 +496,9 @@ impl Supervisor {
     pub fn restart(mut self, url: &str, jobs: &Path, args: &[&str], env: &[(&str, &str)]) -> Self {
         self.kill();
         let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().expect("temp dir"));
-        let (workspaces, log_path) = (self.workspaces.clone(), self.log_path.clone());
+        let workspaces = self.workspaces.clone();
+        // A fresh log, so that waiting for "ready for jobs" means the new process is ready.
+        let log_path = self.log_path.with_extension("restarted.log");
         Self::start_in(dir, workspaces, log_path, url, jobs, args, env)
     }
 
@@ -616,10 +680,15 @@ impl Nats {
     }
 
     pub async fn connect_with(url: &str, options: async_nats::ConnectOptions) -> Self {
+        let addrs: Vec<async_nats::ServerAddr> = url
+            .split(',')
+            .map(|u| u.parse().expect("a server URL"))
+            .collect();
         let client = options
-            .connect(url)
+            .connect(addrs)
             .await
             .expect("connecting to the test server");
+
         let results = client
             .subscribe("jobs.results.>")
             .await
