@@ -41,6 +41,12 @@ impl Fingerprint {
     }
 }
 
+/// The mode bits a copy keeps: permissions and the sticky bit, not setuid and setgid. Those
+/// mean nothing in a private workspace (and under no_new_privs), a hardened service may forbid
+/// setting them (systemd's `RestrictSUIDSGID=`), and a job must not be able to leave a setuid
+/// file in `results/` on a shared drive.
+const KEPT_MODE_BITS: u32 = 0o1777;
+
 /// Files and links as staged, by path relative to the workspace.
 pub(crate) type Snapshot = HashMap<PathBuf, Fingerprint>;
 
@@ -127,7 +133,7 @@ pub(crate) fn stage(src: &Path, dst: &Path, interrupt: &AtomicBool) -> Result<St
     }
     for (path, meta) in folders.iter().rev() {
         set_times_nofollow(path, meta).map_err(io_err("setting times of", path))?;
-        fs::set_permissions(path, Permissions::from_mode(meta.mode() & 0o7777))
+        fs::set_permissions(path, Permissions::from_mode(meta.mode() & KEPT_MODE_BITS))
             .map_err(io_err("setting mode of", path))?;
     }
     Ok(staged)
@@ -155,7 +161,7 @@ fn copy_file(from: &Path, to: &Path) -> Result<fs::Metadata, StageError> {
 
 /// Gives a freshly written copy the mode and times of its source.
 pub(crate) fn finish_copy(target: &File, source: &fs::Metadata) -> io::Result<()> {
-    target.set_permissions(Permissions::from_mode(source.mode() & 0o7777))?;
+    target.set_permissions(Permissions::from_mode(source.mode() & KEPT_MODE_BITS))?;
     target.set_times(
         FileTimes::new()
             .set_accessed(source.accessed()?)
@@ -211,6 +217,10 @@ mod tests {
         fs::write(s.join("ro/x"), "x").unwrap();
         fs::set_permissions(s.join("ro"), Permissions::from_mode(0o555)).unwrap();
         symlink("/etc/shadow", s.join("shadow")).unwrap();
+        fs::create_dir(s.join("shared")).unwrap();
+        fs::set_permissions(s.join("shared"), Permissions::from_mode(0o2775)).unwrap();
+        fs::write(s.join("shared/tool"), "#!/bin/sh").unwrap();
+        fs::set_permissions(s.join("shared/tool"), Permissions::from_mode(0o4755)).unwrap();
         nix::unistd::mkfifo(&s.join("fifo"), nix::sys::stat::Mode::S_IRWXU).unwrap();
         let old = std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_000_000);
         File::options()
@@ -233,11 +243,19 @@ mod tests {
         assert!(!d.join("results").exists());
         assert!(!d.join("fifo").exists());
         assert_eq!(fs::metadata(d.join("ro")).unwrap().mode() & 0o777, 0o555);
-        assert_eq!(staged.files, 3);
-        assert_eq!(staged.bytes, 6);
+        assert_eq!(
+            fs::metadata(d.join("shared")).unwrap().mode() & 0o7777,
+            0o775
+        );
+        assert_eq!(
+            fs::metadata(d.join("shared/tool")).unwrap().mode() & 0o7777,
+            0o755
+        );
+        assert_eq!(staged.files, 4);
+        assert_eq!(staged.bytes, 15);
         assert_eq!(staged.skipped.len(), 1);
         assert!(staged.skipped[0].contains("fifo"), "{:?}", staged.skipped);
-        assert_eq!(staged.snapshot.len(), 3);
+        assert_eq!(staged.snapshot.len(), 4);
         fs::set_permissions(s.join("ro"), Permissions::from_mode(0o755)).unwrap();
         fs::set_permissions(d.join("ro"), Permissions::from_mode(0o755)).unwrap();
     }
