@@ -42,7 +42,7 @@ impl Fingerprint {
 }
 
 /// The mode bits a copy keeps: permissions and the sticky bit, not setuid and setgid. Those
-/// mean nothing in a private workspace (and under no_new_privs), a hardened service may forbid
+/// mean nothing in a private workspace (and under `no_new_privs`), a hardened service may forbid
 /// setting them (systemd's `RestrictSUIDSGID=`), and a job must not be able to leave a setuid
 /// file in `results/` on a shared drive.
 const KEPT_MODE_BITS: u32 = 0o1777;
