@@ -3,10 +3,9 @@
 //!
 //! The pull loop asks for exactly as many messages as there are free slots and waits for a
 //! slot before asking again, so a host never holds a job it cannot start while another host
-//! could. Pull requests are short (`PULL_EXPIRES`) so that a draining supervisor can let the
-//! last one run out — handing back anything it brings — instead of leaving a message assigned
-//! to an inbox nobody reads until the ack wait passes.
+//! could.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,7 +19,7 @@ use futures_util::StreamExt;
 use nats_fs::job::JobId;
 use nats_fs::protocol::CancelMode;
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
-use tokio::time::{sleep, Instant};
+use tokio::time::{sleep, timeout, Instant};
 use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn};
 
@@ -28,8 +27,19 @@ use crate::config::{Auth, Settings};
 use crate::job_task::{self, Ctx};
 use crate::Shutdown;
 
-/// How long one pull request waits on the server for messages.
-const PULL_EXPIRES: Duration = Duration::from_secs(1);
+/// How long one pull request waits on the server for messages: 15 s plus up to 10 s of jitter.
+///
+/// Long, because an idle request costs nothing and shutdown does not wait for it (see
+/// [`pull`]); jittered, because nats-server 2.9.10 loses a redelivery that falls due at the
+/// very moment a pull request expires (probed: a nak of 2 s under 1 s pulls issued right
+/// after the nak lost 8 redeliveries in 10; 1.3 s and 5 s pulls lost none). Retry delays are
+/// whole seconds, so requests of a fixed whole-second length would meet them on the dot.
+fn pull_expiry() -> Duration {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    Duration::from_secs(15) + Duration::from_millis(u64::from(nanos % 10_000_000) / 1_000)
+}
 /// The longest pause between reconnection attempts.
 const MAX_RECONNECT_DELAY: Duration = Duration::from_secs(2);
 
@@ -228,13 +238,13 @@ pub async fn ensure_patiently(
 }
 
 /// Pulls messages while there are free slots, and hands each to a job task. Returns once
-/// shutdown starts and the last pull request has run out.
+/// shutdown starts.
 ///
-/// The pull requests all name one inbox whose subscription lives as long as the loop. (A
-/// subscription per request, as async-nats' `batch()` makes, loses a message that nats-server
-/// 2.9 delivers right after the request's 408 timeout status: the batch ends on the 408 and
-/// unsubscribes, and the message waits out a whole ack wait — or, on its last delivery, is
-/// stranded.) Here a late message is simply received, and run if a slot is free.
+/// All pull requests name one inbox whose subscription lives as long as the loop, so a message
+/// that arrives late (after its request's 408, or after a reconnect) is still received, and
+/// run if a slot is free. On shutdown the inbox is unsubscribed: nats-server then skips the
+/// outstanding request (it checks the reply subject's interest), so no job is sent to a
+/// supervisor that is going away; anything already on its way is handed straight back.
 pub async fn pull(ctx: Arc<Ctx>, mut intake: Intake, js: jetstream::Context, tracker: TaskTracker) {
     let mut shutdown = ctx.shutdown.clone();
     let inbox = ctx.client.new_inbox();
@@ -255,26 +265,22 @@ pub async fn pull(ctx: Arc<Ctx>, mut intake: Intake, js: jetstream::Context, tra
         permits: Vec::new(),
         outstanding: 0,
         expires_at: Instant::now(),
+        connects: 0,
         failures: 0,
     };
-    let mut draining = false;
-    loop {
-        if !draining && *shutdown.borrow() != Shutdown::Run {
-            draining = true;
-        }
-        if draining && puller.outstanding == 0 {
-            return;
-        }
+    let stats = ctx.client.statistics();
+    let mut watch_connection = tokio::time::interval(Duration::from_millis(250));
+    while *shutdown.borrow() == Shutdown::Run {
         if puller.outstanding == 0 {
             if puller.failures > 0 {
                 puller.back_off(&ctx, &mut intake, &js, &mut shutdown).await;
                 if *shutdown.borrow() != Shutdown::Run {
-                    continue;
+                    break;
                 }
             }
             tokio::select! {
-                granted = puller.request(&intake, &inbox) => if !granted { continue },
-                _ = shutdown.changed() => continue,
+                granted = puller.request(&intake, &inbox, stats.connects.load(Ordering::Acquire)) => if !granted { continue },
+                _ = shutdown.changed() => break,
             }
         }
         tokio::select! {
@@ -283,18 +289,35 @@ pub async fn pull(ctx: Arc<Ctx>, mut intake: Intake, js: jetstream::Context, tra
                     error!("the job inbox subscription closed");
                     return;
                 };
-                puller.receive(&ctx, &js, &tracker, delivery, draining).await;
+                puller.receive(&ctx, &js, &tracker, delivery).await;
             }
             () = tokio::time::sleep_until(puller.expires_at), if puller.outstanding > 0 => {
-                // No answer at all (the connection dropped meanwhile): the request is gone.
+                // No answer at all: the request is gone.
                 puller.end_request();
             }
-            changed = shutdown.changed(), if !draining => {
-                draining = true;
-                if changed.is_err() || *shutdown.borrow() == Shutdown::Now {
-                    return;
+            _ = watch_connection.tick(), if puller.outstanding > 0 => {
+                // A new connection (a restarted server, another cluster node) does not know the
+                // request: ask again rather than wait for it to expire.
+                if stats.connects.load(Ordering::Acquire) != puller.connects {
+                    puller.end_request();
                 }
             }
+            _ = shutdown.changed() => break,
+        }
+    }
+    // Shutting down: no more jobs for us. Whatever was already sent goes straight back.
+    puller.end_request();
+    if let Err(e) = deliveries.unsubscribe().await {
+        debug!("unsubscribing the job inbox: {e}");
+    }
+    let _ = timeout(Duration::from_secs(2), ctx.client.flush()).await;
+    while let Ok(Some(delivery)) = timeout(Duration::from_millis(100), deliveries.next()).await {
+        if delivery.status.is_none() {
+            let msg = jetstream::Message {
+                message: delivery,
+                context: js.clone(),
+            };
+            let _ = msg.ack_with(AckKind::Nak(None)).await;
         }
     }
 }
@@ -307,6 +330,8 @@ struct Puller {
     outstanding: usize,
     /// When to give up on the outstanding request if the server never answers.
     expires_at: tokio::time::Instant,
+    /// The connection count when the outstanding request was sent.
+    connects: u64,
     /// Consecutive failures to ask for or receive jobs.
     failures: u32,
 }
@@ -314,7 +339,7 @@ struct Puller {
 impl Puller {
     /// Waits for a free slot, takes every free slot, and asks for that many messages.
     /// `false` if the request could not be sent.
-    async fn request(&mut self, intake: &Intake, inbox: &str) -> bool {
+    async fn request(&mut self, intake: &Intake, inbox: &str, connects: u64) -> bool {
         let Ok(first) = self.slots.clone().acquire_owned().await else {
             return false;
         };
@@ -322,16 +347,17 @@ impl Puller {
         while let Ok(permit) = self.slots.clone().try_acquire_owned() {
             self.permits.push(permit);
         }
+        let expires = pull_expiry();
         let request = BatchConfig {
             batch: self.permits.len(),
-            expires: Some(PULL_EXPIRES),
+            expires: Some(expires),
             ..BatchConfig::default()
         };
         match intake.consumer.request_batch(request, inbox.into()).await {
             Ok(()) => {
                 self.outstanding = self.permits.len();
-                self.expires_at =
-                    tokio::time::Instant::now() + PULL_EXPIRES + Duration::from_secs(5);
+                self.connects = connects;
+                self.expires_at = tokio::time::Instant::now() + expires + Duration::from_secs(5);
                 true
             }
             Err(e) => {
@@ -356,7 +382,6 @@ impl Puller {
         js: &jetstream::Context,
         tracker: &TaskTracker,
         delivery: async_nats::Message,
-        draining: bool,
     ) {
         match delivery.status {
             None | Some(StatusCode::OK) => {}
@@ -381,15 +406,12 @@ impl Puller {
             message: delivery,
             context: js.clone(),
         };
-        let permit = if draining {
-            None
-        } else {
-            self.permits
-                .pop()
-                .or_else(|| self.slots.clone().try_acquire_owned().ok())
-        };
+        let permit = self
+            .permits
+            .pop()
+            .or_else(|| self.slots.clone().try_acquire_owned().ok());
         let Some(permit) = permit else {
-            // Shutting down, or a late delivery with every slot busy: hand it straight back.
+            // A late delivery while every slot is busy: hand it straight back.
             let _ = msg.ack_with(AckKind::Nak(None)).await;
             return;
         };

@@ -484,9 +484,9 @@ async fn a_lost_lease_stops_the_job_rather_than_racing_a_redelivery() {
     server.kill();
     supervisor.wait_log("lost the lease on this job", 1).await;
     no_process_with(&token, Duration::from_secs(2)).await;
-    assert!(supervisor
-        .log()
-        .contains("leaving the job to its redelivery"));
+    supervisor
+        .wait_log("leaving the job to its redelivery", 1)
+        .await;
 
     server.restart();
     within(SOON, "the test client to reconnect", async {
