@@ -209,6 +209,12 @@ impl Manifest {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(e),
         };
+        Self::read_file(file, &path).map(Some)
+    }
+
+    /// Reads a manifest from an open file (`path` is for messages), refusing anything that is
+    /// not a regular file or is larger than a manifest can be.
+    pub fn read_file(file: File, path: &Path) -> io::Result<Self> {
         let meta = file.metadata()?;
         if !meta.is_file() || meta.len() > MAX_MANIFEST_BYTES {
             return Err(io::Error::new(
@@ -218,9 +224,7 @@ impl Manifest {
         }
         let mut bytes = Vec::new();
         File::take(file, MAX_MANIFEST_BYTES).read_to_end(&mut bytes)?;
-        serde_json::from_slice(&bytes)
-            .map(Some)
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+        serde_json::from_slice(&bytes).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
     }
 }
 

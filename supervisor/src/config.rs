@@ -199,11 +199,16 @@ impl std::fmt::Debug for Auth {
 impl Auth {
     fn from_args(args: &Args) -> anyhow::Result<Self> {
         Ok(
-            match (&args.username, &args.password, &args.token, &args.creds) {
+            match (
+                set(args.username.as_ref()),
+                set(args.password.as_ref()),
+                set(args.token.as_ref()),
+                args.creds.as_ref().filter(|p| !p.as_os_str().is_empty()),
+            ) {
                 (None, None, None, None) => Self::None,
                 (Some(user), Some(password), None, None) => Self::UserPassword {
-                    user: user.clone(),
-                    password: password.clone(),
+                    user: user.to_owned(),
+                    password: password.to_owned(),
                 },
                 (Some(_), None, None, None) => {
                     bail!("--username (NATS_USERNAME) needs --password (NATS_PASSWORD)")
@@ -211,7 +216,7 @@ impl Auth {
                 (None, Some(_), None, None) => {
                     bail!("--password (NATS_PASSWORD) needs --username (NATS_USERNAME)")
                 }
-                (None, None, Some(token), None) => Self::Token(token.clone()),
+                (None, None, Some(token), None) => Self::Token(token.to_owned()),
                 (None, None, None, Some(creds)) => Self::Creds(creds.clone()),
                 _ => {
                     bail!("give one way to authenticate: --username/--password, --token or --creds")
@@ -219,6 +224,12 @@ impl Auth {
             },
         )
     }
+}
+
+/// A string option that is set and not empty: an environment file line such as
+/// `NATS_USERNAME=` means "not set", as it would for a shell script.
+fn set(value: Option<&String>) -> Option<&str> {
+    value.map(|v| v.trim()).filter(|v| !v.is_empty())
 }
 
 /// Checked configuration.
@@ -314,11 +325,11 @@ impl Settings {
             })?;
             pass_env.push(name.to_owned());
         }
-        let runner = match &args.runner {
+        let runner = match args.runner.as_ref().filter(|p| !p.as_os_str().is_empty()) {
             Some(path) => path.clone(),
             None => default_runner()?,
         };
-        let run_as = RunAs::resolve(args.run_as.as_deref())?;
+        let run_as = RunAs::resolve(set(args.run_as.as_ref()))?;
         Ok(Self {
             urls,
             auth,
@@ -443,6 +454,11 @@ mod tests {
             .to_string()
             .contains("needs --password"));
         assert!(parse(&["-t", "x", "-n", "u", "-p", "y"]).is_err());
+        // Empty values (an environment file's `NATS_TOKEN=`) mean "not set".
+        assert!(matches!(
+            parse(&["-t", "", "-n", " "]).unwrap().auth,
+            Auth::None
+        ));
         let debug = format!("{:?}", parse(&["-t", "s3cret"]).unwrap());
         assert!(!debug.contains("s3cret"), "{debug}");
     }

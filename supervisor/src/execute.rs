@@ -4,6 +4,7 @@
 
 use std::fs;
 use std::io;
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
@@ -14,6 +15,10 @@ use nats_fs::manifest::{ResultMessage, RESULTS_DIR};
 use nats_fs::protocol::{CancelMode, FromRunner, StartJob, ToRunner, PROTOCOL_VERSION};
 use nats_fs::reap;
 use nats_fs::Status;
+use nix::errno::Errno;
+use nix::fcntl::{openat, OFlag, AT_FDCWD};
+use nix::sys::stat::{mkdirat, Mode};
+use nix::unistd::fchown;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, ChildStderr, ChildStdin, ChildStdout};
 use tokio::sync::mpsc;
@@ -100,29 +105,42 @@ pub async fn execute(
 }
 
 /// Checks the job folder, readies `results/` and creates the workspace.
+///
+/// Everything done in the job folder as root goes through a descriptor opened without
+/// following symlinks: a job folder, or a `results` inside it, that is (or is swapped for) a
+/// link to somewhere else can never make the supervisor create or give away a folder there.
 fn prepare(job_dir: &Path, workspace: &Path, run_as: &RunAs, id: &str) -> Result<(), JobEnd> {
-    match fs::metadata(job_dir) {
-        Ok(meta) if meta.is_dir() => {}
-        Ok(_) => {
-            return Err(final_error(
-                id,
-                format!("{} is not a folder", job_dir.display()),
-            ))
-        }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+    let dir = match open_folder(AT_FDCWD, job_dir) {
+        Ok(dir) => dir,
+        Err(Errno::ENOENT) => {
             return Err(final_error(
                 id,
                 format!("the job folder {} does not exist", job_dir.display()),
             ))
         }
+        Err(Errno::ELOOP | Errno::ENOTDIR) if is_symlink(job_dir) => {
+            return Err(final_error(
+                id,
+                format!(
+                    "the job folder {} is a symlink; it must be a real folder",
+                    job_dir.display()
+                ),
+            ))
+        }
+        Err(Errno::ENOTDIR) => {
+            return Err(final_error(
+                id,
+                format!("{} is not a folder", job_dir.display()),
+            ))
+        }
         Err(e) => {
             return Err(JobEnd::Fault(format!(
-                "reading the job folder {}: {e}",
+                "opening the job folder {}: {e}",
                 job_dir.display()
             )))
         }
-    }
-    prepare_results(job_dir, run_as, id)?;
+    };
+    prepare_results(&dir, &job_dir.join(RESULTS_DIR), run_as, id)?;
     create_workspace(workspace, run_as).map_err(|e| {
         JobEnd::Fault(format!(
             "creating the workspace {}: {e}",
@@ -131,45 +149,56 @@ fn prepare(job_dir: &Path, workspace: &Path, run_as: &RunAs, id: &str) -> Result
     })
 }
 
-/// Makes sure `results/` is a real folder owned by the runner's user. Nothing else in the job
-/// folder is touched as root, and a symlink named `results` is never followed.
-fn prepare_results(job_dir: &Path, run_as: &RunAs, id: &str) -> Result<(), JobEnd> {
-    let results = job_dir.join(RESULTS_DIR);
-    match fs::symlink_metadata(&results) {
-        Ok(meta) if meta.is_dir() => {}
-        Ok(_) => {
+/// Opens `job_dir/results/result.json` without following a symlink anywhere on the way.
+pub fn open_manifest(job_dir: &Path) -> nix::Result<fs::File> {
+    let dir = open_folder(AT_FDCWD, job_dir)?;
+    let results = open_folder(&dir, Path::new(RESULTS_DIR))?;
+    let file = openat(
+        &results,
+        nats_fs::manifest::MANIFEST_FILE,
+        OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )?;
+    Ok(fs::File::from(file))
+}
+
+fn is_symlink(path: &Path) -> bool {
+    fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink())
+}
+
+/// Opens a folder for `*at` calls; a symlink fails with `ELOOP`, anything else with `ENOTDIR`.
+fn open_folder<Fd: AsFd>(at: Fd, path: &Path) -> nix::Result<OwnedFd> {
+    openat(
+        at,
+        path,
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+}
+
+/// Makes sure `results/` is a real folder owned by the runner's user; `path` is for messages.
+fn prepare_results(job: &OwnedFd, path: &Path, run_as: &RunAs, id: &str) -> Result<(), JobEnd> {
+    match mkdirat(job, RESULTS_DIR, Mode::from_bits_truncate(0o755)) {
+        Ok(()) | Err(Errno::EEXIST) => {}
+        Err(e) => return Err(JobEnd::Fault(format!("creating {}: {e}", path.display()))),
+    }
+    let results = match open_folder(job, Path::new(RESULTS_DIR)) {
+        Ok(results) => results,
+        Err(Errno::ELOOP | Errno::ENOTDIR) => {
             return Err(final_error(
                 id,
                 format!(
                     "{} is in the way: results must be a folder, not a file or a symlink",
-                    results.display()
+                    path.display()
                 ),
             ))
         }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            match fs::DirBuilder::new().mode(0o755).create(&results) {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-                Err(e) => {
-                    return Err(JobEnd::Fault(format!(
-                        "creating {}: {e}",
-                        results.display()
-                    )))
-                }
-            }
-        }
-        Err(e) => return Err(JobEnd::Fault(format!("reading {}: {e}", results.display()))),
-    }
+        Err(e) => return Err(JobEnd::Fault(format!("opening {}: {e}", path.display()))),
+    };
     if run_as.switch {
-        // lchown: `results` was just checked to be a folder, and even if a job swapped in a
-        // link since, the link itself is what changes owner, never its target.
-        if let Err(e) = std::os::unix::fs::lchown(
-            &results,
-            Some(run_as.uid.as_raw()),
-            Some(run_as.gid.as_raw()),
-        ) {
+        if let Err(e) = fchown(&results, Some(run_as.uid), Some(run_as.gid)) {
             // A root-squashed NFS export refuses this; the runner may still be able to write.
-            debug!("giving {} to {}: {e}", results.display(), run_as.describe());
+            debug!("giving {} to {}: {e}", path.display(), run_as.describe());
         }
     }
     Ok(())

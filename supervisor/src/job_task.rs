@@ -123,13 +123,9 @@ async fn process(
     };
     Span::current().record("id", request.id.as_str());
     let earlier = {
-        let results = ctx
-            .settings
-            .jobs_dir
-            .join(request.id.as_str())
-            .join(RESULTS_DIR);
+        let job_dir = ctx.settings.jobs_dir.join(request.id.as_str());
         let id = request.id.clone();
-        tokio::task::spawn_blocking(move || already_finished(&results, &id, seq))
+        tokio::task::spawn_blocking(move || already_finished(&job_dir, &id, seq))
             .await
             .ok()
             .flatten()
@@ -242,12 +238,15 @@ async fn finished<T>(task: &mut Option<JoinHandle<T>>) -> Result<T, tokio::task:
 }
 
 /// The manifest of an earlier attempt at this very delivery (same stream sequence), if it
-/// recorded a final status: the job ran to its end and only the ack was lost.
-fn already_finished(results: &std::path::Path, id: &JobId, seq: u64) -> Option<Manifest> {
-    match Manifest::read(results) {
-        Ok(Some(manifest))
-            if manifest.stream_sequence == Some(seq) && manifest.job_id == id.as_str() =>
-        {
+/// recorded a final status: the job ran to its end and only the ack was lost. Read as root, so
+/// nothing on the way is followed if it is a symlink.
+fn already_finished(job_dir: &std::path::Path, id: &JobId, seq: u64) -> Option<Manifest> {
+    let file = crate::execute::open_manifest(job_dir).ok()?;
+    let path = job_dir
+        .join(RESULTS_DIR)
+        .join(nats_fs::manifest::MANIFEST_FILE);
+    match Manifest::read_file(file, &path) {
+        Ok(manifest) if manifest.stream_sequence == Some(seq) && manifest.job_id == id.as_str() => {
             Some(manifest)
         }
         Ok(_) => None,

@@ -452,3 +452,53 @@ fn dry_run_without_a_server() {
     assert_eq!(result["exitCode"], 5);
     assert!(processes_with("dry-fail").is_empty());
 }
+
+#[tokio::test]
+async fn symlinks_never_lead_the_supervisor_out_of_the_job_folder() {
+    use std::os::unix::fs::MetadataExt;
+    let mut s = setup(&[]).await;
+    // Somewhere a job must not reach: a folder with a `results` inside, owned by us.
+    let elsewhere = open_dir(false);
+    fs::create_dir(elsewhere.path().join("results")).unwrap();
+    let owner = fs::metadata(elsewhere.path().join("results"))
+        .unwrap()
+        .uid();
+    std::os::unix::fs::symlink(elsewhere.path(), s.jobs.path().join("linked")).unwrap();
+    let dir = s.jobs.add("results-linked", &json!({"steps": ["true"]}));
+    std::os::unix::fs::symlink(elsewhere.path(), dir.join("results")).unwrap();
+
+    s.nats.submit_id("linked").await;
+    let got = s.nats.result().await;
+    assert_eq!(got.result.status, Status::Error);
+    assert!(
+        got.result
+            .error
+            .as_deref()
+            .unwrap_or_default()
+            .contains("is a symlink"),
+        "{:?}",
+        got.result.error
+    );
+    s.nats.submit_id("results-linked").await;
+    let got = s.nats.result().await;
+    assert_eq!(got.result.status, Status::Error);
+    assert!(
+        got.result
+            .error
+            .as_deref()
+            .unwrap_or_default()
+            .contains("is in the way"),
+        "{:?}",
+        got.result.error
+    );
+
+    // Nothing out there was created, given away or emptied.
+    assert_eq!(
+        fs::metadata(elsewhere.path().join("results"))
+            .unwrap()
+            .uid(),
+        owner
+    );
+    assert_eq!(fs::read_dir(elsewhere.path()).unwrap().count(), 1);
+    s.nats.drained("worker-01").await;
+}
