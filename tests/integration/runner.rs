@@ -487,3 +487,53 @@ fn a_bad_job_is_an_error_with_a_clear_message() {
         "{result}"
     );
 }
+
+#[tokio::test]
+async fn watch_runs_the_job_again_when_its_folder_changes() {
+    use std::io::BufRead;
+    let jobs = Jobs::new();
+    let dir = jobs.add("watched", &json!({"steps": ["cat input.txt"]}));
+    fs::write(dir.join("input.txt"), "first\n").unwrap();
+    let workspaces = tempfile::tempdir().unwrap();
+    let mut child = Command::new(bin("nats-fs-runner"))
+        .arg("--job")
+        .arg(&dir)
+        .arg("--workspaces-dir")
+        .arg(workspaces.path())
+        .arg("--watch")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    let next_result = || {
+        let line = rx.recv_timeout(SOON).expect("a result line from --watch");
+        serde_json::from_str::<Value>(&line).unwrap()
+    };
+    assert_eq!(next_result()["status"], "success");
+    assert_eq!(jobs.log("watched", 0), "first\n");
+    // Writing results/ (which every run does) must not trigger a run; changing an input does.
+    fs::write(dir.join("input.txt"), "second\n").unwrap();
+    assert_eq!(next_result()["status"], "success");
+    assert_eq!(jobs.log("watched", 0), "second\n");
+    kill(
+        Pid::from_raw(i32::try_from(child.id()).unwrap()),
+        Signal::SIGINT,
+    )
+    .unwrap();
+    let status = eventually(SOON, "the watcher to exit", || child.try_wait().unwrap()).await;
+    assert!(status.success(), "{status}");
+    assert!(
+        rx.try_recv().is_err(),
+        "a run was triggered by the runner's own writes"
+    );
+}
