@@ -7,6 +7,7 @@
 //! skipped and reported. The top-level `results/` folder is not staged.
 
 use std::collections::HashMap;
+use std::ffi::{OsStr, OsString};
 use std::fs::{self, File, FileTimes, OpenOptions, Permissions};
 use std::io;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
@@ -47,8 +48,38 @@ impl Fingerprint {
 /// file in `results/` on a shared drive.
 const KEPT_MODE_BITS: u32 = 0o1777;
 
-/// Files and links as staged, by path relative to the workspace.
-pub(crate) type Snapshot = HashMap<PathBuf, Fingerprint>;
+/// Files and links as staged, for telling later which ones the steps touched.
+///
+/// Keyed by inode, with the folder (by inode) and name each was staged under: the sync walk
+/// visits every file of the workspace, and this lets it settle an unchanged input without
+/// building or hashing its path. A file moved or renamed by a step is under another folder or
+/// name, so it counts as new.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct Snapshot {
+    by_inode: HashMap<u64, (u64, OsString, Fingerprint)>,
+}
+
+impl Snapshot {
+    fn insert(&mut self, folder: u64, name: OsString, meta: &fs::Metadata) {
+        self.by_inode
+            .insert(meta.ino(), (folder, name, Fingerprint::of(meta)));
+    }
+
+    /// Whether `name` in the folder with inode `folder`, as `meta` describes it now, is exactly
+    /// what staging left there.
+    pub(crate) fn unchanged(&self, folder: u64, name: &OsStr, meta: &fs::Metadata) -> bool {
+        self.by_inode
+            .get(&meta.ino())
+            .is_some_and(|(f, n, fingerprint)| {
+                *f == folder && n == name && *fingerprint == Fingerprint::of(meta)
+            })
+    }
+
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.by_inode.len()
+    }
+}
 
 /// Totals of one staging.
 #[derive(Debug, Default)]
@@ -88,8 +119,9 @@ pub(crate) fn stage(src: &Path, dst: &Path, interrupt: &AtomicBool) -> Result<St
     // Folders get their mode and times after their contents are written: writing changes a
     // folder's mtime, and a read-only source folder must stay writable until it is filled.
     let mut folders: Vec<(PathBuf, fs::Metadata)> = Vec::new();
-    let mut pending: Vec<PathBuf> = vec![PathBuf::new()];
-    while let Some(rel) = pending.pop() {
+    let root = fs::symlink_metadata(dst).map_err(io_err("inspecting", dst))?;
+    let mut pending: Vec<(PathBuf, u64)> = vec![(PathBuf::new(), root.ino())];
+    while let Some((rel, folder)) = pending.pop() {
         let from_dir = src.join(&rel);
         let entries = fs::read_dir(&from_dir).map_err(io_err("reading folder", &from_dir))?;
         for entry in entries {
@@ -97,23 +129,25 @@ pub(crate) fn stage(src: &Path, dst: &Path, interrupt: &AtomicBool) -> Result<St
                 return Err(StageError::Interrupted);
             }
             let entry = entry.map_err(io_err("reading folder", &from_dir))?;
-            let rel_path = rel.join(entry.file_name());
-            if rel.as_os_str().is_empty() && entry.file_name() == RESULTS_DIR {
+            let name = entry.file_name();
+            if rel.as_os_str().is_empty() && name == RESULTS_DIR {
                 continue;
             }
+            let rel_path = rel.join(&name);
             let from = entry.path();
             let to = dst.join(&rel_path);
             let file_type = entry.file_type().map_err(io_err("inspecting", &from))?;
             if file_type.is_dir() {
                 let meta = entry.metadata().map_err(io_err("inspecting", &from))?;
                 fs::create_dir(&to).map_err(io_err("creating folder", &to))?;
+                let made = fs::symlink_metadata(&to).map_err(io_err("inspecting", &to))?;
                 folders.push((to, meta));
-                pending.push(rel_path);
+                pending.push((rel_path, made.ino()));
             } else if file_type.is_file() {
                 let meta = copy_file(&from, &to)?;
                 staged.files += 1;
                 staged.bytes += meta.size();
-                staged.snapshot.insert(rel_path, Fingerprint::of(&meta));
+                staged.snapshot.insert(folder, name, &meta);
             } else if file_type.is_symlink() {
                 let target = fs::read_link(&from).map_err(io_err("reading link", &from))?;
                 std::os::unix::fs::symlink(&target, &to).map_err(io_err("creating link", &to))?;
@@ -121,7 +155,7 @@ pub(crate) fn stage(src: &Path, dst: &Path, interrupt: &AtomicBool) -> Result<St
                 set_times_nofollow(&to, &meta).map_err(io_err("setting times of", &to))?;
                 let meta = fs::symlink_metadata(&to).map_err(io_err("inspecting", &to))?;
                 staged.files += 1;
-                staged.snapshot.insert(rel_path, Fingerprint::of(&meta));
+                staged.snapshot.insert(folder, name, &meta);
             } else {
                 staged.skipped.push(format!(
                     "skipped {} ({}): only files, folders and symlinks are staged",

@@ -8,14 +8,14 @@
 
 use std::fs::{self, OpenOptions};
 use std::io::{self, Read, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use nats_fs::manifest::Artifact;
 use sha2::{Digest, Sha256};
 
-use crate::stage::{finish_copy, Fingerprint, Snapshot};
+use crate::stage::{finish_copy, Snapshot};
 
 /// What one sync copied.
 #[derive(Debug, Default)]
@@ -56,8 +56,9 @@ pub(crate) fn sync(
     interrupt: &AtomicBool,
 ) -> Result<Synced, SyncError> {
     let mut synced = Synced::default();
-    let mut pending = vec![PathBuf::new()];
-    while let Some(rel) = pending.pop() {
+    let root = fs::symlink_metadata(workspace).map_err(io_err("inspecting", workspace))?;
+    let mut pending = vec![(PathBuf::new(), root.ino())];
+    while let Some((rel, folder)) = pending.pop() {
         let dir = workspace.join(&rel);
         let entries = match fs::read_dir(&dir) {
             Ok(entries) => entries,
@@ -74,11 +75,17 @@ pub(crate) fn sync(
                 return Err(SyncError::Interrupted);
             }
             let Ok(entry) = entry else { continue };
-            let rel_path = rel.join(entry.file_name());
             let Ok(meta) = entry.metadata() else { continue };
             let file_type = meta.file_type();
+            let name = entry.file_name();
+            // The common case, an input the steps left alone, is settled without building or
+            // hashing its path: this walk visits every file of the workspace.
+            if !file_type.is_dir() && staged.unchanged(folder, &name, &meta) {
+                continue;
+            }
+            let rel_path = rel.join(&name);
             if file_type.is_dir() {
-                pending.push(rel_path);
+                pending.push((rel_path, meta.ino()));
                 continue;
             }
             if !(file_type.is_file() || file_type.is_symlink()) {
@@ -86,9 +93,6 @@ pub(crate) fn sync(
                     "not synced {}: not a file, folder or symlink",
                     display(&rel_path)
                 ));
-                continue;
-            }
-            if staged.get(&rel_path) == Some(&Fingerprint::of(&meta)) {
                 continue;
             }
             let from = entry.path();
@@ -223,11 +227,21 @@ mod tests {
         fs::create_dir(src.path().join("in")).unwrap();
         fs::write(src.path().join("in/keep"), "same").unwrap();
         fs::write(src.path().join("in/edit"), "old").unwrap();
+        fs::write(src.path().join("in/moved"), "moved").unwrap();
+        fs::write(src.path().join("in/renamed"), "renamed").unwrap();
         let ws = tempfile::tempdir().unwrap();
         let results = tempfile::tempdir().unwrap();
         let staged = stage(src.path(), ws.path(), &AtomicBool::new(false)).unwrap();
 
         fs::write(ws.path().join("in/edit"), "new!").unwrap();
+        // Moves keep the inode (and, within one clock tick, even the ctime): still new files.
+        fs::create_dir(ws.path().join("elsewhere")).unwrap();
+        fs::rename(
+            ws.path().join("in/moved"),
+            ws.path().join("elsewhere/moved"),
+        )
+        .unwrap();
+        fs::rename(ws.path().join("in/renamed"), ws.path().join("in/renamed2")).unwrap();
         fs::create_dir_all(ws.path().join("out/deep")).unwrap();
         fs::write(ws.path().join("out/deep/a.txt"), "abc").unwrap();
         std::os::unix::fs::symlink("/etc/shadow", ws.path().join("out/shadow")).unwrap();
@@ -240,12 +254,21 @@ mod tests {
         )
         .unwrap();
         let paths: Vec<_> = synced.artifacts.iter().map(|a| a.path.as_str()).collect();
-        assert_eq!(paths, ["in/edit", "out/deep/a.txt", "out/shadow"]);
         assert_eq!(
-            synced.artifacts[1].sha256.as_deref(),
+            paths,
+            [
+                "elsewhere/moved",
+                "in/edit",
+                "in/renamed2",
+                "out/deep/a.txt",
+                "out/shadow"
+            ]
+        );
+        assert_eq!(
+            synced.artifacts[3].sha256.as_deref(),
             Some("ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad")
         );
-        assert_eq!(synced.artifacts[2].link.as_deref(), Some("/etc/shadow"));
+        assert_eq!(synced.artifacts[4].link.as_deref(), Some("/etc/shadow"));
         assert!(!results.path().join("in/keep").exists());
         assert_eq!(
             fs::read_to_string(results.path().join("in/edit")).unwrap(),
@@ -255,7 +278,7 @@ mod tests {
             fs::read_link(results.path().join("out/shadow")).unwrap(),
             Path::new("/etc/shadow")
         );
-        assert_eq!(synced.bytes, 7);
+        assert_eq!(synced.bytes, 7 + 5 + 7);
     }
 
     #[test]
@@ -269,7 +292,7 @@ mod tests {
         sync(
             ws.path(),
             results.path(),
-            &Snapshot::new(),
+            &Snapshot::default(),
             &AtomicBool::new(false),
         )
         .unwrap();
