@@ -60,16 +60,6 @@ fn parse_stat(pid: i32, stat: &str) -> Option<Proc> {
     })
 }
 
-/// The pids whose parent is `parent`, live or zombie.
-#[must_use]
-pub fn children_of(parent: Pid) -> Vec<Pid> {
-    scan()
-        .into_iter()
-        .filter(|p| p.ppid == parent.as_raw())
-        .map(|p| Pid::from_raw(p.pid))
-        .collect()
-}
-
 /// How many live processes are this process's children or members of `group`: what a step
 /// left running after its shell exited.
 #[must_use]
@@ -80,6 +70,12 @@ pub fn count_live(group: Option<Pid>) -> usize {
         .iter()
         .filter(|p| !p.zombie && (p.ppid == me || Some(p.pgrp) == group))
         .count()
+}
+
+/// The name of signal `n` (`"SIGKILL"`), or `"signal n"` for one nix does not know.
+#[must_use]
+pub fn signal_name(n: i32) -> String {
+    Signal::try_from(n).map_or_else(|_| format!("signal {n}"), |s| s.as_str().to_owned())
 }
 
 /// Whether this process has any child at all, live or zombie, without reaping one.
@@ -166,13 +162,21 @@ mod tests {
     }
 
     #[test]
+    fn names_signals() {
+        assert_eq!(signal_name(9), "SIGKILL");
+        assert_eq!(signal_name(99), "signal 99");
+    }
+
+    #[test]
     fn finds_our_own_child() {
         let mut child = std::process::Command::new("sleep")
             .arg("5")
             .spawn()
             .unwrap();
-        let pid = Pid::from_raw(i32::try_from(child.id()).unwrap());
-        assert!(children_of(getpid()).contains(&pid));
+        let pid = i32::try_from(child.id()).unwrap();
+        assert!(scan()
+            .iter()
+            .any(|p| p.pid == pid && p.ppid == getpid().as_raw()));
         assert!(count_live(None) >= 1);
         child.kill().unwrap();
         child.wait().unwrap();

@@ -63,8 +63,7 @@ impl Finished {
 
     /// The name of the signal that ended the shell, if one did.
     pub(crate) fn signal_name(&self) -> Option<String> {
-        let n = self.status.signal()?;
-        Some(Signal::try_from(n).map_or_else(|_| format!("signal {n}"), |s| s.as_str().to_owned()))
+        self.status.signal().map(reap::signal_name)
     }
 }
 

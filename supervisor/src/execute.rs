@@ -60,7 +60,7 @@ pub struct JobRun<'a> {
 
 impl JobRun<'_> {
     /// `{jobs_dir}/{id}`.
-    pub fn job_dir(&self) -> PathBuf {
+    fn job_dir(&self) -> PathBuf {
         self.settings.jobs_dir.join(self.request.id.as_str())
     }
 
@@ -432,11 +432,7 @@ fn describe_exit(status: ExitStatus) -> String {
     use std::os::unix::process::ExitStatusExt;
     match (status.code(), status.signal()) {
         (Some(code), _) => format!("exited with code {code}"),
-        (None, Some(signal)) => {
-            let name = nix::sys::signal::Signal::try_from(signal)
-                .map_or_else(|_| signal.to_string(), |s| s.as_str().to_owned());
-            format!("was killed by {name}")
-        }
+        (None, Some(signal)) => format!("was killed by {}", reap::signal_name(signal)),
         _ => "ended".to_owned(),
     }
 }
@@ -481,7 +477,7 @@ fn log_event(event: &FromRunner) {
 }
 
 /// A final `error` with no manifest.
-pub fn final_error(id: &str, error: String) -> JobEnd {
+fn final_error(id: &str, error: String) -> JobEnd {
     JobEnd::Final(Box::new(ResultMessage::error(id, error)))
 }
 

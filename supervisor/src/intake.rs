@@ -329,7 +329,7 @@ struct Puller {
     permits: Vec<OwnedSemaphorePermit>,
     outstanding: usize,
     /// When to give up on the outstanding request if the server never answers.
-    expires_at: tokio::time::Instant,
+    expires_at: Instant,
     /// The connection count when the outstanding request was sent.
     connects: u64,
     /// Consecutive failures to ask for or receive jobs.
@@ -357,7 +357,7 @@ impl Puller {
             Ok(()) => {
                 self.outstanding = self.permits.len();
                 self.connects = connects;
-                self.expires_at = tokio::time::Instant::now() + expires + Duration::from_secs(5);
+                self.expires_at = Instant::now() + expires + Duration::from_secs(5);
                 true
             }
             Err(e) => {
