@@ -10,12 +10,16 @@
 //! on, as plain data with validation, and no I/O policy of its own beyond a few file helpers.
 //!
 //! # Layout
+//! - [`fds`]: descriptor hygiene (nothing inherited reaches a runner or a step).
+//! - [`folder`]: opening a job folder and `results/` without following symlinks; `job.json`.
 //! - [`job`]: the request (`{"id", "steps"?}`), `job.json`, steps, ids and durations, validated.
 //! - [`manifest`]: `results/result.json`, the result message, statuses and their exit codes.
 //! - [`protocol`]: the supervisor⇄runner pipe messages (versioned JSON lines).
 //! - [`tree`]: file-tree helpers both processes need (removing a tree a job may have locked).
 //! - [`reap`]: finding and killing the leftover children of a process (`/proc` scan).
 
+pub mod fds;
+pub mod folder;
 pub mod job;
 pub mod manifest;
 pub mod protocol;

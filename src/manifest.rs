@@ -175,19 +175,24 @@ pub struct Artifact {
 impl Manifest {
     /// Writes the manifest to `results_dir/result.json` atomically: a temp file in the same
     /// folder, then a rename, so readers see the old file or the whole new one, never a part.
+    /// Whatever a step may have left at either name (a FIFO, a link, a folder) is removed
+    /// first, never opened or written through.
     pub fn write_atomic(&self, results_dir: &Path) -> io::Result<PathBuf> {
         let target = results_dir.join(MANIFEST_FILE);
         let tmp = results_dir.join(format!(".{MANIFEST_FILE}.{}.tmp", std::process::id()));
         let mut bytes = serde_json::to_vec_pretty(self).map_err(io::Error::other)?;
         bytes.push(b'\n');
+        crate::tree::remove_entry(&tmp)?;
         let written = (|| {
             let mut file = OpenOptions::new()
                 .write(true)
-                .create(true)
-                .truncate(true)
+                .create_new(true)
                 .custom_flags(nix::libc::O_NOFOLLOW)
                 .open(&tmp)?;
             file.write_all(&bytes)?;
+            if fs::symlink_metadata(&target).is_ok_and(|m| m.is_dir()) {
+                crate::tree::remove_entry(&target)?;
+            }
             fs::rename(&tmp, &target)
         })();
         if written.is_err() {

@@ -18,7 +18,7 @@ use crate::job::{JobId, Step};
 use crate::manifest::{Status, StepStatus};
 
 /// Bumped when a message changes meaning; the runner refuses a start of another version.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Supervisor → runner.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -59,8 +59,17 @@ pub struct StartJob {
     pub attempt: u64,
     /// The stream sequence of the job message, recorded in the manifest.
     pub stream_sequence: Option<u64>,
-    /// `{jobs_dir}/{id}`.
+    /// `{jobs_dir}/{id}`, as named in messages and in the steps' `JOB_RESULTS_DIR`.
     pub job_dir: PathBuf,
+    /// Under a supervisor: the runner's descriptor numbers of the job folder and of its
+    /// `results/`, which the supervisor opened without following symlinks and left open across
+    /// exec. The runner works through them and never looks `job_dir` up by name, so the folder
+    /// cannot be re-pointed between the supervisor's checks and the runner's work. Absent when
+    /// the runner opens the folder itself (`--job`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job_fd: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub results_fd: Option<i32>,
     /// An empty, private folder owned by the runner's user, to stage into.
     pub workspace: PathBuf,
     /// Steps from the request, replacing those of `job.json`.
@@ -81,6 +90,13 @@ pub struct StartJob {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum FromRunner {
+    /// `job.json` is read: the job's timeout and its steps. Sent before anything of the job
+    /// runs, so the supervisor can enforce the timeout itself whatever later happens to the
+    /// runner, and can account for every step if it has to end the job on the runner's behalf.
+    Loaded {
+        timeout_ms: u64,
+        steps: Vec<StepInfo>,
+    },
     /// The job folder is copied into the workspace.
     Staged {
         files: u64,
@@ -126,6 +142,13 @@ pub enum FromRunner {
     Unknown,
 }
 
+/// A step as [`FromRunner::Loaded`] lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StepInfo {
+    pub name: Option<String>,
+    pub command: String,
+}
+
 impl FromRunner {
     /// Whether this event ends the conversation.
     #[must_use]
@@ -168,6 +191,8 @@ mod tests {
             attempt: 2,
             stream_sequence: Some(9),
             job_dir: "/jobs/a.b".into(),
+            job_fd: Some(5),
+            results_fd: Some(6),
             workspace: "/ws/a.b-9".into(),
             steps: Some(vec![Step::shell("true")]),
             default_timeout_ms: 1000,
@@ -178,7 +203,7 @@ mod tests {
         }));
         let line = serde_json::to_string(&start).unwrap();
         assert!(
-            line.starts_with(r#"{"type":"start","version":1,"#),
+            line.starts_with(r#"{"type":"start","version":2,"#),
             "{line}"
         );
         let back: ToRunner = serde_json::from_str(&line).unwrap();
@@ -187,7 +212,7 @@ mod tests {
 
     #[test]
     fn start_rejects_a_hostile_id() {
-        let line = r#"{"type":"start","version":1,"id":"../x","attempt":1,"stream_sequence":null,
+        let line = r#"{"type":"start","version":2,"id":"../x","attempt":1,"stream_sequence":null,
             "job_dir":"/j","workspace":"/w","steps":null,"default_timeout_ms":1,"kill_grace_ms":1,
             "base_env":{},"pass_env":{},"worker":null}"#;
         assert!(serde_json::from_str::<ToRunner>(line).is_err());

@@ -21,6 +21,17 @@ pub fn remove_tree(path: &Path) -> io::Result<()> {
     }
 }
 
+/// Removes whatever is at `path` — a file, a link (not what it points to) or a folder tree.
+/// Nothing there is fine.
+pub fn remove_entry(path: &Path) -> io::Result<()> {
+    match fs::symlink_metadata(path) {
+        Ok(meta) if meta.is_dir() => remove_tree(path),
+        Ok(_) => ignore_missing(fs::remove_file(path)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
 /// Removes everything inside `dir` but keeps `dir` itself (its owner may differ from ours).
 pub fn empty_dir(dir: &Path) -> io::Result<()> {
     for entry in fs::read_dir(dir)? {

@@ -8,9 +8,11 @@
 //!   stderr and the result message to stdout. `--watch` runs it again whenever the folder
 //!   changes.
 //!
-//! The runner is a child subreaper from its first instruction, so every process a step starts
-//! — even one that double-forks or calls `setsid` — stays below it and can be killed and reaped
-//! when the step ends.
+//! Its first instructions make it a child subreaper, so every process a step starts — even one
+//! that double-forks or calls `setsid` — stays below it and can be killed and reaped when the
+//! step ends; make it non-dumpable, so the job's own steps (same user) can neither ptrace it nor
+//! read its memory, environment or descriptors through `/proc`; and mark every inherited
+//! descriptor close-on-exec, so a step gets exactly stdin, stdout and stderr.
 //!
 //! # Layout
 //! - `run`: one run of a job, start to end, ending in an `Outcome`.
@@ -30,12 +32,14 @@ mod watch;
 
 use std::collections::BTreeMap;
 use std::io::BufRead;
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::Parser;
+use nats_fs::folder::JobFolder;
 use nats_fs::job::{parse_default_timeout, parse_duration, steps_from_value, JobId, Step};
 use nats_fs::protocol::{CancelMode, StartJob, ToRunner, PROTOCOL_VERSION};
 use nats_fs::ResultMessage;
@@ -105,11 +109,16 @@ struct Cli {
 }
 
 fn main() -> ExitCode {
-    // First of all: become the reaper of everything the steps start (see the crate docs).
+    // First of all, before anything of a job exists (see the crate docs).
     if let Err(e) = nix::sys::prctl::set_child_subreaper(true) {
         eprintln!("nats-fs-runner: cannot become a child subreaper: {e}");
         return ExitCode::from(EXIT_USAGE);
     }
+    if let Err(e) = nix::sys::prctl::set_dumpable(false) {
+        eprintln!("nats-fs-runner: cannot make itself non-dumpable: {e}");
+        return ExitCode::from(EXIT_USAGE);
+    }
+    nats_fs::fds::close_on_exec_inherited();
     let cli = Cli::parse();
     init_tracing(cli.pipe);
     let runtime = match tokio::runtime::Builder::new_current_thread()
@@ -322,6 +331,11 @@ async fn standalone(cli: Cli) -> anyhow::Result<ExitCode> {
 /// One standalone run in a fresh workspace. Ctrl-C cancels (TERM, grace, KILL); a second
 /// Ctrl-C kills at once. Also says whether a signal arrived.
 async fn run_once(job: &Standalone, signals: &mut Signals) -> anyhow::Result<(Outcome, bool)> {
+    // Opened once, like the supervisor does: the run works through these descriptors.
+    let folder = match JobFolder::open(&job.dir) {
+        Ok(folder) => folder,
+        Err(e) => return Ok((Outcome::from_folder_error(&e), false)),
+    };
     let workspace = tempfile::Builder::new()
         .prefix(&format!("{}.", job.id))
         .tempdir_in(&job.workspaces_dir)
@@ -332,6 +346,8 @@ async fn run_once(job: &Standalone, signals: &mut Signals) -> anyhow::Result<(Ou
         attempt: 1,
         stream_sequence: None,
         job_dir: job.dir.clone(),
+        job_fd: Some(folder.dir.as_raw_fd()),
+        results_fd: Some(folder.results.as_raw_fd()),
         workspace: workspace.path().to_owned(),
         steps: job.steps.clone(),
         default_timeout_ms: millis(job.default_timeout),

@@ -1,6 +1,11 @@
-//! One run of a job, start to end (SPEC §4): check the folder, empty `results/`, read
-//! `job.json`, stage, run the steps, sync, write the manifest. Both modes of the runner — the
-//! supervisor's pipe and `--job` — call [`run`]; only how events are reported differs.
+//! One run of a job, start to end (SPEC §4): empty `results/`, read `job.json`, stage, run the
+//! steps, sync, write the manifest. Both modes of the runner — the supervisor's pipe and
+//! `--job` — call [`run`]; only how events are reported differs.
+//!
+//! The job folder and its `results/` are reached only through the descriptors in the start
+//! message (opened by the supervisor, or by `--job`, without following symlinks), as
+//! `/proc/self/fd/N` paths: a folder re-pointed by name after it was opened changes nothing
+//! here. Messages name the folder by its real path.
 //!
 //! How a job ended is data ([`Outcome`]), never an `Err`: the job's own problems end as a status
 //! with a manifest; problems of the host (disk, permissions, shared drive) end as
@@ -14,11 +19,12 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use nats_fs::folder::{read_job_json, FolderError, JobFileError};
 use nats_fs::job::{JobSpec, Step};
 use nats_fs::manifest::{
     Artifact, Manifest, StepRecord, StepStatus, Timing, MANIFEST_FILE, RESULTS_DIR,
 };
-use nats_fs::protocol::{FromRunner, StartJob, PROTOCOL_VERSION};
+use nats_fs::protocol::{FromRunner, StartJob, StepInfo, PROTOCOL_VERSION};
 use nats_fs::Status;
 use tokio::time::Instant;
 
@@ -46,6 +52,21 @@ pub(crate) enum Outcome {
 }
 
 impl Outcome {
+    /// The end of a run whose job folder could not be opened.
+    pub(crate) fn from_folder_error(e: &FolderError) -> Self {
+        if e.is_final() {
+            Self::Finished {
+                status: Status::Error,
+                exit_code: Status::Error.exit_code(1),
+                error: Some(e.to_string()),
+                manifest: None,
+                duration_ms: 0,
+            }
+        } else {
+            fault(e.to_string())
+        }
+    }
+
     /// The last event of the pipe conversation.
     pub(crate) fn event(&self) -> FromRunner {
         match self {
@@ -96,7 +117,17 @@ pub(crate) async fn run(
             ),
         };
     }
-    let mut job = Job::new(start);
+    let (Some(job_fd), Some(results_fd)) = (start.job_fd, start.results_fd) else {
+        return fault("the start message names no job folder descriptors".to_owned());
+    };
+    let job_dir = PathBuf::from(format!("/proc/self/fd/{job_fd}"));
+    let results = PathBuf::from(format!("/proc/self/fd/{results_fd}"));
+    if !(job_dir.is_dir() && results.is_dir()) {
+        return fault(format!(
+            "descriptors {job_fd} and {results_fd} are not the open job folder and results/"
+        ));
+    }
+    let mut job = Job::new(start, job_dir, results);
     match job.run(report, stop).await {
         Ok(outcome) | Err(outcome) => outcome,
     }
@@ -108,14 +139,18 @@ struct Job<'a> {
     host: String,
     started_at: SystemTime,
     started: Instant,
+    /// The job folder and `results/`, as `/proc/self/fd/N`: how this run reaches them.
+    dir: PathBuf,
     results: PathBuf,
+    /// `results/` by its real name, for messages and the steps' `JOB_RESULTS_DIR`.
+    shown_results: PathBuf,
     warnings: Vec<String>,
     stage_ms: u64,
     sync_ms: u64,
 }
 
 impl<'a> Job<'a> {
-    fn new(start: &'a StartJob) -> Self {
+    fn new(start: &'a StartJob, dir: PathBuf, results: PathBuf) -> Self {
         Self {
             start,
             host: nix::unistd::gethostname()
@@ -123,7 +158,9 @@ impl<'a> Job<'a> {
                 .unwrap_or_default(),
             started_at: SystemTime::now(),
             started: Instant::now(),
-            results: start.job_dir.join(RESULTS_DIR),
+            dir,
+            results,
+            shown_results: start.job_dir.join(RESULTS_DIR),
             warnings: Vec::new(),
             stage_ms: 0,
             sync_ms: 0,
@@ -136,13 +173,27 @@ impl<'a> Job<'a> {
         report: &mut dyn Report,
         stop: &mut StopWatch,
     ) -> Result<Outcome, Outcome> {
-        self.check_folders()?;
+        self.empty_results()?;
         let spec = match self.load_spec() {
             Ok(spec) => spec,
             Err(problem) => {
                 return self.finish(Status::Error, Vec::new(), Vec::new(), Some(problem));
             }
         };
+        let timeout = spec
+            .timeout
+            .unwrap_or(Duration::from_millis(self.start.default_timeout_ms));
+        report.event(&FromRunner::Loaded {
+            timeout_ms: ms(timeout),
+            steps: spec
+                .steps
+                .iter()
+                .map(|step| StepInfo {
+                    name: step.name.clone(),
+                    command: step.run.clone(),
+                })
+                .collect(),
+        });
         let interrupt = stop.interrupt();
 
         let clock = Instant::now();
@@ -157,9 +208,6 @@ impl<'a> Job<'a> {
             self.warn(report, message.clone());
         }
 
-        let timeout = spec
-            .timeout
-            .unwrap_or(Duration::from_millis(self.start.default_timeout_ms));
         let job_deadline = self.started.checked_add(timeout);
         let mut records = Vec::with_capacity(spec.steps.len());
         let mut verdict = Verdict::Success;
@@ -219,47 +267,14 @@ impl<'a> Job<'a> {
         )
     }
 
-    /// Fails unless the job folder exists; creates `results/` if missing and empties it.
-    fn check_folders(&self) -> Result<(), Outcome> {
-        let dir = &self.start.job_dir;
-        match fs::metadata(dir) {
-            Ok(meta) if meta.is_dir() => {}
-            Ok(_) => {
-                return Err(
-                    self.error_without_manifest(format!("{} is not a folder", dir.display()))
-                )
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                return Err(self.error_without_manifest(format!(
-                    "the job folder {} does not exist",
-                    dir.display()
-                )))
-            }
-            Err(e) => {
-                return Err(fault(format!(
-                    "reading the job folder {}: {e}",
-                    dir.display()
-                )))
-            }
-        }
-        match fs::symlink_metadata(&self.results) {
-            Ok(meta) if meta.is_dir() => {}
-            Ok(_) => {
-                return Err(self.error_without_manifest(format!(
-                    "{} is in the way: results/ must be a folder, not a file or a symlink",
-                    self.results.display()
-                )))
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                fs::create_dir(&self.results)
-                    .map_err(|e| fault(format!("creating {}: {e}", self.results.display())))?;
-            }
-            Err(e) => return Err(fault(format!("reading {}: {e}", self.results.display()))),
-        }
+    /// Empties `results/`: nothing of an earlier run may be mistaken for this run's output.
+    /// (Under a supervisor it is empty already: the supervisor emptied it, as the earlier run's
+    /// files no longer belong to the runner's user.)
+    fn empty_results(&self) -> Result<(), Outcome> {
         nats_fs::tree::empty_dir(&self.results).map_err(|e| {
             fault(format!(
                 "emptying {} (it must be writable by {}): {e}",
-                self.results.display(),
+                self.shown_results.display(),
                 whoami()
             ))
         })
@@ -267,15 +282,11 @@ impl<'a> Job<'a> {
 
     /// Reads `job.json` and applies the request's steps. `Err` is the job's own problem.
     fn load_spec(&self) -> Result<JobSpec, String> {
-        let path = self.start.job_dir.join("job.json");
         let overridden = self.start.steps.is_some();
-        let mut spec = match fs::read(&path) {
+        let mut spec = match read_job_json(&self.dir, &self.start.job_dir) {
             Ok(bytes) => JobSpec::parse(&bytes, !overridden).map_err(|e| e.to_string())?,
-            Err(e) if e.kind() == io::ErrorKind::NotFound && overridden => JobSpec::default(),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                return Err(format!("{} does not exist", path.display()))
-            }
-            Err(e) => return Err(format!("reading {}: {e}", path.display())),
+            Err(JobFileError::Missing(_)) if overridden => JobSpec::default(),
+            Err(e) => return Err(e.to_string()),
         };
         if let Some(steps) = &self.start.steps {
             spec.steps.clone_from(steps);
@@ -283,17 +294,29 @@ impl<'a> Job<'a> {
         Ok(spec)
     }
 
+    /// A message with the `/proc/self/fd/N` paths this run works through replaced by the real
+    /// names of the job folder and `results/`.
+    fn shown(&self, message: &str) -> String {
+        let results = self.results.to_string_lossy();
+        let job = self.dir.to_string_lossy();
+        message
+            .replace(results.as_ref(), &self.shown_results.to_string_lossy())
+            .replace(job.as_ref(), &self.start.job_dir.to_string_lossy())
+    }
+
     async fn stage(&self, interrupt: Arc<AtomicBool>) -> Result<Staged, Outcome> {
-        let from = self.start.job_dir.clone();
+        let from = self.dir.clone();
         let to = self.start.workspace.clone();
         let staged = tokio::task::spawn_blocking(move || stage::stage(&from, &to, &interrupt))
             .await
             .map_err(|e| fault(format!("staging: {e}")))?;
         staged.map_err(|e| match e {
             stage::StageError::Interrupted => aborted(),
-            e @ stage::StageError::Io { .. } => {
-                fault(format!("{e} (the runner runs as {})", whoami()))
-            }
+            e @ stage::StageError::Io { .. } => fault(format!(
+                "{} (the runner runs as {})",
+                self.shown(&e.to_string()),
+                whoami()
+            )),
         })
     }
 
@@ -312,7 +335,7 @@ impl<'a> Job<'a> {
                 skipped: vec!["syncing was interrupted by an immediate stop".to_owned()],
                 ..Synced::default()
             }),
-            Err(e) => Err(fault(e.to_string())),
+            Err(e) => Err(fault(self.shown(&e.to_string()))),
         }
     }
 
@@ -329,12 +352,12 @@ impl<'a> Job<'a> {
         stops: &mut StopWatch,
     ) -> Result<(StepRecord, Verdict), Outcome> {
         let log_name = format!("step_{index}.log");
-        let log_path = self.results.join(&log_name);
-        let log = fs::OpenOptions::new()
-            .append(true)
-            .create(true)
-            .open(&log_path)
-            .map_err(|e| fault(format!("creating {}: {e}", log_path.display())))?;
+        let log = open_log(&self.results.join(&log_name)).map_err(|e| {
+            fault(format!(
+                "creating {}: {e}",
+                self.shown_results.join(&log_name).display()
+            ))
+        })?;
         let began = Instant::now();
         let step_deadline = step.timeout.and_then(|t| began.checked_add(t));
         let deadline = match (step_deadline, job_deadline) {
@@ -417,7 +440,7 @@ impl<'a> Job<'a> {
         env.insert("JOB_ID".into(), self.start.id.to_string());
         env.insert("JOB_ATTEMPT".into(), self.start.attempt.to_string());
         env.insert("JOB_WORKSPACE".into(), path(&self.start.workspace));
-        env.insert("JOB_RESULTS_DIR".into(), path(&self.results));
+        env.insert("JOB_RESULTS_DIR".into(), path(&self.shown_results));
         env.extend(spec.env.iter().map(|(k, v)| (k.clone(), v.clone())));
         env.extend(step.env.iter().map(|(k, v)| (k.clone(), v.clone())));
         env.extend(
@@ -434,17 +457,6 @@ impl<'a> Job<'a> {
             message: message.clone(),
         });
         self.warnings.push(message);
-    }
-
-    /// A final `error` for a job whose folder is unusable: no manifest can be written there.
-    fn error_without_manifest(&self, error: String) -> Outcome {
-        Outcome::Finished {
-            status: Status::Error,
-            exit_code: Status::Error.exit_code(1),
-            error: Some(error),
-            manifest: None,
-            duration_ms: ms(self.started.elapsed()),
-        }
     }
 
     fn finish(
@@ -490,7 +502,7 @@ impl<'a> Job<'a> {
         manifest.write_atomic(&self.results).map_err(|e| {
             fault(format!(
                 "writing {}: {e}",
-                self.results.join(MANIFEST_FILE).display()
+                self.shown_results.join(MANIFEST_FILE).display()
             ))
         })?;
         Ok(Outcome::Finished {
@@ -501,6 +513,20 @@ impl<'a> Job<'a> {
             duration_ms,
         })
     }
+}
+
+/// Creates a step's log in `results/`. Whatever a step may have put at that name (a FIFO that
+/// would block the open, a link that would redirect the log) is removed first; the log is
+/// created anew, never opened through a link.
+fn open_log(path: &Path) -> io::Result<fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    nats_fs::tree::remove_entry(path)?;
+    fs::OpenOptions::new()
+        .append(true)
+        .create_new(true)
+        .mode(0o644)
+        .custom_flags(nix::libc::O_NOFOLLOW)
+        .open(path)
 }
 
 /// How the job goes on after a step.

@@ -144,7 +144,14 @@ pub(crate) fn stage(src: &Path, dst: &Path, interrupt: &AtomicBool) -> Result<St
                 folders.push((to, meta));
                 pending.push((rel_path, made.ino()));
             } else if file_type.is_file() {
-                let meta = copy_file(&from, &to)?;
+                let Some(meta) = copy_file(&from, &to)? else {
+                    // Replaced by something else since the folder was listed.
+                    staged.skipped.push(format!(
+                        "skipped {}: it stopped being a regular file while it was staged",
+                        rel_path.display()
+                    ));
+                    continue;
+                };
                 staged.files += 1;
                 staged.bytes += meta.size();
                 staged.snapshot.insert(folder, name, &meta);
@@ -173,14 +180,28 @@ pub(crate) fn stage(src: &Path, dst: &Path, interrupt: &AtomicBool) -> Result<St
     Ok(staged)
 }
 
-/// Copies one regular file, keeping mode and times; returns the copy's metadata.
-fn copy_file(from: &Path, to: &Path) -> Result<fs::Metadata, StageError> {
-    let mut source = OpenOptions::new()
+/// Copies one regular file, keeping mode and times; returns the copy's metadata, or `None`
+/// when `from` is no longer a regular file.
+///
+/// The job folder can change while it is staged: the source is opened without following a
+/// link and without blocking (a FIFO swapped in would otherwise wait for a writer forever),
+/// and only copied if the opened file is a regular one.
+fn copy_file(from: &Path, to: &Path) -> Result<Option<fs::Metadata>, StageError> {
+    let mut source = match OpenOptions::new()
         .read(true)
-        .custom_flags(nix::libc::O_NOFOLLOW)
+        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK | nix::libc::O_NOCTTY)
         .open(from)
-        .map_err(io_err("opening", from))?;
+    {
+        Ok(source) => source,
+        Err(e) if matches!(e.raw_os_error(), Some(nix::libc::ELOOP | nix::libc::ENXIO)) => {
+            return Ok(None)
+        }
+        Err(e) => return Err(io_err("opening", from)(e)),
+    };
     let meta = source.metadata().map_err(io_err("inspecting", from))?;
+    if !meta.is_file() {
+        return Ok(None);
+    }
     let mut target = OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -190,7 +211,10 @@ fn copy_file(from: &Path, to: &Path) -> Result<fs::Metadata, StageError> {
         .map_err(io_err("creating", to))?;
     io::copy(&mut source, &mut target).map_err(io_err("copying", from))?;
     finish_copy(&target, &meta).map_err(io_err("setting mode and times of", to))?;
-    target.metadata().map_err(io_err("inspecting", to))
+    target
+        .metadata()
+        .map(Some)
+        .map_err(io_err("inspecting", to))
 }
 
 /// Gives a freshly written copy the mode and times of its source.

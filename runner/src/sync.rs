@@ -173,12 +173,16 @@ enum CopyError {
 
 /// Copies one file while hashing it: one pass over the data, memory bounded by the buffer.
 fn copy_hashed(from: &Path, to: &Path) -> Result<(u64, String), CopyError> {
+    // Without blocking: a FIFO where a file was listed must not hang the sync.
     let mut source = OpenOptions::new()
         .read(true)
-        .custom_flags(nix::libc::O_NOFOLLOW)
+        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK | nix::libc::O_NOCTTY)
         .open(from)
         .map_err(CopyError::Read)?;
     let meta = source.metadata().map_err(CopyError::Read)?;
+    if !meta.is_file() {
+        return Err(CopyError::Read(io::Error::other("not a regular file")));
+    }
     let mut target = OpenOptions::new()
         .write(true)
         .create_new(true)

@@ -8,7 +8,7 @@ use anyhow::{bail, Context};
 use clap::{Parser, ValueEnum};
 use nats_fs::job::{check_env_name, parse_default_timeout, parse_duration};
 
-use crate::spawn::RunAs;
+use crate::identity::Pool;
 
 /// Log line format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -130,10 +130,23 @@ pub struct Args {
     #[arg(long, env = "NATS_FS_CONCURRENCY", default_value_t = 1)]
     pub concurrency: usize,
 
-    /// User the runner and the steps run as [default: nobody when started as root, else the
-    /// current user].
-    #[arg(long, env = "NATS_FS_RUN_AS", value_name = "USER")]
+    /// Who runners and steps run as: a user, a comma-separated list of users, or a range of
+    /// uids such as 61184-61215 (no passwd entries needed). Each running job takes an identity
+    /// of its own, so a list or range needs at least --concurrency entries, used by nothing
+    /// else on the host [default: nobody when started as root, else the current user].
+    #[arg(long, env = "NATS_FS_RUN_AS", value_name = "USERS")]
     pub run_as: Option<String>,
+
+    /// Group every identity of --run-as runs with (name or gid), e.g. the group that may read
+    /// the jobs folder [default: each user's own group; nogroup for uids without a user].
+    #[arg(long, env = "NATS_FS_RUN_AS_GROUP", value_name = "GROUP")]
+    pub run_as_group: Option<String>,
+
+    /// JetStream key-value bucket in which hosts sharing the jobs folder record the job ids
+    /// they are running, so that one id never runs twice at once (created when missing, with
+    /// the ack wait as its lease). Empty: one run per id on this host only.
+    #[arg(long, env = "NATS_FS_LOCK_BUCKET", default_value = "nats-fs-running")]
+    pub lock_bucket: String,
 
     /// Ack wait of the consumer; running jobs are kept alive with progress acks well inside it.
     #[arg(long, env = "NATS_FS_ACK_WAIT", default_value = "30s", value_parser = parse_duration)]
@@ -247,7 +260,10 @@ pub struct Settings {
     pub dead_letter_subject: Option<String>,
     pub default_timeout: Duration,
     pub concurrency: usize,
-    pub run_as: RunAs,
+    /// The identities of `--run-as`.
+    pub pool: Pool,
+    /// The key-value bucket of running job ids, if any.
+    pub lock_bucket: Option<String>,
     pub ack_wait: Duration,
     pub max_deliver: i64,
     pub drain_timeout: Duration,
@@ -272,32 +288,7 @@ impl Settings {
         let auth = Auth::from_args(args)?;
         check_name("--id (WORKER_ID)", &args.worker_id)?;
         check_name("--stream (NATS_STREAM)", &args.stream)?;
-        check_subject(
-            "--input-subject (NATS_INPUT_SUBJECT)",
-            &args.input_subject,
-            true,
-        )?;
-        check_subject(
-            "--output-subject (NATS_OUTPUT_SUBJECT)",
-            &args.output_subject,
-            false,
-        )?;
-        check_subject(
-            "--cancel-subject (NATS_FS_CANCEL_SUBJECT)",
-            &args.cancel_subject,
-            false,
-        )?;
-        let dead_letter_subject = match args.dead_letter_subject.trim() {
-            "" => None,
-            subject => {
-                check_subject(
-                    "--dead-letter-subject (NATS_FS_DEAD_LETTER_SUBJECT)",
-                    subject,
-                    false,
-                )?;
-                Some(subject.to_owned())
-            }
-        };
+        let dead_letter_subject = check_subjects(args)?;
         if args.concurrency == 0 || args.concurrency > 1024 {
             bail!(
                 "--concurrency (NATS_FS_CONCURRENCY) must be between 1 and 1024, not {}",
@@ -329,7 +320,15 @@ impl Settings {
             Some(path) => path.clone(),
             None => default_runner()?,
         };
-        let run_as = RunAs::resolve(set(args.run_as.as_ref()))?;
+        let pool = Pool::resolve(set(args.run_as.as_ref()), set(args.run_as_group.as_ref()))?;
+        pool.check_concurrency(args.concurrency)?;
+        let lock_bucket = match args.lock_bucket.trim() {
+            "" => None,
+            bucket => {
+                check_name("--lock-bucket (NATS_FS_LOCK_BUCKET)", bucket)?;
+                Some(bucket.to_owned())
+            }
+        };
         Ok(Self {
             urls,
             auth,
@@ -343,7 +342,8 @@ impl Settings {
             dead_letter_subject,
             default_timeout: args.timeout,
             concurrency: args.concurrency,
-            run_as,
+            pool,
+            lock_bucket,
             ack_wait: args.ack_wait,
             max_deliver: args.max_deliver,
             drain_timeout: args.drain_timeout,
@@ -357,6 +357,36 @@ impl Settings {
     pub fn result_subject(&self, id: &str) -> String {
         format!("{}.{id}", self.output_subject)
     }
+}
+
+/// Checks the subject options; returns the dead-letter subject (`None` when disabled).
+fn check_subjects(args: &Args) -> anyhow::Result<Option<String>> {
+    check_subject(
+        "--input-subject (NATS_INPUT_SUBJECT)",
+        &args.input_subject,
+        true,
+    )?;
+    check_subject(
+        "--output-subject (NATS_OUTPUT_SUBJECT)",
+        &args.output_subject,
+        false,
+    )?;
+    check_subject(
+        "--cancel-subject (NATS_FS_CANCEL_SUBJECT)",
+        &args.cancel_subject,
+        false,
+    )?;
+    Ok(match args.dead_letter_subject.trim() {
+        "" => None,
+        subject => {
+            check_subject(
+                "--dead-letter-subject (NATS_FS_DEAD_LETTER_SUBJECT)",
+                subject,
+                false,
+            )?;
+            Some(subject.to_owned())
+        }
+    })
 }
 
 fn absolute(path: &Path) -> anyhow::Result<PathBuf> {

@@ -14,8 +14,9 @@ use serde_json::Value;
 use tokio::sync::{mpsc, watch};
 
 use crate::config::Settings;
-use crate::execute::{execute, JobEnd, JobRun};
-use crate::spawn::Runners;
+use crate::execute::{execute, Env, JobEnd, JobRun};
+use crate::identity::Identities;
+use crate::reaper::Reaper;
 use crate::{sweep, Shutdown};
 
 /// The payload file a dry run reads, in the current folder.
@@ -43,8 +44,10 @@ pub async fn run(
             .create(&dir)
             .with_context(|| format!("creating the job folder {}", dir.display()))?;
     }
-    sweep::ensure_workspaces_dir(&settings.workspaces_dir, &settings.run_as)?;
+    sweep::ensure_workspaces_dir(&settings.workspaces_dir, &settings.pool)?;
     nix::sys::prctl::set_child_subreaper(true).context("becoming a child subreaper")?;
+    let reaper = Reaper::start().context("listening for SIGCHLD")?;
+    let identities = Identities::new(settings.pool.clone());
 
     // Ctrl-C cancels the job (TERM, grace, KILL); a second one kills it at once.
     let (tx, mut control) = mpsc::channel(4);
@@ -67,10 +70,14 @@ pub async fn run(
         stream_sequence: None,
         tag: format!("dry{}", std::process::id()),
     };
-    let end = execute(&job, &Runners::default(), &mut control).await;
+    let env = Env {
+        reaper: &reaper,
+        identities: &identities,
+    };
+    let end = execute(&job, env, &mut control).await;
     let result = match &end {
         JobEnd::Final(result) => (**result).clone(),
-        JobEnd::Aborted(why) | JobEnd::Fault(why) => {
+        JobEnd::Aborted(why) | JobEnd::Fault(why) | JobEnd::Busy(why) => {
             ResultMessage::error(request.id.as_str(), why.clone())
         }
     };

@@ -1,39 +1,61 @@
-//! Running one job through a runner: prepare the folders the runner needs, spawn it, hold the
-//! pipe conversation, and clean up after it whatever happened. Shared by the NATS path
-//! ([`crate::job_task`]) and `--dry-run`; knows nothing of acks.
+//! Running one job through a runner: open and lend the folders, spawn the runner as the slot's
+//! identity, hold the pipe conversation, enforce the job's timeout and stop requests even
+//! against a runner that no longer answers, then make sure nothing of the job is left and take
+//! its `results/` back. Shared by the NATS path ([`crate::job_task`]) and `--dry-run`; knows
+//! nothing of acks.
+//!
+//! The runner runs as the job's identity, and so do the job's steps: a step can stop, kill or
+//! (but for its non-dumpable flag) inspect its own runner. So the supervisor trusts the runner
+//! with doing the work, never with ending it. It keeps its own deadline — the job's timeout
+//! (which the runner reports before any step runs) plus the kill grace and a little slack — and
+//! its own deadline for a stop request; a runner that has not finished its steps by then is
+//! killed with everything of its identity, and the job ends `timeout` or `cancelled` all the
+//! same, with a manifest the supervisor writes. A drain or a lost lease, which hand the job
+//! back, stay hand-backs.
 
+use std::collections::VecDeque;
 use std::fs;
 use std::io;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::ExitStatus;
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
+use nats_fs::folder::JobFolder;
 use nats_fs::job::JobRequest;
-use nats_fs::manifest::{ResultMessage, RESULTS_DIR};
-use nats_fs::protocol::{CancelMode, FromRunner, StartJob, ToRunner, PROTOCOL_VERSION};
+use nats_fs::manifest::{Manifest, ResultMessage, StepRecord, StepStatus, Timing};
+use nats_fs::protocol::{CancelMode, FromRunner, StartJob, StepInfo, ToRunner, PROTOCOL_VERSION};
 use nats_fs::reap;
 use nats_fs::Status;
-use nix::errno::Errno;
-use nix::fcntl::{openat, OFlag, AT_FDCWD};
-use nix::sys::stat::{mkdirat, Mode};
-use nix::unistd::fchown;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::{Gid, Pid, Uid};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::process::{Child, ChildStderr, ChildStdin, ChildStdout};
+use tokio::net::unix::pipe;
 use tokio::sync::mpsc;
 use tokio::time::{sleep_until, Instant};
 use tracing::{debug, info, warn};
 
 use crate::config::Settings;
-use crate::spawn::{spawn_runner, RunAs, Runners};
+use crate::identity::{Identities, Identity};
+use crate::reaper::{Exit, Reaper};
+use crate::results;
+use crate::spawn::{kill_all_as, spawn_runner};
 
 /// How many of the runner's last stderr lines are kept to explain a crash.
 const STDERR_TAIL: usize = 8;
-/// After a stop request, how much longer than the kill grace a runner gets before SIGKILL.
-const RUNNER_SLACK: Duration = Duration::from_secs(5);
-/// How long to keep killing a crashed runner's leftovers.
+/// How long after the job's timeout plus the kill grace (or a stop request plus the grace) a
+/// runner still busy with steps is given before the supervisor ends the job itself. The runner
+/// needs a few milliseconds to report the end of its steps; a runner that is stopped needs
+/// forever.
+const DEADLINE_SLACK: Duration = Duration::from_millis(500);
+/// How long a runner that has finished its steps may take to sync and write the manifest past
+/// those deadlines: nothing of the job runs any more that could stop it.
+const FINISHING_ALLOWANCE: Duration = Duration::from_secs(30);
+/// How long to keep killing a dead runner's leftovers.
 const SWEEP_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long to wait for the runner's pipes to close once it has exited.
+const PIPES_AFTER_EXIT: Duration = Duration::from_secs(1);
 
 /// How a job ended, from the supervisor's side.
 #[derive(Debug, Clone, PartialEq)]
@@ -44,6 +66,15 @@ pub enum JobEnd {
     Aborted(String),
     /// A fault of the host: retry later.
     Fault(String),
+    /// Another delivery of the same id is running (here or on another host): retry later.
+    Busy(String),
+}
+
+impl JobEnd {
+    /// Whether the job ended in success.
+    pub fn is_success(&self) -> bool {
+        matches!(self, Self::Final(result) if result.status == Status::Success)
+    }
 }
 
 /// One job to run.
@@ -71,223 +102,343 @@ impl JobRun<'_> {
     }
 }
 
+/// What a run needs from the rest of the supervisor.
+#[derive(Debug, Clone, Copy)]
+pub struct Env<'a> {
+    pub reaper: &'a Arc<Reaper>,
+    pub identities: &'a Identities,
+}
+
 /// Runs the job to its end. `control` carries stop requests (cancel, drain, lost lease).
 ///
 /// The file work before and after the runner runs on tokio's blocking pool: the job folder is
 /// usually on a shared drive, and a drive that hangs must not stall the other jobs' leases.
 pub async fn execute(
     job: &JobRun<'_>,
-    runners: &Runners,
+    env: Env<'_>,
     control: &mut mpsc::Receiver<CancelMode>,
 ) -> JobEnd {
-    let job_dir = job.job_dir();
-    let workspace = job.workspace();
+    let held = env.identities.acquire().await;
+    let identity = held.identity().clone();
+    let switch = env.identities.pool().switch;
     let prepared = {
-        let (job_dir, workspace) = (job_dir.clone(), workspace.clone());
-        let run_as = job.settings.run_as.clone();
+        let (job_dir, workspace) = (job.job_dir(), job.workspace());
+        let (identity, pool) = (identity.clone(), env.identities.pool().clone());
         let id = job.request.id.to_string();
-        tokio::task::spawn_blocking(move || prepare(&job_dir, &workspace, &run_as, &id)).await
+        tokio::task::spawn_blocking(move || prepare(&job_dir, &workspace, &identity, &pool, &id))
+            .await
     };
-    match prepared {
-        Ok(Ok(())) => {}
+    let prepared = match prepared {
+        Ok(Ok(prepared)) => prepared,
         Ok(Err(end)) => return end,
         Err(e) => return JobEnd::Fault(format!("preparing the job: {e}")),
-    }
-    let end = converse(job, &job_dir, &workspace, runners, control).await;
-    let removed = {
-        let workspace = workspace.clone();
-        tokio::task::spawn_blocking(move || nats_fs::tree::remove_tree(&workspace)).await
     };
-    if let Ok(Err(e)) = removed {
-        warn!("removing the workspace {}: {e}", workspace.display());
+    let talk = converse(job, env, &prepared.folder, &identity, control).await;
+    let cleanup = Cleanup {
+        folder: prepared.folder,
+        owner: switch.then_some(prepared.owner),
+        identity,
+        exclusive: held.exclusive(),
+        sweep: !talk.clean(),
+        drop_manifest: !talk.wrote_manifest(),
+        manifest: talk.forced_manifest(job),
+        workspace: job.workspace(),
+        reaper: env.reaper.clone(),
+    };
+    let cleaned = tokio::task::spawn_blocking(move || cleanup.run()).await;
+    if let Err(e) = cleaned {
+        warn!("cleaning up after the job: {e}");
     }
-    end
+    // Only now is nothing of the job left: the identity may serve another job.
+    drop(held);
+    talk.end(job)
 }
 
-/// Checks the job folder, readies `results/` and creates the workspace.
-///
-/// Everything done in the job folder as root goes through a descriptor opened without
-/// following symlinks: a job folder, or a `results` inside it, that is (or is swapped for) a
-/// link to somewhere else can never make the supervisor create or give away a folder there.
-fn prepare(job_dir: &Path, workspace: &Path, run_as: &RunAs, id: &str) -> Result<(), JobEnd> {
-    let dir = match open_folder(AT_FDCWD, job_dir) {
-        Ok(dir) => dir,
-        Err(Errno::ENOENT) => {
-            return Err(final_error(
-                id,
-                format!("the job folder {} does not exist", job_dir.display()),
-            ))
+/// A job folder ready for the runner.
+struct Prepared {
+    folder: JobFolder,
+    /// Who gets `results/` back after the run.
+    owner: (Uid, Gid),
+}
+
+/// Opens the job folder and `results/` (through descriptors, never following a symlink:
+/// nothing can re-point them for the runner afterwards), creates the workspace and lends
+/// `results/` to the identity.
+fn prepare(
+    job_dir: &Path,
+    workspace: &Path,
+    identity: &Identity,
+    pool: &crate::identity::Pool,
+    id: &str,
+) -> Result<Prepared, JobEnd> {
+    let folder = JobFolder::open(job_dir).map_err(|e| {
+        if e.is_final() {
+            final_error(id, e.to_string())
+        } else {
+            JobEnd::Fault(e.to_string())
         }
-        Err(Errno::ELOOP | Errno::ENOTDIR) if is_symlink(job_dir) => {
-            return Err(final_error(
-                id,
-                format!(
-                    "the job folder {} is a symlink; it must be a real folder",
-                    job_dir.display()
-                ),
-            ))
-        }
-        Err(Errno::ENOTDIR) => {
-            return Err(final_error(
-                id,
-                format!("{} is not a folder", job_dir.display()),
-            ))
-        }
-        Err(e) => {
-            return Err(JobEnd::Fault(format!(
-                "opening the job folder {}: {e}",
-                job_dir.display()
-            )))
-        }
-    };
-    prepare_results(&dir, &job_dir.join(RESULTS_DIR), run_as, id)?;
-    create_workspace(workspace, run_as).map_err(|e| {
+    })?;
+    let owner = results::owner_after(&folder, pool).map_err(|e| {
+        JobEnd::Fault(format!(
+            "inspecting the job folder {}: {e}",
+            job_dir.display()
+        ))
+    })?;
+    // The workspace first: if it cannot be made, `results/` stays as it was.
+    create_workspace(workspace, identity, pool.switch).map_err(|e| {
         JobEnd::Fault(format!(
             "creating the workspace {}: {e}",
             workspace.display()
         ))
-    })
-}
-
-/// Opens `job_dir/results/result.json` without following a symlink anywhere on the way.
-pub fn open_manifest(job_dir: &Path) -> nix::Result<fs::File> {
-    let dir = open_folder(AT_FDCWD, job_dir)?;
-    let results = open_folder(&dir, Path::new(RESULTS_DIR))?;
-    let file = openat(
-        &results,
-        nats_fs::manifest::MANIFEST_FILE,
-        OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC,
-        Mode::empty(),
-    )?;
-    Ok(fs::File::from(file))
-}
-
-fn is_symlink(path: &Path) -> bool {
-    fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink())
-}
-
-/// Opens a folder for `*at` calls; a symlink fails with `ELOOP`, anything else with `ENOTDIR`.
-fn open_folder<Fd: AsFd>(at: Fd, path: &Path) -> nix::Result<OwnedFd> {
-    openat(
-        at,
-        path,
-        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
-        Mode::empty(),
-    )
-}
-
-/// Makes sure `results/` is a real folder owned by the runner's user; `path` is for messages.
-fn prepare_results(job: &OwnedFd, path: &Path, run_as: &RunAs, id: &str) -> Result<(), JobEnd> {
-    match mkdirat(job, RESULTS_DIR, Mode::from_bits_truncate(0o755)) {
-        Ok(()) | Err(Errno::EEXIST) => {}
-        Err(e) => return Err(JobEnd::Fault(format!("creating {}: {e}", path.display()))),
-    }
-    let results = match open_folder(job, Path::new(RESULTS_DIR)) {
-        Ok(results) => results,
-        Err(Errno::ELOOP | Errno::ENOTDIR) => {
-            return Err(final_error(
-                id,
-                format!(
-                    "{} is in the way: results must be a folder, not a file or a symlink",
-                    path.display()
-                ),
-            ))
-        }
-        Err(e) => return Err(JobEnd::Fault(format!("opening {}: {e}", path.display()))),
-    };
-    if run_as.switch {
-        if let Err(e) = fchown(&results, Some(run_as.uid), Some(run_as.gid)) {
+    })?;
+    if pool.switch {
+        if let Err(e) = results::lend(&folder, identity) {
             // A root-squashed NFS export refuses this; the runner may still be able to write.
-            debug!("giving {} to {}: {e}", path.display(), run_as.describe());
+            debug!(
+                "giving {}/results to {}: {e}",
+                job_dir.display(),
+                identity.describe()
+            );
         }
     }
-    Ok(())
+    Ok(Prepared { folder, owner })
 }
 
-/// A fresh, private workspace owned by the runner's user (removing a stale one first).
-fn create_workspace(workspace: &Path, run_as: &RunAs) -> io::Result<()> {
+/// A fresh, private workspace owned by the identity (removing a stale one first).
+fn create_workspace(workspace: &Path, identity: &Identity, switch: bool) -> io::Result<()> {
     nats_fs::tree::remove_tree(workspace)?;
     fs::DirBuilder::new().mode(0o700).create(workspace)?;
     fs::set_permissions(workspace, fs::Permissions::from_mode(0o700))?;
-    if run_as.switch {
+    if switch {
         std::os::unix::fs::lchown(
             workspace,
-            Some(run_as.uid.as_raw()),
-            Some(run_as.gid.as_raw()),
+            Some(identity.uid.as_raw()),
+            Some(identity.gid.as_raw()),
         )?;
     }
     Ok(())
 }
 
-/// Spawns the runner and talks to it until it exits.
+/// Why the supervisor ended a job itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Forced {
+    /// The job's timeout (plus grace and slack) passed with steps still running.
+    Timeout,
+    /// A cancel request was not carried out in time.
+    Cancelled,
+    /// A drain or a lost lease was not carried out in time.
+    Aborted,
+}
+
+/// What the supervisor learned of a run.
+struct Talk {
+    started_at: SystemTime,
+    started: Instant,
+    /// The runner's final event, once it came.
+    last: Option<FromRunner>,
+    /// How the runner process ended.
+    exit: Option<Exit>,
+    /// Set when the supervisor ended the job itself.
+    forced: Option<Forced>,
+    /// The job's timeout, as the runner reported it (or the default).
+    timeout: Duration,
+    /// The steps, as the runner reported them.
+    steps: Vec<StepInfo>,
+    /// What happened to each step so far.
+    records: Vec<Option<StepRecord>>,
+    /// Steps started and not finished: index and when.
+    running: Option<(usize, Instant)>,
+    /// Whether the runner has reported the end of the job's steps.
+    steps_done: bool,
+    stage_ms: u64,
+    /// The runner's last stderr lines, to explain a crash.
+    tail: VecDeque<String>,
+    /// A start failure, before there was a runner at all.
+    start_error: Option<String>,
+}
+
+/// Spawns the runner and talks to it until it has exited and its pipes are closed, applying
+/// stop requests from `control` and enforcing the deadlines.
 async fn converse(
     job: &JobRun<'_>,
-    job_dir: &Path,
-    workspace: &Path,
-    runners: &Runners,
+    env: Env<'_>,
+    folder: &JobFolder,
+    identity: &Identity,
     control: &mut mpsc::Receiver<CancelMode>,
-) -> JobEnd {
+) -> Talk {
     let settings = job.settings;
-    let (mut child, pid) = match spawn_runner(&settings.runner, &settings.run_as, runners) {
+    let mut talk = Talk::new(settings.default_timeout);
+    let keep = [folder.dir.as_raw_fd(), folder.results.as_raw_fd()];
+    let switch = env.identities.pool().switch;
+    let spawned = match spawn_runner(&settings.runner, identity, switch, keep) {
         Ok(spawned) => spawned,
         Err(e) => {
-            return JobEnd::Fault(format!(
+            talk.start_error = Some(format!(
                 "starting the runner {}: {e}",
                 settings.runner.display()
             ));
+            return talk;
         }
     };
-    debug!(pid, "runner started");
-    let (Some(stdin), Some(stdout), Some(stderr)) =
-        (child.stdin.take(), child.stdout.take(), child.stderr.take())
-    else {
-        return JobEnd::Fault("the runner's pipes are missing".to_owned());
-    };
-    let mut talk = Talk {
-        stdin: Some(stdin),
-        tail: Vec::new(),
-        last: None,
-    };
+    // Before anything is awaited: the reaper runs on this thread (see `Reaper::watch`).
+    let pid = spawned.pid;
+    let mut exited = env.reaper.watch(pid);
+    debug!(pid = pid.as_raw(), identity = %identity.describe(), "runner started");
+    let mut stdin = Some(spawned.stdin);
     // Never logged: the start message carries the values of --pass-env variables.
-    if let Err(e) = talk.send(&start_message(job, job_dir, workspace)).await {
+    if let Err(e) = send(&mut stdin, &start_message(job, keep)).await {
         warn!("sending the job to the runner: {e}");
     }
-    talk.listen(
-        stdout,
-        stderr,
-        control,
-        settings.kill_grace,
-        &mut child,
-        pid,
-    )
-    .await;
-    let status = child.wait().await;
-    runners.remove(pid);
-    let clean = matches!(&status, Ok(s) if s.code().is_some()) && talk.last.is_some();
-    if !clean {
-        // A runner that died abnormally cannot have killed its steps: they were re-parented to
-        // us (we are a child subreaper). Kill them before anything else runs.
-        let swept = reap::kill_children(|p| runners.contains(p.as_raw()), None, SWEEP_TIMEOUT);
-        if swept.reaped > 0 || swept.left > 0 {
-            warn!(
-                reaped = swept.reaped,
-                stuck = swept.left,
-                "killed processes left by the runner"
-            );
+    let mut events = BufReader::new(spawned.stdout).lines();
+    let mut errors = BufReader::new(spawned.stderr).lines();
+    let (mut events_open, mut errors_open, mut control_open) = (true, true, true);
+    let mut deadlines = Deadlines::new(talk.started, talk.timeout, settings.kill_grace);
+    let mut pipes_by: Option<Instant> = None;
+    loop {
+        if talk.exit.is_some() && !events_open && !errors_open {
+            break;
+        }
+        let running = talk.forced.is_none() && talk.exit.is_none();
+        tokio::select! {
+            line = events.next_line(), if events_open => match line {
+                Ok(Some(line)) => {
+                    if talk.event(&line) {
+                        deadlines.set_timeout(talk.started, talk.timeout);
+                    }
+                }
+                Ok(None) | Err(_) => events_open = false,
+            },
+            line = errors.next_line(), if errors_open => match line {
+                Ok(Some(line)) => talk.stderr(line),
+                Ok(None) | Err(_) => errors_open = false,
+            },
+            mode = control.recv(), if control_open && talk.forced.is_none() => match mode {
+                Some(mode) => {
+                    if let Err(e) = send(&mut stdin, &ToRunner::Cancel { mode }).await {
+                        debug!("telling the runner to stop: {e}");
+                    }
+                    deadlines.stop_requested(mode);
+                }
+                None => control_open = false,
+            },
+            () = sleep_until(deadlines.timeout_at), if running => {
+                if deadlines.timeout_passed(talk.steps_done) {
+                    warn!(
+                        pid = pid.as_raw(),
+                        timeout_ms = millis(talk.timeout),
+                        "the job's timeout has passed and its runner has not ended it; ending the job here"
+                    );
+                    talk.forced = Some(Forced::Timeout);
+                    kill_runner(env.reaper, pid);
+                }
+            }
+            () = until(deadlines.stop_by), if running => {
+                if let Some(forced) = deadlines.stop_passed(talk.steps_done) {
+                    warn!(pid = pid.as_raw(), "the runner did not stop in time; ending the job here");
+                    talk.forced = Some(forced);
+                    kill_runner(env.reaper, pid);
+                }
+            }
+            exit = &mut exited, if talk.exit.is_none() => {
+                talk.exit = Some(exit.unwrap_or(Exit::Signal(Signal::SIGKILL as i32)));
+                stdin = None;
+                pipes_by = Some(Instant::now() + PIPES_AFTER_EXIT);
+            }
+            () = until(pipes_by) => {
+                // Something else holds the runner's pipes; the runner is gone, so stop here.
+                break;
+            }
         }
     }
-    interpret(job, talk.last, status, &talk.tail)
+    talk
 }
 
-fn start_message(job: &JobRun<'_>, job_dir: &Path, workspace: &Path) -> ToRunner {
+/// The supervisor's own deadlines for a run: the job's timeout, and a stop request's.
+#[derive(Debug)]
+struct Deadlines {
+    grace: Duration,
+    /// When the job's timeout, the kill grace and the slack have passed.
+    timeout_at: Instant,
+    timeout_extended: bool,
+    /// When a stop request, the grace (unless "now") and the slack have passed.
+    stop_by: Option<Instant>,
+    stop_extended: bool,
+    /// Whether a stop request was a cancel (final) rather than a hand-back.
+    cancel: bool,
+}
+
+impl Deadlines {
+    fn new(started: Instant, timeout: Duration, grace: Duration) -> Self {
+        Self {
+            grace,
+            timeout_at: started + timeout + grace + DEADLINE_SLACK,
+            timeout_extended: false,
+            stop_by: None,
+            stop_extended: false,
+            cancel: false,
+        }
+    }
+
+    /// The runner reported the job's own timeout.
+    fn set_timeout(&mut self, started: Instant, timeout: Duration) {
+        self.timeout_at = started + timeout + self.grace + DEADLINE_SLACK;
+    }
+
+    fn stop_requested(&mut self, mode: CancelMode) {
+        self.cancel |= mode == CancelMode::Cancel;
+        let grace = if mode == CancelMode::AbortNow {
+            Duration::ZERO
+        } else {
+            self.grace
+        };
+        let by = Instant::now() + grace + DEADLINE_SLACK;
+        self.stop_by = Some(self.stop_by.map_or(by, |at| at.min(by)));
+    }
+
+    /// The timeout deadline passed: true if the job must be ended here. A runner done with
+    /// the steps gets [`FINISHING_ALLOWANCE`] once more to sync and write the manifest.
+    fn timeout_passed(&mut self, steps_done: bool) -> bool {
+        if steps_done && !self.timeout_extended {
+            self.timeout_extended = true;
+            self.timeout_at += FINISHING_ALLOWANCE;
+            return false;
+        }
+        true
+    }
+
+    /// The stop deadline passed: how the job ends if it must be ended here.
+    fn stop_passed(&mut self, steps_done: bool) -> Option<Forced> {
+        if steps_done && !self.stop_extended {
+            self.stop_extended = true;
+            self.stop_by = self.stop_by.map(|at| at + FINISHING_ALLOWANCE);
+            return None;
+        }
+        Some(if self.cancel {
+            Forced::Cancelled
+        } else {
+            Forced::Aborted
+        })
+    }
+}
+
+/// Kills the runner with SIGKILL, if it has not been reaped (so its pid is still its own).
+fn kill_runner(reaper: &Reaper, pid: Pid) {
+    if reaper.is_watched(pid) {
+        let _ = kill(pid, Signal::SIGKILL);
+    }
+}
+
+fn start_message(job: &JobRun<'_>, fds: [i32; 2]) -> ToRunner {
     let settings = job.settings;
     ToRunner::Start(Box::new(StartJob {
         version: PROTOCOL_VERSION,
         id: job.request.id.clone(),
         attempt: job.attempt,
         stream_sequence: job.stream_sequence,
-        job_dir: job_dir.to_owned(),
-        workspace: workspace.to_owned(),
+        job_dir: job.job_dir(),
+        job_fd: Some(fds[0]),
+        results_fd: Some(fds[1]),
+        workspace: job.workspace(),
         steps: job.request.steps.clone(),
         default_timeout_ms: millis(settings.default_timeout),
         kill_grace_ms: millis(settings.kill_grace),
@@ -301,144 +452,307 @@ fn start_message(job: &JobRun<'_>, job_dir: &Path, workspace: &Path) -> ToRunner
     }))
 }
 
-/// The supervisor's side of one pipe conversation.
-struct Talk {
-    /// Open until the runner is done: closing it tells the runner to stop at once.
-    stdin: Option<ChildStdin>,
-    /// The runner's last stderr lines, to explain a crash.
-    tail: Vec<String>,
-    /// The runner's final event, once it came.
-    last: Option<FromRunner>,
+async fn send(stdin: &mut Option<pipe::Sender>, message: &ToRunner) -> io::Result<()> {
+    let Some(pipe) = stdin.as_mut() else {
+        return Err(io::Error::from(io::ErrorKind::BrokenPipe));
+    };
+    let mut line = serde_json::to_vec(message).map_err(io::Error::other)?;
+    line.push(b'\n');
+    pipe.write_all(&line).await?;
+    pipe.flush().await
 }
 
 impl Talk {
-    async fn send(&mut self, message: &ToRunner) -> io::Result<()> {
-        let Some(pipe) = self.stdin.as_mut() else {
-            return Err(io::Error::from(io::ErrorKind::BrokenPipe));
+    fn new(default_timeout: Duration) -> Self {
+        Self {
+            started_at: SystemTime::now(),
+            started: Instant::now(),
+            last: None,
+            exit: None,
+            forced: None,
+            timeout: default_timeout,
+            steps: Vec::new(),
+            records: Vec::new(),
+            running: None,
+            steps_done: false,
+            stage_ms: 0,
+            tail: VecDeque::with_capacity(STDERR_TAIL),
+            start_error: None,
+        }
+    }
+
+    /// Relays a line of the runner's stderr to the log, and keeps the last ones.
+    fn stderr(&mut self, line: String) {
+        info!(target: "nats_fs_runner", "{line}");
+        if self.tail.len() == STDERR_TAIL {
+            self.tail.pop_front();
+        }
+        self.tail.push_back(line);
+    }
+
+    /// Takes in one event line; true when it was `Loaded` (the deadline changes).
+    fn event(&mut self, line: &str) -> bool {
+        let event = match serde_json::from_str::<FromRunner>(line) {
+            Ok(event) => event,
+            Err(e) => {
+                warn!("unreadable line from the runner ({e}): {line:.200}");
+                return false;
+            }
         };
-        let mut line = serde_json::to_vec(message).map_err(io::Error::other)?;
-        line.push(b'\n');
-        pipe.write_all(&line).await?;
-        pipe.flush().await
-    }
-
-    /// Relays events and stderr to the log and stop requests to the runner, until the runner
-    /// closes its output. A runner that ignores a stop request past the kill grace is killed.
-    async fn listen(
-        &mut self,
-        stdout: ChildStdout,
-        stderr: ChildStderr,
-        control: &mut mpsc::Receiver<CancelMode>,
-        kill_grace: Duration,
-        child: &mut Child,
-        pid: i32,
-    ) {
-        let mut events = BufReader::new(stdout).lines();
-        let mut errors = BufReader::new(stderr).lines();
-        let mut kill_at: Option<Instant> = None;
-        let (mut events_open, mut errors_open, mut control_open) = (true, true, true);
-        while events_open || errors_open {
-            tokio::select! {
-                line = events.next_line(), if events_open => match line {
-                    Ok(Some(line)) => self.event(&line),
-                    Ok(None) | Err(_) => events_open = false,
-                },
-                line = errors.next_line(), if errors_open => match line {
-                    Ok(Some(line)) => {
-                        info!(target: "nats_fs_runner", "{line}");
-                        if self.tail.len() == STDERR_TAIL {
-                            self.tail.remove(0);
-                        }
-                        self.tail.push(line);
-                    }
-                    Ok(None) | Err(_) => errors_open = false,
-                },
-                mode = control.recv(), if control_open => match mode {
-                    Some(mode) => {
-                        if let Err(e) = self.send(&ToRunner::Cancel { mode }).await {
-                            debug!("telling the runner to stop: {e}");
-                        }
-                        let grace = if mode == CancelMode::AbortNow { Duration::ZERO } else { kill_grace };
-                        let deadline = Instant::now() + grace + RUNNER_SLACK;
-                        kill_at = Some(kill_at.map_or(deadline, |at| at.min(deadline)));
-                    }
-                    None => control_open = false,
-                },
-                () = until(kill_at) => {
-                    warn!(pid, "the runner did not stop in time; killing it");
-                    let _ = child.start_kill();
-                    kill_at = None;
+        log_event(&event);
+        let mut loaded = false;
+        match &event {
+            FromRunner::Loaded { timeout_ms, steps } => {
+                self.timeout = Duration::from_millis(*timeout_ms);
+                self.steps.clone_from(steps);
+                self.records = vec![None; steps.len()];
+                self.steps_done = steps.is_empty();
+                loaded = true;
+            }
+            FromRunner::Staged { duration_ms, .. } => self.stage_ms = *duration_ms,
+            FromRunner::StepStarted { index, .. } => self.running = Some((*index, Instant::now())),
+            FromRunner::StepFinished {
+                index,
+                status,
+                exit_code,
+                signal,
+                duration_ms,
+            } => {
+                self.running = None;
+                if let Some(slot) = self.records.get_mut(*index) {
+                    let info = &self.steps[*index];
+                    *slot = Some(StepRecord {
+                        index: *index,
+                        name: info.name.clone(),
+                        command: info.command.clone(),
+                        status: *status,
+                        exit_code: *exit_code,
+                        signal: signal.clone(),
+                        duration_ms: *duration_ms,
+                        log: Some(format!("step_{index}.log")),
+                    });
+                }
+                if *status != StepStatus::Success || index + 1 >= self.steps.len() {
+                    self.steps_done = true;
                 }
             }
+            _ => {}
         }
-        self.stdin = None;
+        if event.is_last() {
+            self.steps_done = true;
+            self.last = Some(event);
+        }
+        loaded
     }
 
-    fn event(&mut self, line: &str) {
-        match serde_json::from_str::<FromRunner>(line) {
-            Ok(event) => {
-                log_event(&event);
-                if event.is_last() {
-                    self.last = Some(event);
+    /// Whether the runner ended by itself, having said how the job ended.
+    fn clean(&self) -> bool {
+        self.forced.is_none() && self.last.is_some() && matches!(self.exit, Some(Exit::Code(_)))
+    }
+
+    /// Whether the runner wrote a final `result.json`.
+    fn wrote_manifest(&self) -> bool {
+        self.forced.is_none()
+            && matches!(self.last, Some(FromRunner::Finished { manifest: true, .. }))
+    }
+
+    /// The manifest of a job the supervisor ended as `timeout` or `cancelled`: every step the
+    /// runner reported, the one it was running ended by the supervisor, the rest skipped.
+    fn forced_manifest(&self, job: &JobRun<'_>) -> Option<Manifest> {
+        let status = match self.forced? {
+            Forced::Timeout => Status::Timeout,
+            Forced::Cancelled => Status::Cancelled,
+            Forced::Aborted => return None,
+        };
+        let step_status = if status == Status::Timeout {
+            StepStatus::Timeout
+        } else {
+            StepStatus::Cancelled
+        };
+        let steps = self
+            .steps
+            .iter()
+            .enumerate()
+            .map(|(index, info)| {
+                if let Some(Some(record)) = self.records.get(index) {
+                    return record.clone();
                 }
-            }
-            Err(e) => warn!("unreadable line from the runner ({e}): {line:.200}"),
-        }
-    }
-}
-
-/// Maps the runner's last event (or its absence) to a [`JobEnd`].
-fn interpret(
-    job: &JobRun<'_>,
-    last: Option<FromRunner>,
-    status: io::Result<ExitStatus>,
-    tail: &[String],
-) -> JobEnd {
-    let id = job.request.id.as_str();
-    match last {
-        Some(FromRunner::Finished {
+                let running = self.running.filter(|(i, _)| *i == index);
+                StepRecord {
+                    index,
+                    name: info.name.clone(),
+                    command: info.command.clone(),
+                    status: if running.is_some() {
+                        step_status
+                    } else {
+                        StepStatus::Skipped
+                    },
+                    exit_code: None,
+                    signal: running.map(|_| "SIGKILL".to_owned()),
+                    duration_ms: running.map_or(0, |(_, at)| millis(at.elapsed())),
+                    log: running.map(|_| format!("step_{index}.log")),
+                }
+            })
+            .collect();
+        let error = match status {
+            Status::Timeout => format!(
+                "the job timed out after {} and its runner did not end it (stopped or unresponsive): \
+                 the supervisor killed every process of the job",
+                humantime::format_duration(self.timeout)
+            ),
+            _ => "cancelled by request; the runner did not stop in time, so the supervisor killed \
+                  every process of the job"
+                .to_owned(),
+        };
+        Some(Manifest {
+            job_id: job.request.id.to_string(),
             status,
-            exit_code,
-            error,
-            manifest,
-            duration_ms,
-        }) => JobEnd::Final(Box::new(ResultMessage {
-            id: id.to_owned(),
-            status,
-            exit_code,
-            manifest_file: manifest.then(|| nats_fs::manifest::MANIFEST_PATH.to_owned()),
-            attempt: Some(job.attempt),
-            error,
-            duration_ms: Some(duration_ms),
+            exit_code: status.exit_code(1),
+            attempt: job.attempt,
             worker: Some(job.settings.worker_id.clone()),
-        })),
-        Some(FromRunner::Aborted { reason }) => JobEnd::Aborted(reason),
-        Some(FromRunner::Fault { error }) => JobEnd::Fault(error),
-        _ => {
-            let how = match status {
-                Ok(status) => describe_exit(status),
-                Err(e) => format!("could not be waited for ({e})"),
-            };
-            let said = tail
-                .last()
-                .map(|l| format!("; it said: {l}"))
-                .unwrap_or_default();
-            JobEnd::Fault(format!("the runner {how} before finishing the job{said}"))
+            host: nix::unistd::gethostname()
+                .map(|h| h.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            timing: Timing {
+                start: humantime::format_rfc3339_millis(self.started_at).to_string(),
+                end: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+                duration_ms: millis(self.started.elapsed()),
+                stage_ms: self.stage_ms,
+                sync_ms: 0,
+            },
+            steps,
+            artifacts: Vec::new(),
+            error: Some(error),
+            stream_sequence: job.stream_sequence,
+            warnings: vec![
+                "artifacts were not synced: the job was ended by the supervisor".to_owned(),
+            ],
+        })
+    }
+
+    /// How the job ended.
+    fn end(self, job: &JobRun<'_>) -> JobEnd {
+        let id = job.request.id.as_str();
+        if let Some(error) = self.start_error {
+            return JobEnd::Fault(error);
+        }
+        if let Some(manifest) = self.forced_manifest(job) {
+            return JobEnd::Final(Box::new(ResultMessage {
+                worker: Some(job.settings.worker_id.clone()),
+                ..ResultMessage::from_manifest(&manifest)
+            }));
+        }
+        if self.forced == Some(Forced::Aborted) {
+            return JobEnd::Aborted(
+                "stopped by the supervisor (the runner did not stop in time); it will run again"
+                    .to_owned(),
+            );
+        }
+        match self.last {
+            Some(FromRunner::Finished {
+                status,
+                exit_code,
+                error,
+                manifest,
+                duration_ms,
+            }) => JobEnd::Final(Box::new(ResultMessage {
+                id: id.to_owned(),
+                status,
+                exit_code,
+                manifest_file: manifest.then(|| nats_fs::manifest::MANIFEST_PATH.to_owned()),
+                attempt: Some(job.attempt),
+                error,
+                duration_ms: Some(duration_ms),
+                worker: Some(job.settings.worker_id.clone()),
+            })),
+            Some(FromRunner::Aborted { reason }) => JobEnd::Aborted(reason),
+            Some(FromRunner::Fault { error }) => JobEnd::Fault(error),
+            _ => {
+                let how = self
+                    .exit
+                    .map_or_else(|| "vanished".to_owned(), Exit::describe);
+                let said = self
+                    .tail
+                    .back()
+                    .map(|l| format!("; it said: {l}"))
+                    .unwrap_or_default();
+                JobEnd::Fault(format!("the runner {how} before finishing the job{said}"))
+            }
         }
     }
 }
 
-fn describe_exit(status: ExitStatus) -> String {
-    use std::os::unix::process::ExitStatusExt;
-    match (status.code(), status.signal()) {
-        (Some(code), _) => format!("exited with code {code}"),
-        (None, Some(signal)) => format!("was killed by {}", reap::signal_name(signal)),
-        _ => "ended".to_owned(),
+/// What is left to do once the runner is gone, on the blocking pool.
+struct Cleanup {
+    folder: JobFolder,
+    /// Who gets `results/` back (when the supervisor switches users).
+    owner: Option<(Uid, Gid)>,
+    identity: Identity,
+    /// Whether every process of the identity's uid is this job's.
+    exclusive: bool,
+    /// Whether the runner did not end cleanly, so its steps may be left over.
+    sweep: bool,
+    /// Whether a `result.json` in `results/` cannot be the runner's.
+    drop_manifest: bool,
+    /// The manifest the supervisor writes for a job it ended itself.
+    manifest: Option<Manifest>,
+    workspace: PathBuf,
+    reaper: Arc<Reaper>,
+}
+
+impl Cleanup {
+    fn run(self) {
+        // First, nothing of the job may run any more.
+        if self.exclusive {
+            if let Err(e) = kill_all_as(self.identity.uid) {
+                warn!("killing the processes of {}: {e}", self.identity.describe());
+            }
+        }
+        if self.sweep {
+            // A runner that did not end cleanly cannot have killed its steps: they were
+            // re-parented to us (we are a child subreaper). With an identity of its own, they
+            // are dead already; otherwise find them in the process tree.
+            let reaper = &self.reaper;
+            let swept = reap::kill_children(|p| reaper.is_watched(p), None, SWEEP_TIMEOUT);
+            warn!(
+                identity = %self.identity.describe(),
+                found = swept.reaped,
+                stuck = swept.left,
+                "the runner did not finish the job: killed every process it left behind"
+            );
+        }
+        // Then `results/` goes back to the job folder's owner, out of every job's reach.
+        if let Some(owner) = self.owner {
+            match results::take_back(&self.folder.results, self.identity.uid, owner, self.drop_manifest) {
+                Ok(done) if done.removed > 0 || done.left > 0 => info!(
+                    removed = done.removed,
+                    left = done.left,
+                    "results/ held entries that were not the job's own files; removed them"
+                ),
+                Ok(_) => {}
+                Err(e) => warn!(
+                    "giving results/ back to uid {} failed ({e}); later jobs of {} may still change it",
+                    owner.0,
+                    self.identity.describe()
+                ),
+            }
+        }
+        if let Some(manifest) = &self.manifest {
+            if let Err(e) = results::write_manifest(&self.folder.results, manifest, self.owner) {
+                warn!("writing the manifest of the ended job: {e}");
+            }
+        }
+        if let Err(e) = nats_fs::tree::remove_tree(&self.workspace) {
+            warn!("removing the workspace {}: {e}", self.workspace.display());
+        }
     }
 }
 
 fn log_event(event: &FromRunner) {
     match event {
+        FromRunner::Loaded { timeout_ms, steps } => {
+            debug!(steps = steps.len(), timeout_ms, "job loaded");
+        }
         FromRunner::Staged {
             files,
             bytes,
@@ -479,13 +793,6 @@ fn log_event(event: &FromRunner) {
 /// A final `error` with no manifest.
 fn final_error(id: &str, error: String) -> JobEnd {
     JobEnd::Final(Box::new(ResultMessage::error(id, error)))
-}
-
-impl JobEnd {
-    /// Whether the job ended in success.
-    pub fn is_success(&self) -> bool {
-        matches!(self, Self::Final(result) if result.status == Status::Success)
-    }
 }
 
 async fn until(at: Option<Instant>) {

@@ -107,6 +107,8 @@ pub struct Intake {
     pub consumer: PullConsumer,
     pub ack_wait: Duration,
     pub max_deliver: i64,
+    /// The stream's replicas: state kept beside it (the lock bucket) is kept as safely.
+    pub replicas: usize,
 }
 
 /// Why the stream or consumer could not be set up.
@@ -138,13 +140,12 @@ pub async fn ensure(settings: &Settings, js: &jetstream::Context) -> Result<Inta
         })
         .await
         .map_err(|e| nats(&format!("setting up stream {}", settings.stream))(e.into()))?;
-    let subjects = stream
+    let config = &stream
         .info()
         .await
         .map_err(|e| nats(&format!("reading stream {}", settings.stream))(e.into()))?
-        .config
-        .subjects
-        .clone();
+        .config;
+    let (subjects, replicas) = (config.subjects.clone(), config.num_replicas.max(1));
     if !subjects.iter().any(|s| covers(s, &settings.input_subject)) {
         return Err(EnsureError::Config(format!(
             "stream {} exists but does not capture the input subject {} (its subjects: {}); \
@@ -190,6 +191,7 @@ pub async fn ensure(settings: &Settings, js: &jetstream::Context) -> Result<Inta
         );
     }
     Ok(Intake {
+        replicas,
         ack_wait: config.ack_wait,
         // -1 (unlimited) on a consumer someone else made: never give up.
         max_deliver: if config.max_deliver > 0 {
@@ -222,12 +224,25 @@ pub async fn ensure_patiently(
     js: &jetstream::Context,
     shutdown: &mut watch::Receiver<Shutdown>,
 ) -> anyhow::Result<Option<Intake>> {
+    patiently(shutdown, "NATS JetStream", || ensure(settings, js)).await
+}
+
+/// Runs `attempt` until it succeeds, waiting (and saying for `what`) while NATS is unreachable;
+/// a configuration problem ends it. `Ok(None)` when shutdown was requested meanwhile.
+pub async fn patiently<T, F: std::future::Future<Output = Result<T, EnsureError>>>(
+    shutdown: &mut watch::Receiver<Shutdown>,
+    what: &str,
+    mut attempt: impl FnMut() -> F,
+) -> anyhow::Result<Option<T>> {
     let mut pause = Duration::from_millis(250);
     loop {
-        match ensure(settings, js).await {
-            Ok(intake) => return Ok(Some(intake)),
+        match attempt().await {
+            Ok(done) => return Ok(Some(done)),
             Err(EnsureError::Config(problem)) => anyhow::bail!(problem),
-            Err(EnsureError::Nats(problem)) => warn!("waiting for NATS JetStream: {problem}"),
+            Err(EnsureError::Nats(problem)) => warn!(
+                retry_in_ms = u64::try_from(pause.as_millis()).unwrap_or(u64::MAX),
+                "waiting for {what}: {problem}"
+            ),
         }
         tokio::select! {
             () = sleep(pause) => {}

@@ -9,7 +9,7 @@ use std::time::Duration;
 use async_nats::jetstream::{self, AckKind};
 use async_nats::HeaderMap;
 use nats_fs::job::{JobId, JobRequest, RequestError};
-use nats_fs::manifest::{Manifest, RESULTS_DIR};
+use nats_fs::manifest::Manifest;
 use nats_fs::protocol::CancelMode;
 use nats_fs::{ResultMessage, Status};
 use tokio::sync::{mpsc, watch};
@@ -18,10 +18,12 @@ use tokio::time::{sleep, sleep_until, timeout, Instant};
 use tracing::{debug, error, info, info_span, warn, Instrument, Span};
 
 use crate::config::Settings;
-use crate::execute::{execute, JobEnd, JobRun};
+use crate::execute::{execute, Env, JobEnd, JobRun};
+use crate::identity::Identities;
+use crate::lock::{Acquired, JobLock, Locks, RefreshError};
 use crate::outbox::Outbox;
+use crate::reaper::Reaper;
 use crate::settle::{decide, Ack, Decision};
-use crate::spawn::Runners;
 use crate::Shutdown;
 
 /// Everything a job task shares with the rest of the supervisor.
@@ -31,7 +33,9 @@ pub struct Ctx {
     pub client: async_nats::Client,
     pub outbox: Outbox,
     pub running: Running,
-    pub runners: Runners,
+    pub reaper: Arc<Reaper>,
+    pub identities: Identities,
+    pub locks: Locks,
     /// The consumer's ack wait and max deliver as the server has them (an existing consumer
     /// may differ from the flags).
     pub ack_wait: Duration,
@@ -46,9 +50,20 @@ pub struct Running {
 }
 
 impl Running {
-    fn register(&self, seq: u64, id: JobId, tx: mpsc::Sender<CancelMode>) -> Registered<'_> {
-        self.lock().insert(seq, (id, tx));
-        Registered { running: self, seq }
+    /// Registers delivery `seq` of job `id` — unless another delivery of `id` is running here:
+    /// then `Err` with its stream sequence.
+    fn register(
+        &self,
+        seq: u64,
+        id: &JobId,
+        tx: mpsc::Sender<CancelMode>,
+    ) -> Result<Registered<'_>, u64> {
+        let mut jobs = self.lock();
+        if let Some((other, _)) = jobs.iter().find(|(_, (job, _))| job == id) {
+            return Err(*other);
+        }
+        jobs.insert(seq, (id.clone(), tx));
+        Ok(Registered { running: self, seq })
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, (JobId, mpsc::Sender<CancelMode>)>> {
@@ -124,8 +139,9 @@ async fn process(
     Span::current().record("id", request.id.as_str());
     let earlier = {
         let job_dir = ctx.settings.jobs_dir.join(request.id.as_str());
+        let ctx = ctx.clone();
         let id = request.id.clone();
-        tokio::task::spawn_blocking(move || already_finished(&job_dir, &id, seq))
+        tokio::task::spawn_blocking(move || already_finished(&job_dir, &id, seq, &ctx.settings))
             .await
             .ok()
             .flatten()
@@ -144,9 +160,37 @@ async fn process(
         };
         return carry_out(&ctx, &msg, decision, &request.id, delivered, seq).await;
     }
-    info!("job started");
     let (tx, mut rx) = mpsc::channel(4);
-    let _registered = ctx.running.register(seq, request.id.clone(), tx.clone());
+    // One run per id: not beside another delivery of it here...
+    let _registered = match ctx.running.register(seq, &request.id, tx.clone()) {
+        Ok(registered) => registered,
+        Err(other) => {
+            let why = format!(
+                "job {} is already running here (stream sequence {other})",
+                request.id
+            );
+            return busy(&ctx, &msg, &request.id, why, delivered, seq).await;
+        }
+    };
+    // ...nor on another host that shares the jobs folder.
+    let mut lock = match ctx.locks.acquire(request.id.as_str(), seq, delivered).await {
+        Acquired::Held(lock) => lock,
+        Acquired::Busy(who) => {
+            let why = format!("job {} {who}", request.id);
+            return busy(&ctx, &msg, &request.id, why, delivered, seq).await;
+        }
+        Acquired::Failed(why) => {
+            let decision = decide(
+                request.id.as_str(),
+                JobEnd::Fault(why),
+                delivered,
+                ctx.max_deliver,
+                false,
+            );
+            return carry_out(&ctx, &msg, decision, &request.id, delivered, seq).await;
+        }
+    };
+    info!("job started");
     let job = JobRun {
         settings: &ctx.settings,
         request: &request,
@@ -154,8 +198,20 @@ async fn process(
         stream_sequence: Some(seq),
         tag: seq.to_string(),
     };
-    let execution = execute(&job, &ctx.runners, &mut rx);
-    let (end, lease_lost) = keep_lease(execution, &ctx, &msg, received, &tx).await;
+    let env = Env {
+        reaper: &ctx.reaper,
+        identities: &ctx.identities,
+    };
+    let execution = execute(&job, env, &mut rx);
+    let lease = Lease {
+        ctx: &ctx,
+        msg: &msg,
+        received,
+        control: &tx,
+        seq,
+        attempt: delivered,
+    };
+    let (end, lease_lost) = lease.keep(execution, lock.as_mut()).await;
     let decision = decide(
         request.id.as_str(),
         end,
@@ -164,68 +220,131 @@ async fn process(
         lease_lost,
     );
     carry_out(&ctx, &msg, decision, &request.id, delivered, seq).await;
+    if let Some(lock) = lock {
+        ctx.locks.release(lock).await;
+    }
 }
 
-/// Drives the job while keeping its lease: a progress ack every third of the ack wait, each
-/// confirmed by the server. If no confirmation has been seen for nearly an ack wait (the
-/// connection is down), the server is about to hand the job to someone else, so the job is
-/// stopped here at once rather than run twice.
-async fn keep_lease(
-    execution: impl std::future::Future<Output = JobEnd>,
+/// Hands back a delivery of a job that is running elsewhere (see [`decide`]).
+async fn busy(
     ctx: &Ctx,
-    msg: &Arc<jetstream::Message>,
+    msg: &jetstream::Message,
+    id: &JobId,
+    why: String,
+    delivered: u64,
+    seq: u64,
+) {
+    let decision = decide(
+        id.as_str(),
+        JobEnd::Busy(why),
+        delivered,
+        ctx.max_deliver,
+        false,
+    );
+    carry_out(ctx, msg, decision, id, delivered, seq).await;
+}
+
+/// What keeps a running job's message (and its id's lock) ours.
+struct Lease<'a> {
+    ctx: &'a Ctx,
+    msg: &'a Arc<jetstream::Message>,
+    /// When the message arrived: the server started its timer a little before.
     received: Instant,
-    control: &mpsc::Sender<CancelMode>,
-) -> (JobEnd, bool) {
-    let ack_wait = ctx.ack_wait;
-    let every = ack_wait / 3;
-    let margin = (ack_wait / 10).max(Duration::from_millis(200));
-    // The server started its timer a little before we received the message.
-    let mut confirmed = received;
-    let mut next_progress = received + every;
-    let mut in_flight: Option<JoinHandle<Option<Instant>>> = None;
-    let mut lease_lost = false;
-    tokio::pin!(execution);
-    loop {
-        let expires = confirmed + ack_wait - margin;
-        tokio::select! {
-            end = &mut execution => {
-                if let Some(task) = in_flight {
-                    task.abort();
-                }
-                return (end, lease_lost);
-            }
-            () = sleep_until(next_progress), if in_flight.is_none() => {
-                let msg = msg.clone();
-                in_flight = Some(tokio::spawn(async move {
-                    let sent = Instant::now();
-                    match timeout(every, msg.double_ack_with(AckKind::Progress)).await {
-                        Ok(Ok(())) => Some(sent),
-                        Ok(Err(e)) => { debug!("progress ack failed: {e}"); None }
-                        Err(_) => { debug!("progress ack not confirmed in time"); None }
+    control: &'a mpsc::Sender<CancelMode>,
+    seq: u64,
+    attempt: u64,
+}
+
+impl Lease<'_> {
+    /// Drives the job while keeping its lease: a progress ack every third of the ack wait,
+    /// each confirmed by the server, and the id's lock refreshed as often as its bucket needs.
+    /// If no confirmation has been seen for nearly an ack wait (the connection is down), the
+    /// server is about to hand the job to someone else; if the lock was taken by someone else,
+    /// someone else runs it already: either way the job is stopped here at once rather than
+    /// run twice.
+    async fn keep(
+        &self,
+        execution: impl std::future::Future<Output = JobEnd>,
+        mut lock: Option<&mut JobLock>,
+    ) -> (JobEnd, bool) {
+        let ack_wait = self.ctx.ack_wait;
+        let every = ack_wait / 3;
+        let margin = (ack_wait / 10).max(Duration::from_millis(200));
+        let mut confirmed = self.received;
+        let mut next_progress = self.received + every;
+        let mut in_flight: Option<JoinHandle<Option<Instant>>> = None;
+        let refresh_every = self.ctx.locks.refresh_every();
+        let mut next_refresh = refresh_every.map(|every| Instant::now() + every);
+        let mut lease_lost = false;
+        tokio::pin!(execution);
+        loop {
+            let expires = confirmed + ack_wait - margin;
+            tokio::select! {
+                end = &mut execution => {
+                    if let Some(task) = in_flight {
+                        task.abort();
                     }
-                }));
-            }
-            done = finished(&mut in_flight), if in_flight.is_some() => {
-                in_flight = None;
-                if let Ok(Some(sent)) = done {
-                    confirmed = confirmed.max(sent);
-                    next_progress = sent + every;
-                } else {
-                    // Not confirmed: try again soon, but not in a tight loop.
-                    next_progress = Instant::now() + (every / 4).max(Duration::from_millis(100));
+                    return (end, lease_lost);
                 }
-            }
-            () = sleep_until(expires), if !lease_lost => {
-                lease_lost = true;
-                error!(
-                    unconfirmed_ms = u64::try_from(confirmed.elapsed().as_millis()).unwrap_or(u64::MAX),
-                    ack_wait_ms = u64::try_from(ack_wait.as_millis()).unwrap_or(u64::MAX),
-                    "lost the lease on this job (no progress ack confirmed within the ack wait): stopping it so that it does not run twice"
-                );
-                let _ = control.try_send(CancelMode::AbortNow);
+                () = sleep_until(next_progress), if in_flight.is_none() => {
+                    let msg = self.msg.clone();
+                    in_flight = Some(tokio::spawn(async move {
+                        let sent = Instant::now();
+                        match timeout(every, msg.double_ack_with(AckKind::Progress)).await {
+                            Ok(Ok(())) => Some(sent),
+                            Ok(Err(e)) => { debug!("progress ack failed: {e}"); None }
+                            Err(_) => { debug!("progress ack not confirmed in time"); None }
+                        }
+                    }));
+                }
+                done = finished(&mut in_flight), if in_flight.is_some() => {
+                    in_flight = None;
+                    if let Ok(Some(sent)) = done {
+                        confirmed = confirmed.max(sent);
+                        next_progress = sent + every;
+                    } else {
+                        // Not confirmed: try again soon, but not in a tight loop.
+                        next_progress = Instant::now() + (every / 4).max(Duration::from_millis(100));
+                    }
+                }
+                () = until(next_refresh), if lock.is_some() && !lease_lost => {
+                    let Some(held) = lock.as_deref_mut() else { continue };
+                    let every = refresh_every.unwrap_or(ack_wait / 3);
+                    match timeout(every, self.ctx.locks.refresh(held, self.seq, self.attempt)).await {
+                        Ok(Ok(())) => next_refresh = Some(Instant::now() + every),
+                        Ok(Err(RefreshError::Lost)) => {
+                            lease_lost = true;
+                            error!("lost this job's lock to another host: stopping it so that it does not run twice");
+                            let _ = self.control.try_send(CancelMode::AbortNow);
+                        }
+                        Ok(Err(RefreshError::Failed(e))) => {
+                            debug!("refreshing the job's lock: {e}");
+                            next_refresh = Some(Instant::now() + (every / 4).max(Duration::from_millis(100)));
+                        }
+                        Err(_) => {
+                            debug!("refreshing the job's lock: no answer in time");
+                            next_refresh = Some(Instant::now() + (every / 4).max(Duration::from_millis(100)));
+                        }
+                    }
+                }
+                () = sleep_until(expires), if !lease_lost => {
+                    lease_lost = true;
+                    error!(
+                        unconfirmed_ms = u64::try_from(confirmed.elapsed().as_millis()).unwrap_or(u64::MAX),
+                        ack_wait_ms = u64::try_from(ack_wait.as_millis()).unwrap_or(u64::MAX),
+                        "lost the lease on this job (no progress ack confirmed within the ack wait): stopping it so that it does not run twice"
+                    );
+                    let _ = self.control.try_send(CancelMode::AbortNow);
+                }
             }
         }
+    }
+}
+
+async fn until(at: Option<Instant>) {
+    match at {
+        Some(at) => sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -238,20 +357,23 @@ async fn finished<T>(task: &mut Option<JoinHandle<T>>) -> Result<T, tokio::task:
 }
 
 /// The manifest of an earlier attempt at this very delivery (same stream sequence), if it
-/// recorded a final status: the job ran to its end and only the ack was lost. Read as root, so
-/// nothing on the way is followed if it is a symlink.
-fn already_finished(job_dir: &std::path::Path, id: &JobId, seq: u64) -> Option<Manifest> {
-    let file = crate::execute::open_manifest(job_dir).ok()?;
-    let path = job_dir
-        .join(RESULTS_DIR)
-        .join(nats_fs::manifest::MANIFEST_FILE);
-    match Manifest::read_file(file, &path) {
-        Ok(manifest) if manifest.stream_sequence == Some(seq) && manifest.job_id == id.as_str() => {
+/// recorded a final status and no job can have forged it (see [`crate::results`]): the job
+/// ran to its end and only the ack was lost.
+fn already_finished(
+    job_dir: &std::path::Path,
+    id: &JobId,
+    seq: u64,
+    settings: &Settings,
+) -> Option<Manifest> {
+    match crate::results::believable_manifest(job_dir, &settings.pool) {
+        Ok(Some(manifest))
+            if manifest.stream_sequence == Some(seq) && manifest.job_id == id.as_str() =>
+        {
             Some(manifest)
         }
         Ok(_) => None,
-        Err(e) => {
-            debug!("not reading an earlier manifest: {e}");
+        Err(why) => {
+            debug!("not believing the result.json already in results/: {why}");
             None
         }
     }

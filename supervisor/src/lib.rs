@@ -14,22 +14,33 @@
 //!
 //! # Layout
 //! - `config`: flags and environment (SPEC §7), checked at start.
+//! - `identity`: the pool of identities (`--run-as`), one per running job.
 //! - `intake`: connection, stream and consumer, the pull loop, cancel requests.
 //! - `job_task`: one message from delivery to ack; the lease (progress acks).
-//! - `execute`: one run through a runner: folders, spawn, pipe conversation, cleanup.
+//! - `lock`: one run per job id at a time, across hosts (a key-value lease).
+//! - `execute`: one run through a runner: folders, spawn, pipe conversation, deadlines,
+//!   cleanup.
+//! - `results`: `results/` lent to a job's identity and taken back; believable manifests.
 //! - `settle`: the pure decision of how a message is settled.
 //! - `outbox`: results and dead letters, delivered so that they are not lost.
-//! - `spawn`: the privilege drop.
+//! - `spawn`: the privilege drop, and killing every process of an identity.
+//! - `reaper`: reaping every child, runners and orphaned steps.
 //! - `sweep`: the workspaces folder, its lock, and what crashed runs left behind.
 //! - `signals`: SIGTERM/SIGINT to drain, twice to stop now.
+//! - `logging`: log output, with control characters from jobs escaped.
 //! - `dry_run`: `--dry-run`.
 
 pub mod config;
 pub mod dry_run;
 pub mod execute;
+pub mod identity;
 pub mod intake;
 pub mod job_task;
+pub mod lock;
+pub mod logging;
 pub mod outbox;
+pub mod reaper;
+pub mod results;
 pub mod settle;
 pub mod signals;
 pub mod spawn;
@@ -48,8 +59,9 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::config::Settings;
+use crate::identity::Identities;
 use crate::job_task::{Ctx, Running};
-use crate::spawn::Runners;
+use crate::reaper::Reaper;
 
 /// How far along shutdown is (SPEC §8).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,16 +79,18 @@ pub async fn run(
     settings: Settings,
     mut shutdown: watch::Receiver<Shutdown>,
 ) -> anyhow::Result<()> {
-    // Runners that crash leave their steps orphaned; as a subreaper we inherit and kill them.
+    // Runners that crash leave their steps orphaned; as a subreaper we inherit them, and the
+    // reaper collects every child that ends.
     nix::sys::prctl::set_child_subreaper(true).context("becoming a child subreaper")?;
-    let _lock = sweep::prepare_workspaces(&settings.workspaces_dir, &settings.run_as)?;
+    let reaper = Reaper::start().context("listening for SIGCHLD")?;
+    let _lock = sweep::prepare_workspaces(&settings.workspaces_dir, &settings.pool)?;
     check_surroundings(&settings);
     info!(
         worker = %settings.worker_id,
         stream = %settings.stream,
         subject = %settings.input_subject,
         concurrency = settings.concurrency,
-        run_as = %settings.run_as.describe(),
+        run_as = %settings.pool.describe(),
         "starting"
     );
     let client = intake::connect(&settings).await?;
@@ -84,12 +98,21 @@ pub async fn run(
     let Some(intake) = intake::ensure_patiently(&settings, &js, &mut shutdown).await? else {
         return Ok(());
     };
+    let Some(locks) = intake::patiently(&mut shutdown, "the lock bucket", || {
+        lock::Locks::setup(&settings, &js, intake.ack_wait, intake.replicas)
+    })
+    .await?
+    else {
+        return Ok(());
+    };
     let ctx = Arc::new(Ctx {
         outbox: outbox::Outbox::new(client.clone(), shutdown.clone()),
+        identities: Identities::new(settings.pool.clone()),
         settings,
         client,
         running: Running::default(),
-        runners: Runners::default(),
+        reaper,
+        locks,
         ack_wait: intake.ack_wait,
         max_deliver: intake.max_deliver,
         shutdown: shutdown.clone(),
@@ -137,8 +160,22 @@ async fn drain(ctx: &Ctx, tracker: &TaskTracker, mut shutdown: watch::Receiver<S
 }
 
 /// Warns about what would make every job fail, without refusing to start: a shared drive may
-/// be mounted later, and a runner binary may be installed by the next upgrade.
+/// be mounted later, and a runner binary may be installed by the next upgrade. Also warns,
+/// once, when jobs running at the same time would share one identity.
 fn check_surroundings(settings: &Settings) {
+    let pool = &settings.pool;
+    if pool.shared_by_slots(settings.concurrency) {
+        warn!(
+            "--run-as gives one user ({}) for {} slots: jobs running at the same time share it and \
+             can see, signal and change each other's processes and files. Give each slot a user of \
+             its own (a comma-separated list, or a uid range such as 61184-61215)",
+            pool.describe(),
+            settings.concurrency
+        );
+    }
+    if !pool.switch && nix::unistd::geteuid().is_root() {
+        warn!("jobs run as root: --run-as names root");
+    }
     if !settings.runner.is_file() {
         warn!(
             "the runner {} does not exist; jobs will be retried until it does (see --runner)",
@@ -150,7 +187,11 @@ fn check_surroundings(settings: &Settings) {
             "the jobs folder {} does not exist (yet)",
             settings.jobs_dir.display()
         );
-    } else if let Err(problem) = settings.run_as.can_traverse(&settings.jobs_dir) {
+    } else if let Some(problem) = pool
+        .identities()
+        .iter()
+        .find_map(|identity| identity.can_traverse(&settings.jobs_dir).err())
+    {
         warn!("runners may not reach the jobs folder: {problem}");
     }
 }

@@ -4,22 +4,37 @@
 //! fires when the *thread* that spawned it exits, so every runner must be spawned from a
 //! thread that lives as long as the process — here, the main thread, which runs every task.
 //! The supervisor's work is waiting on pipes and sockets; one thread is plenty.
+//! (Blocking file work goes to tokio's blocking pool, which spawns no runner.)
 
-use std::io::IsTerminal;
 use std::process::ExitCode;
 
-use clap::Parser;
-use nats_fs_supervisor::config::{Args, LogFormat, Settings};
-use nats_fs_supervisor::{dry_run, signals, Shutdown};
+use clap::{CommandFactory, FromArgMatches};
+use nats_fs_supervisor::config::{Args, Settings};
+use nats_fs_supervisor::{dry_run, logging, signals, Shutdown};
 use tokio::sync::watch;
-use tracing::error;
+use tracing::{error, warn};
 
 /// Exit code for a configuration that cannot work.
 const EXIT_CONFIG: u8 = 2;
 
 fn main() -> ExitCode {
-    let args = Args::parse();
-    init_tracing(args.log_format);
+    // Before anything else: nothing inherited from whoever started us may reach a job.
+    nats_fs::fds::close_on_exec_inherited();
+    let matches = Args::command().get_matches();
+    let args = match Args::from_arg_matches(&matches) {
+        Ok(args) => args,
+        Err(e) => e.exit(),
+    };
+    logging::init(args.log_format);
+    for secret in ["password", "token"] {
+        if matches.value_source(secret) == Some(clap::parser::ValueSource::CommandLine) {
+            warn!(
+                "the NATS {secret} was given on the command line, where every process on this host \
+                 (every job step included) can read it with ps: set it in the environment instead \
+                 (/etc/default/nats-fs-supervisor) or use --creds"
+            );
+        }
+    }
     let settings = match Settings::from_args(&args) {
         Ok(settings) => settings,
         Err(e) => {
@@ -54,37 +69,5 @@ fn main() -> ExitCode {
             error!("{e:#}");
             ExitCode::FAILURE
         }
-    }
-}
-
-fn init_tracing(format: LogFormat) {
-    use tracing_subscriber::filter::{LevelFilter, Targets};
-    use tracing_subscriber::prelude::*;
-    let filter = std::env::var("RUST_LOG")
-        .ok()
-        .and_then(|s| s.parse::<Targets>().ok())
-        .unwrap_or_else(|| {
-            Targets::new()
-                .with_default(LevelFilter::INFO)
-                .with_target("async_nats", LevelFilter::WARN)
-        });
-    let layer = tracing_subscriber::fmt::layer()
-        .with_writer(std::io::stderr)
-        .with_target(false);
-    match format {
-        LogFormat::Text => tracing_subscriber::registry()
-            .with(layer.with_ansi(std::io::stderr().is_terminal()))
-            .with(filter)
-            .init(),
-        LogFormat::Json => tracing_subscriber::registry()
-            .with(
-                layer
-                    .json()
-                    .flatten_event(true)
-                    .with_current_span(true)
-                    .with_span_list(false),
-            )
-            .with(filter)
-            .init(),
     }
 }

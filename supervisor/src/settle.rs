@@ -80,11 +80,11 @@ pub fn decide(
             delay: Duration::ZERO,
             why,
         },
-        JobEnd::Fault(why) if !last_delivery => Decision::Retry {
+        JobEnd::Fault(why) | JobEnd::Busy(why) if !last_delivery => Decision::Retry {
             delay: retry_delay(delivered),
             why,
         },
-        JobEnd::Aborted(why) | JobEnd::Fault(why) => {
+        JobEnd::Aborted(why) | JobEnd::Fault(why) | JobEnd::Busy(why) => {
             let error = format!("gave up after {delivered} of {max_deliver} deliveries; the last one ended with: {why}");
             Decision::Publish {
                 result: Box::new(ResultMessage {
@@ -174,6 +174,25 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert_eq!(retry_delay(40), MAX_RETRY);
+    }
+
+    #[test]
+    fn a_busy_id_waits_then_becomes_a_dead_letter() {
+        assert!(matches!(
+            decide("j", JobEnd::Busy("running on h2".into()), 1, 5, false),
+            Decision::Retry { delay, .. } if delay == FIRST_RETRY
+        ));
+        match decide("j", JobEnd::Busy("running on h2".into()), 5, 5, false) {
+            Decision::Publish {
+                result,
+                ack: Ack::Term,
+                dead_letter: Some(reason),
+            } => {
+                assert_eq!(result.status, Status::Error);
+                assert!(reason.contains("running on h2"), "{reason}");
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

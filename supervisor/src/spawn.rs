@@ -1,146 +1,53 @@
-//! Starting a runner: the one place where the supervisor crosses a privilege boundary.
+//! Crossing the privilege boundary: starting a runner as a slot's identity, and killing every
+//! process of an identity.
 //!
-//! When the supervisor runs as root, each runner is started as the `--run-as` user with that
-//! user's supplementary groups (looked up before the fork: NSS is not async-signal-safe),
-//! `PR_SET_NO_NEW_PRIVS` (no setuid binary can give the job its privileges back) and
-//! `PR_SET_PDEATHSIG` (the runner is told to stop if the supervisor dies, even by SIGKILL).
-//! Its environment is emptied and rebuilt from a short list, so NATS credentials and anything
-//! else of the supervisor's never reach a job.
-#![allow(unsafe_code)] // pre_exec; each block carries its SAFETY argument.
+//! When the supervisor runs as root, each runner starts as its slot's identity with that
+//! identity's groups (looked up at start: NSS is not async-signal-safe), `PR_SET_NO_NEW_PRIVS`
+//! (no setuid binary can give the job privileges back) and `PR_SET_PDEATHSIG` (the runner is
+//! told to stop if the supervisor dies, even by SIGKILL). Its environment is emptied and
+//! rebuilt from a short list, so NATS credentials and anything else of the supervisor's never
+//! reach a job; its descriptors are exactly its three pipes plus the job folder and `results/`
+//! that the supervisor opened for it.
+//!
+//! Runners are plain `std` children, not tokio's: [`crate::reaper`] reaps every child of the
+//! supervisor, runners and orphaned steps alike, with one `waitpid(-1)` loop.
+#![allow(unsafe_code)] // pre_exec and a per-thread setresuid; each block carries its SAFETY argument.
 
-use std::collections::HashSet;
-use std::ffi::CString;
 use std::io;
+use std::os::fd::{OwnedFd, RawFd};
+use std::os::unix::process::CommandExt;
 use std::path::Path;
-use std::process::Stdio;
-use std::sync::Mutex;
+use std::process::{Command, Stdio};
 
-use anyhow::{anyhow, bail, Context};
-use nix::sys::signal::Signal;
-use nix::unistd::{getpid, getppid, Gid, Uid, User};
-use tokio::process::{Child, Command};
+use nix::errno::Errno;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::{getpid, getppid, Pid, Uid};
+use tokio::net::unix::pipe;
 
-/// The user runners run as, resolved once at start.
-#[derive(Debug, Clone)]
-pub struct RunAs {
-    pub name: String,
-    pub uid: Uid,
-    pub gid: Gid,
-    /// Supplementary groups, from `getgrouplist` (for shared drives reached by group).
-    pub groups: Vec<Gid>,
-    /// Whether spawning switches to this user (we are root and it is not root).
-    pub switch: bool,
+use crate::identity::Identity;
+
+/// `PATH` for runners and steps when the supervisor has none.
+pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// A started runner: its pid (not yet reaped: see [`crate::reaper`]) and its pipes.
+#[derive(Debug)]
+pub struct Spawned {
+    pub pid: Pid,
+    pub stdin: pipe::Sender,
+    pub stdout: pipe::Receiver,
+    pub stderr: pipe::Receiver,
 }
 
-impl RunAs {
-    /// Resolves `--run-as`: `nobody` by default when we are root; otherwise it must be us.
-    pub fn resolve(requested: Option<&str>) -> anyhow::Result<Self> {
-        let euid = nix::unistd::geteuid();
-        if !euid.is_root() {
-            let me = User::from_uid(euid)
-                .ok()
-                .flatten()
-                .map_or_else(|| euid.to_string(), |u| u.name);
-            if let Some(requested) = requested {
-                if requested != me && requested != euid.to_string() {
-                    bail!("--run-as {requested} needs the supervisor to start as root; it runs as {me}");
-                }
-            }
-            return Ok(Self {
-                name: me,
-                uid: euid,
-                gid: nix::unistd::getegid(),
-                groups: Vec::new(),
-                switch: false,
-            });
-        }
-        let name = requested.unwrap_or("nobody");
-        let user = match name.parse::<u32>() {
-            Ok(uid) => User::from_uid(Uid::from_raw(uid)),
-            Err(_) => User::from_name(name),
-        }
-        .with_context(|| format!("looking up --run-as user {name:?}"))?
-        .ok_or_else(|| anyhow!("--run-as: there is no user {name:?} on this host"))?;
-        let cname = CString::new(user.name.as_str()).context("--run-as: a user name with NUL")?;
-        let groups = nix::unistd::getgrouplist(&cname, user.gid)
-            .with_context(|| format!("looking up the groups of {}", user.name))?;
-        Ok(Self {
-            switch: !user.uid.is_root(),
-            name: user.name,
-            uid: user.uid,
-            gid: user.gid,
-            groups,
-        })
-    }
-
-    /// How the user appears in messages.
-    pub fn describe(&self) -> String {
-        format!("{} (uid {})", self.name, self.uid)
-    }
-
-    /// Whether this user may enter (search) every folder on the way to `path`.
-    pub fn can_traverse(&self, path: &Path) -> Result<(), String> {
-        use std::os::unix::fs::MetadataExt;
-        if self.uid.is_root() {
-            return Ok(());
-        }
-        for dir in path.ancestors() {
-            let meta = std::fs::metadata(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-            let mode = meta.mode();
-            let allowed = if meta.uid() == self.uid.as_raw() {
-                mode & 0o100 != 0
-            } else if meta.gid() == self.gid.as_raw()
-                || self.groups.iter().any(|g| g.as_raw() == meta.gid())
-            {
-                mode & 0o010 != 0
-            } else {
-                mode & 0o001 != 0
-            };
-            if !allowed {
-                return Err(format!(
-                    "{} (mode {:o}) cannot be entered by {}",
-                    dir.display(),
-                    mode & 0o7777,
-                    self.describe()
-                ));
-            }
-        }
-        Ok(())
-    }
-}
-
-/// Pids of runners alive right now, so that the sweep for orphans never touches one.
-#[derive(Debug, Default)]
-pub struct Runners {
-    pids: Mutex<HashSet<i32>>,
-}
-
-impl Runners {
-    fn insert(&self, pid: i32) {
-        self.pids
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .insert(pid);
-    }
-
-    pub fn remove(&self, pid: i32) {
-        self.pids
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .remove(&pid);
-    }
-
-    pub fn contains(&self, pid: i32) -> bool {
-        self.pids
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .contains(&pid)
-    }
-}
-
-/// Starts `runner --pipe` as `run_as`, with stdin, stdout and stderr piped. The pid is
-/// recorded in `runners` before anything else can run on this thread.
-pub fn spawn_runner(runner: &Path, run_as: &RunAs, runners: &Runners) -> io::Result<(Child, i32)> {
+/// Starts `runner --pipe` as `identity` (when `switch`), with stdin, stdout and stderr piped
+/// and the descriptors `keep` left open across exec, at the same numbers; every other
+/// descriptor is closed at exec. The caller must register the pid with the reaper before it
+/// next awaits anything.
+pub fn spawn_runner(
+    runner: &Path,
+    identity: &Identity,
+    switch: bool,
+    keep: [RawFd; 2],
+) -> io::Result<Spawned> {
     let mut command = Command::new(runner);
     command
         .arg("--pipe")
@@ -159,16 +66,15 @@ pub fn spawn_runner(runner: &Path, run_as: &RunAs, runners: &Runners) -> io::Res
         .stderr(Stdio::piped())
         // Its own process group: a Ctrl-C at the supervisor's terminal reaches only the
         // supervisor, which then decides what happens to the jobs.
-        .process_group(0)
-        .kill_on_drop(true);
+        .process_group(0);
 
-    let switch = run_as.switch;
-    let (uid, gid, groups) = (run_as.uid, run_as.gid, run_as.groups.clone());
+    let (uid, gid, groups) = (identity.uid, identity.gid, identity.groups.clone());
     let parent = getpid();
     // SAFETY: the closure runs in the forked child before exec, where only async-signal-safe
-    // calls are allowed. It calls nothing but setgroups, setgid, setuid, prctl and getppid —
-    // direct system calls — on values computed before the fork (`groups` is only read), and
-    // turns errors into io::Error with from_raw_os_error, which does not allocate.
+    // calls are allowed. It calls nothing but setgroups, setgid, setuid, prctl, getppid,
+    // close_range and fcntl — direct system calls — on values computed before the fork
+    // (`groups` is only read), and turns errors into io::Error with from_raw_os_error, which
+    // does not allocate.
     unsafe {
         command.pre_exec(move || {
             if switch {
@@ -184,17 +90,75 @@ pub fn spawn_runner(runner: &Path, run_as: &RunAs, runners: &Runners) -> io::Res
             if getppid() != parent {
                 return Err(io::Error::from_raw_os_error(nix::libc::ESRCH));
             }
+            // Nothing but stdio and `keep` may cross the exec, whatever the supervisor holds.
+            // (Marked, not closed: std reports a failed exec through a close-on-exec pipe.)
+            if nix::libc::close_range(
+                3,
+                nix::libc::c_uint::MAX,
+                nix::libc::CLOSE_RANGE_CLOEXEC.cast_signed(),
+            ) != 0
+            {
+                return Err(io::Error::last_os_error());
+            }
+            for fd in keep {
+                if nix::libc::fcntl(fd, nix::libc::F_SETFD, 0) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
             Ok(())
         });
     }
-    let child = command.spawn()?;
-    let pid = child
-        .id()
-        .and_then(|p| i32::try_from(p).ok())
-        .ok_or_else(|| io::Error::other("the runner has no pid"))?;
-    runners.insert(pid);
-    Ok((child, pid))
+    let mut child = command.spawn()?;
+    let pid = i32::try_from(child.id()).map_err(|_| io::Error::other("a pid out of range"))?;
+    let pipes = (child.stdin.take(), child.stdout.take(), child.stderr.take());
+    let (Some(stdin), Some(stdout), Some(stderr)) = pipes else {
+        return Err(io::Error::other("the runner's pipes are missing"));
+    };
+    // The std handle is dropped without waiting: the reaper collects the exit status.
+    drop(child);
+    Ok(Spawned {
+        pid: Pid::from_raw(pid),
+        stdin: pipe::Sender::from_owned_fd(OwnedFd::from(stdin))?,
+        stdout: pipe::Receiver::from_owned_fd(OwnedFd::from(stdout))?,
+        stderr: pipe::Receiver::from_owned_fd(OwnedFd::from(stderr))?,
+    })
 }
 
-/// `PATH` for runners and steps when the supervisor has none.
-pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+/// Sends SIGKILL to every process whose uid is `uid`: what a job left behind, wherever it is
+/// — stopped, double-forked, in a namespace of its own — and whatever its runner said.
+///
+/// `kill(-1, SIGKILL)` reaches every process the caller may signal: as `uid`, exactly the
+/// processes of `uid`. A process forking at that moment cannot slip through: the kernel signals
+/// under the task-list lock, and a fork whose parent has a fatal signal pending fails. The
+/// call is made from a short-lived thread whose own credentials (and only its own: the raw
+/// system call, unlike libc's `setresuid`, does not change the other threads) are switched to
+/// `uid` for good; the thread then ends. Killed processes that were ours become zombies the
+/// reaper collects.
+///
+/// Only for a dedicated identity: it must never be root or the supervisor's own uid.
+pub fn kill_all_as(uid: Uid) -> io::Result<()> {
+    if uid.is_root() || uid == nix::unistd::geteuid() {
+        return Err(io::Error::other(format!(
+            "refusing to kill every process of uid {uid}: it is ours"
+        )));
+    }
+    let raw = uid.as_raw();
+    std::thread::Builder::new()
+        .name("kill-as".to_owned())
+        .spawn(move || {
+            // SAFETY: a plain system call with integer arguments; it changes the credentials of
+            // this thread only, which ends right after and shares no state that depends on them.
+            let switched =
+                unsafe { nix::libc::syscall(nix::libc::SYS_setresuid, raw, raw, raw) } == 0;
+            if !switched {
+                return Err(io::Error::last_os_error());
+            }
+            match kill(Pid::from_raw(-1), Signal::SIGKILL) {
+                // ESRCH: not a single other process on the system.
+                Ok(()) | Err(Errno::ESRCH) => Ok(()),
+                Err(e) => Err(io::Error::from(e)),
+            }
+        })?
+        .join()
+        .map_err(|_| io::Error::other("the kill thread panicked"))?
+}

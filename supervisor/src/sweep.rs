@@ -8,7 +8,7 @@ use std::path::Path;
 use anyhow::{bail, Context};
 use tracing::{info, warn};
 
-use crate::spawn::RunAs;
+use crate::identity::Pool;
 
 const LOCK_FILE: &str = ".nats-fs-supervisor.lock";
 
@@ -18,9 +18,9 @@ pub struct WorkspacesLock {
     _file: File,
 }
 
-/// Prepares `dir` for runners as `run_as`, takes its lock, and removes leftover workspaces.
-pub fn prepare_workspaces(dir: &Path, run_as: &RunAs) -> anyhow::Result<WorkspacesLock> {
-    ensure_workspaces_dir(dir, run_as)?;
+/// Prepares `dir` for runners of `pool`, takes its lock, and removes leftover workspaces.
+pub fn prepare_workspaces(dir: &Path, pool: &Pool) -> anyhow::Result<WorkspacesLock> {
+    ensure_workspaces_dir(dir, pool)?;
     let file = File::options()
         .create(true)
         .truncate(false)
@@ -56,8 +56,9 @@ pub fn prepare_workspaces(dir: &Path, run_as: &RunAs) -> anyhow::Result<Workspac
     Ok(WorkspacesLock { _file: file })
 }
 
-/// Creates `dir` if missing (mode 0711) and checks that `run_as` can reach into it.
-pub fn ensure_workspaces_dir(dir: &Path, run_as: &RunAs) -> anyhow::Result<()> {
+/// Creates `dir` if missing (mode 0711) and checks that every identity of `pool` can reach
+/// into it.
+pub fn ensure_workspaces_dir(dir: &Path, pool: &Pool) -> anyhow::Result<()> {
     if !dir.exists() {
         // Others may traverse but not list: each runner reaches only its own 0700 workspace.
         fs::DirBuilder::new()
@@ -80,13 +81,15 @@ pub fn ensure_workspaces_dir(dir: &Path, run_as: &RunAs) -> anyhow::Result<()> {
             meta.uid()
         );
     }
-    if let Err(problem) = run_as.can_traverse(dir) {
-        bail!(
-            "runners run as {} and must reach their workspaces under {}, but {problem}; \
-             give that folder mode 0711 (or choose another --workspaces-dir)",
-            run_as.describe(),
-            dir.display()
-        );
+    for identity in pool.identities() {
+        if let Err(problem) = identity.can_traverse(dir) {
+            bail!(
+                "runners run as {} and must reach their workspaces under {}, but {problem}; \
+                 give that folder mode 0711 (or choose another --workspaces-dir)",
+                identity.describe(),
+                dir.display()
+            );
+        }
     }
     Ok(())
 }

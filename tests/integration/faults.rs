@@ -14,8 +14,8 @@ use nix::sys::signal::Signal;
 use serde_json::json;
 
 use crate::support::{
-    eventually, no_process_with, open_dir, processes_with, sleeper, within, Cluster, Jobs, Nats,
-    Server, Supervisor, SOON,
+    alive, eventually, no_process_with, open_dir, parent, processes_with, sleeper, within, Cluster,
+    Jobs, Nats, Server, Supervisor, SOON,
 };
 
 /// A step that hangs on the first attempt only: `(token, command)`.
@@ -25,24 +25,6 @@ fn hang_on_first_attempt() -> (String, String) {
         token,
         format!("if [ \"$JOB_ATTEMPT\" = 1 ]; then {sleep}; fi; echo done"),
     )
-}
-
-/// Whether `pid` is a live (not zombie) process.
-fn alive(pid: i32) -> bool {
-    fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|stat| {
-            stat.rsplit_once(')')
-                .map(|(_, rest)| !rest.trim_start().starts_with('Z'))
-        })
-        .unwrap_or(false)
-}
-
-/// The parent of `pid`.
-fn parent(pid: i32) -> i32 {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let (_, rest) = stat.rsplit_once(')').unwrap();
-    rest.split_whitespace().nth(1).unwrap().parse().unwrap()
 }
 
 /// The stream the supervisor would create, made by the test (a controller may do the same).
@@ -395,7 +377,7 @@ async fn a_runner_killed_by_sigkill_is_retried_and_its_orphans_are_killed() {
     assert_eq!(got.result.status, Status::Error);
     let error = got.result.error.unwrap_or_default();
     assert!(error.contains("was killed by SIGKILL"), "{error}");
-    assert_eq!(supervisor.count("killed processes left by the runner"), 2);
+    assert_eq!(supervisor.count("killed every process it left behind"), 2);
     assert!(
         processes_with(&token).is_empty(),
         "a crashed runner's steps survived"
@@ -475,7 +457,9 @@ async fn a_lost_lease_stops_the_job_rather_than_racing_a_redelivery() {
     let jobs = Jobs::new();
     let supervisor = Supervisor::start(&server.url, jobs.path(), &["--ack-wait", "2s"], &[]);
     supervisor.ready().await;
-    let mut nats = Nats::connect(&server.url).await;
+    let nats = Nats::connect(&server.url).await;
+    // The result comes while this client may still be reconnecting: keep it in a stream.
+    nats.keep_results().await;
     let (token, step) = hang_on_first_attempt();
     jobs.add("leased", &json!({ "steps": [step] }));
     nats.submit_id("leased").await;
@@ -489,15 +473,9 @@ async fn a_lost_lease_stops_the_job_rather_than_racing_a_redelivery() {
         .await;
 
     server.restart();
-    within(SOON, "the test client to reconnect", async {
-        while nats.client.flush().await.is_err() {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    })
-    .await;
-    let got = nats.result_within(Duration::from_secs(30)).await;
-    assert_eq!(got.result.status, Status::Success);
-    assert_eq!(got.result.attempt, Some(2));
+    let got = nats.stored_result("leased", Duration::from_secs(30)).await;
+    assert_eq!(got.status, Status::Success);
+    assert_eq!(got.attempt, Some(2));
     nats.drained("worker-01").await;
 }
 

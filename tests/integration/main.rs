@@ -17,6 +17,10 @@ mod runner;
 /// cancel, concurrency, configuration errors and the dry run.
 mod supervisor;
 
+/// Isolation, attacked: jobs against each other, against their runner and their limits;
+/// forged results, hostile job folders, leaked descriptors, duplicate deliveries, zombies.
+mod isolation;
+
 /// Reliability under faults: crashes, restarts, drains, competition, host faults, lost acks
 /// and leases, a clustered server, dead letters.
 mod faults;

@@ -165,6 +165,76 @@ pub async fn no_process_with(token: &str, timeout: Duration) {
     .await;
 }
 
+/// Whether `pid` is a live (not zombie) process.
+pub fn alive(pid: i32) -> bool {
+    proc_state(pid).is_some_and(|state| state != 'Z')
+}
+
+/// The state letter of `pid` (`R`, `S`, `T`, `Z`, …), if it exists.
+pub fn proc_state(pid: i32) -> Option<char> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(')')?.1.trim_start().chars().next()
+}
+
+/// The parent of `pid`.
+pub fn parent(pid: i32) -> i32 {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let (_, rest) = stat.rsplit_once(')').unwrap();
+    rest.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// The children of `pid`: `(pid, state)`.
+pub fn children_of(pid: i32) -> Vec<(i32, char)> {
+    let mut found = Vec::new();
+    for entry in fs::read_dir("/proc").expect("/proc").flatten() {
+        let Some(child) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let Ok(stat) = fs::read_to_string(format!("/proc/{child}/stat")) else {
+            continue;
+        };
+        let Some((_, rest)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        let mut fields = rest.split_whitespace();
+        let state = fields.next().and_then(|s| s.chars().next()).unwrap_or('?');
+        if fields.next().and_then(|p| p.parse::<i32>().ok()) == Some(pid) {
+            found.push((child, state));
+        }
+    }
+    found
+}
+
+/// Live processes whose real uid is in `first..first + count`.
+pub fn processes_of_uids(first: u32, count: u32) -> Vec<i32> {
+    let mut found = Vec::new();
+    for entry in fs::read_dir("/proc").expect("/proc").flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let Ok(status) = fs::read_to_string(format!("/proc/{pid}/status")) else {
+            continue;
+        };
+        let uid = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Uid:"))
+            .and_then(|l| l.split_whitespace().next())
+            .and_then(|u| u.parse::<u32>().ok());
+        if uid.is_some_and(|uid| (first..first + count).contains(&uid)) && alive(pid) {
+            found.push(pid);
+        }
+    }
+    found
+}
+
 /// A unique marker for process command lines and file names.
 pub fn marker(what: &str) -> String {
     use std::sync::atomic::{AtomicU32, Ordering};
@@ -242,6 +312,20 @@ pub fn reserved_port() -> u16 {
             return port;
         }
     }
+}
+
+/// A range of 16 uids no other supervisor of any test process uses, for `--run-as` (no passwd
+/// entries needed), as `first-last`.
+pub fn uid_pool() -> String {
+    let first = uid_block();
+    format!("{first}-{}", first + 15)
+}
+
+/// The first of 16 uids of a fresh block.
+pub fn uid_block() -> u32 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    3_100_000 + (std::process::id() % 4096) * 1024 + NEXT.fetch_add(16, Ordering::Relaxed) % 1024
 }
 
 /// A `nats-server` with JetStream on a free loopback port and a store of its own.
@@ -492,6 +576,17 @@ impl Supervisor {
         Self::start_in(dir, workspaces, log_path, url, jobs, args, env)
     }
 
+    /// As [`Supervisor::start`], with `file` left open in the supervisor (at the same
+    /// descriptor number), as a careless parent shell or service manager would leave it.
+    pub fn start_inheriting(url: &str, jobs: &Path, args: &[&str], file: &fs::File) -> Self {
+        use nix::fcntl::{fcntl, FcntlArg, FdFlag};
+        // Other tests may start processes meanwhile and inherit it too; that does no harm.
+        fcntl(file, FcntlArg::F_SETFD(FdFlag::empty())).expect("clearing FD_CLOEXEC");
+        let started = Self::start(url, jobs, args, &[]);
+        fcntl(file, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC)).expect("setting FD_CLOEXEC");
+        started
+    }
+
     /// Starts again with the same workspaces folder (to see what a restart sweeps).
     pub fn restart(mut self, url: &str, jobs: &Path, args: &[&str], env: &[(&str, &str)]) -> Self {
         self.kill();
@@ -517,6 +612,11 @@ impl Supervisor {
             .open(&log_path)
             .expect("log file");
         let mut command = Command::new(bin("nats-fs-supervisor"));
+        if is_root() && !args.contains(&"--run-as") {
+            // A pool of its own per supervisor: two supervisors sharing uids would kill each
+            // other's jobs (every process of a finished job's uid is killed).
+            command.arg("--run-as").arg(uid_pool());
+        }
         command
             .arg("--url")
             .arg(url)
@@ -766,6 +866,36 @@ impl Nats {
                 String::from_utf8_lossy(&msg.payload)
             );
         }
+    }
+
+    /// Keeps every result message in a stream `RESULTS` (as an operator may), so that a result
+    /// published while this client is disconnected is not lost to the test.
+    pub async fn keep_results(&self) {
+        self.js
+            .get_or_create_stream(jetstream::stream::Config {
+                name: "RESULTS".into(),
+                subjects: vec!["jobs.results.>".into()],
+                ..Default::default()
+            })
+            .await
+            .expect("creating the RESULTS stream");
+    }
+
+    /// The last result of job `id` kept by [`Nats::keep_results`], waiting for it (and for the
+    /// server and this client to be back) for up to `timeout`.
+    pub async fn stored_result(&self, id: &str, timeout: Duration) -> ResultMessage {
+        let subject = format!("jobs.results.{id}");
+        within(timeout, &format!("a stored result on {subject}"), async {
+            loop {
+                if let Ok(stream) = self.js.get_stream("RESULTS").await {
+                    if let Ok(msg) = stream.get_last_raw_message_by_subject(&subject).await {
+                        return serde_json::from_slice(&msg.payload).expect("a result message");
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+        .await
     }
 
     /// The durable consumer's state.

@@ -1,0 +1,282 @@
+//! Opening a job folder and its `results/` so that nothing can re-point them afterwards.
+//!
+//! A job folder lives on a shared drive that other people (and, through the pool's group,
+//! other jobs) may be able to change. Every open here refuses symlinks (`O_NOFOLLOW`) and
+//! returns a descriptor; whoever works in the folder afterwards works through that descriptor
+//! ([`fd_path`]), never through the path again, so swapping the folder for a link to another
+//! job's folder while a job starts changes nothing. The supervisor opens both (as root) and
+//! hands them to the runner; a standalone runner opens them itself. Both read `job.json`
+//! through [`read_job_json`], which cannot be made to hang or to read without end.
+
+use std::fs::File;
+use std::io::{self, Read};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+
+use nix::errno::Errno;
+use nix::fcntl::{openat, OFlag, AT_FDCWD};
+use nix::sys::stat::{mkdirat, Mode};
+
+use crate::manifest::RESULTS_DIR;
+
+/// The file in a job folder that lists its steps.
+pub const JOB_FILE: &str = "job.json";
+/// The largest `job.json` read; anything larger is refused, not read.
+pub const MAX_JOB_FILE_BYTES: u64 = 16 << 20;
+
+/// An opened job folder and its `results/` folder.
+#[derive(Debug)]
+pub struct JobFolder {
+    /// `{jobs_dir}/{id}`, opened without following a symlink.
+    pub dir: OwnedFd,
+    /// `{jobs_dir}/{id}/results`, created when missing, opened without following a symlink.
+    pub results: OwnedFd,
+}
+
+/// Why a job folder cannot be used. Only [`FolderError::Io`] is worth retrying: every other
+/// variant is the job's own problem and stays so however often it is tried.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FolderError {
+    #[error("the job folder {0} does not exist")]
+    Missing(PathBuf),
+    #[error("the job folder {0} is a symlink; it must be a real folder")]
+    Symlink(PathBuf),
+    #[error("{0} is not a folder")]
+    NotAFolder(PathBuf),
+    #[error("{0} is in the way: results must be a folder, not a file or a symlink")]
+    ResultsInTheWay(PathBuf),
+    #[error("{action} {path}: {source}")]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        source: Errno,
+    },
+}
+
+impl FolderError {
+    /// Whether the error is final: the job's folder is wrong, not the host.
+    #[must_use]
+    pub fn is_final(&self) -> bool {
+        !matches!(self, Self::Io { .. })
+    }
+}
+
+impl JobFolder {
+    /// Opens `path` and its `results/` (creating it with mode 0755 when missing), refusing a
+    /// symlink at either place.
+    pub fn open(path: &Path) -> Result<Self, FolderError> {
+        let dir = match open_dir(AT_FDCWD, path) {
+            Ok(dir) => dir,
+            Err(Errno::ENOENT) => return Err(FolderError::Missing(path.to_owned())),
+            Err(Errno::ELOOP) => return Err(FolderError::Symlink(path.to_owned())),
+            // O_NOFOLLOW|O_DIRECTORY on a symlink to a file gives ENOTDIR, not ELOOP.
+            Err(Errno::ENOTDIR) if is_symlink(path) => {
+                return Err(FolderError::Symlink(path.to_owned()))
+            }
+            Err(Errno::ENOTDIR) => return Err(FolderError::NotAFolder(path.to_owned())),
+            Err(source) => {
+                return Err(FolderError::Io {
+                    action: "opening the job folder",
+                    path: path.to_owned(),
+                    source,
+                })
+            }
+        };
+        let results_path = path.join(RESULTS_DIR);
+        match mkdirat(&dir, RESULTS_DIR, Mode::from_bits_truncate(0o755)) {
+            Ok(()) | Err(Errno::EEXIST) => {}
+            Err(source) => {
+                return Err(FolderError::Io {
+                    action: "creating",
+                    path: results_path,
+                    source,
+                })
+            }
+        }
+        let results = match open_dir(&dir, Path::new(RESULTS_DIR)) {
+            Ok(results) => results,
+            Err(Errno::ELOOP | Errno::ENOTDIR) => {
+                return Err(FolderError::ResultsInTheWay(results_path))
+            }
+            Err(source) => {
+                return Err(FolderError::Io {
+                    action: "opening",
+                    path: results_path,
+                    source,
+                })
+            }
+        };
+        Ok(Self { dir, results })
+    }
+}
+
+/// Opens a folder for `*at` calls: a symlink fails with `ELOOP`, anything else with `ENOTDIR`.
+pub fn open_dir<Fd: AsFd>(at: Fd, path: &Path) -> nix::Result<OwnedFd> {
+    openat(
+        at,
+        path,
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+}
+
+/// A path that reaches exactly what `fd` has open, however the tree it came from changes:
+/// `/proc/self/fd/N` is resolved by the kernel to the open file, not looked up by name.
+/// Paths below it (`/proc/self/fd/N/name`) are looked up from that folder.
+#[must_use]
+pub fn fd_path(fd: &impl AsRawFd) -> PathBuf {
+    PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+}
+
+fn is_symlink(path: &Path) -> bool {
+    std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink())
+}
+
+/// Why `job.json` could not be read. Every variant is the job's problem (a final `error`).
+#[derive(Debug, thiserror::Error)]
+pub enum JobFileError {
+    #[error("{0} does not exist")]
+    Missing(String),
+    #[error("{path} is {kind}; it must be a regular file")]
+    NotAFile { path: String, kind: &'static str },
+    #[error("{path} is {size} bytes; a job file may have at most {MAX_JOB_FILE_BYTES} bytes")]
+    TooLarge { path: String, size: u64 },
+    #[error("reading {path}: {source}")]
+    Io { path: String, source: io::Error },
+}
+
+/// Reads `job.json` from the folder at `dir` (`shown` names it in errors), within a second
+/// whatever it is: it is opened without following a symlink and without blocking (a FIFO
+/// would otherwise wait for a writer forever), must be a regular file, and at most
+/// [`MAX_JOB_FILE_BYTES`] are read (a file that grows while it is read is cut there and then
+/// fails to parse).
+pub fn read_job_json(dir: &Path, shown: &Path) -> Result<Vec<u8>, JobFileError> {
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    let path = dir.join(JOB_FILE);
+    let shown = shown.join(JOB_FILE).display().to_string();
+    let io = |source: io::Error| JobFileError::Io {
+        path: shown.clone(),
+        source,
+    };
+    let file = match File::options()
+        .read(true)
+        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK | nix::libc::O_NOCTTY)
+        .open(&path)
+    {
+        Ok(file) => file,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(JobFileError::Missing(shown)),
+        Err(e) if e.raw_os_error() == Some(nix::libc::ELOOP) => {
+            return Err(JobFileError::NotAFile {
+                path: shown,
+                kind: "a symlink",
+            })
+        }
+        // A socket cannot be opened at all.
+        Err(e) if e.raw_os_error() == Some(nix::libc::ENXIO) => {
+            return Err(JobFileError::NotAFile {
+                path: shown,
+                kind: "a socket",
+            })
+        }
+        Err(e) => return Err(io(e)),
+    };
+    let meta = file.metadata().map_err(io)?;
+    let file_type = meta.file_type();
+    if !file_type.is_file() {
+        let kind = if file_type.is_dir() {
+            "a folder"
+        } else if file_type.is_fifo() {
+            "a FIFO"
+        } else if file_type.is_char_device() || file_type.is_block_device() {
+            "a device"
+        } else {
+            "not a regular file"
+        };
+        return Err(JobFileError::NotAFile { path: shown, kind });
+    }
+    if meta.len() > MAX_JOB_FILE_BYTES {
+        return Err(JobFileError::TooLarge {
+            path: shown,
+            size: meta.len(),
+        });
+    }
+    let mut bytes = Vec::with_capacity(usize::try_from(meta.len()).unwrap_or(0));
+    file.take(MAX_JOB_FILE_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(io)?;
+    if bytes.len() as u64 > MAX_JOB_FILE_BYTES {
+        return Err(JobFileError::TooLarge {
+            path: shown,
+            size: bytes.len() as u64,
+        });
+    }
+    Ok(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::symlink;
+
+    #[test]
+    fn opens_and_creates_results_but_refuses_links() {
+        let tmp = tempfile::tempdir().unwrap();
+        let job = tmp.path().join("job");
+        std::fs::create_dir(&job).unwrap();
+        let folder = JobFolder::open(&job).unwrap();
+        assert!(job.join("results").is_dir());
+        // The descriptor path keeps reaching the folder after the name is re-pointed.
+        std::fs::write(job.join("mark"), "x").unwrap();
+        let moved = tmp.path().join("moved");
+        std::fs::rename(&job, &moved).unwrap();
+        symlink(tmp.path(), &job).unwrap();
+        assert!(fd_path(&folder.dir).join("mark").exists());
+        assert_eq!(
+            JobFolder::open(&job).unwrap_err(),
+            FolderError::Symlink(job.clone())
+        );
+        std::fs::remove_file(&job).unwrap();
+        assert_eq!(
+            JobFolder::open(&job).unwrap_err(),
+            FolderError::Missing(job.clone())
+        );
+        std::fs::write(&job, "").unwrap();
+        assert!(matches!(
+            JobFolder::open(&job).unwrap_err(),
+            FolderError::NotAFolder(_)
+        ));
+        std::fs::remove_dir(moved.join("results")).unwrap();
+        symlink("/", moved.join("results")).unwrap();
+        let err = JobFolder::open(&moved).unwrap_err();
+        assert!(matches!(err, FolderError::ResultsInTheWay(_)), "{err}");
+        assert!(err.is_final());
+    }
+
+    #[test]
+    fn job_json_must_be_a_small_regular_file() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        let read = || read_job_json(dir, Path::new("/jobs/x"));
+        assert!(matches!(read(), Err(JobFileError::Missing(p)) if p == "/jobs/x/job.json"));
+        nix::unistd::mkfifo(&dir.join(JOB_FILE), Mode::S_IRWXU).unwrap();
+        assert!(matches!(
+            read(),
+            Err(JobFileError::NotAFile { kind: "a FIFO", .. })
+        ));
+        std::fs::remove_file(dir.join(JOB_FILE)).unwrap();
+        symlink("/dev/zero", dir.join(JOB_FILE)).unwrap();
+        assert!(matches!(
+            read(),
+            Err(JobFileError::NotAFile {
+                kind: "a symlink",
+                ..
+            })
+        ));
+        std::fs::remove_file(dir.join(JOB_FILE)).unwrap();
+        let big = File::create(dir.join(JOB_FILE)).unwrap();
+        big.set_len(MAX_JOB_FILE_BYTES + 1).unwrap();
+        assert!(matches!(read(), Err(JobFileError::TooLarge { .. })));
+        std::fs::write(dir.join(JOB_FILE), "{}").unwrap();
+        assert_eq!(read().unwrap(), b"{}");
+    }
+}
