@@ -192,7 +192,8 @@ impl Env {
             .prefix("nats-fs-bench.")
             .tempdir_in(&base)
             .with_context(|| format!("creating a scratch folder in {}", base.display()))?;
-        // As root the supervisor runs the runners as `nobody`, which must reach the job folders.
+        // As root the supervisor runs the runners as uids of a pool, which must reach the job
+        // folders.
         chmod(work.path(), 0o755)?;
         // Every folder made in it lands in block groups of its own: see `spread_out`.
         if !spread_out(work.path()) {
@@ -611,7 +612,7 @@ fn performance_section(machine: &Value, rows: &[Row], errors: &[String], cfg: &C
     let _ = writeln!(
         out,
         "Measured with `scripts/bench` on {} (release build, nats-server {} on loopback, as root, \
-         so runners drop to `nobody`). Each figure is a median over repeated runs (unless it \
+         so runners drop to a uid of their own). Each figure is a median over repeated runs (unless it \
          says fastest or p90/p99); each comparison is measured in the same run.\n",
         machine["summary"].as_str().unwrap_or_default(),
         machine["natsServer"].as_str().unwrap_or("?"),
@@ -892,6 +893,11 @@ impl Supervisor {
             .stderr(Stdio::from(file));
         if let Ok(filter) = std::env::var("BENCH_SUPERVISOR_LOG") {
             command.env("RUST_LOG", filter);
+        }
+        if nix::unistd::geteuid().is_root() {
+            // As a host is meant to run: one identity per slot, from a pool used by nothing
+            // else (every process of a job's uid is killed when it ends).
+            command.args(["--run-as", "3900000-3900015"]);
         }
         die_with_bench(&mut command);
         let child = command.spawn().context("starting nats-fs-supervisor")?;

@@ -367,6 +367,26 @@ mod tests {
     }
 
     #[test]
+    fn what_a_step_planted_at_either_name_is_replaced_not_written_through() {
+        let dir = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        let tmp = dir
+            .path()
+            .join(format!(".{MANIFEST_FILE}.{}.tmp", std::process::id()));
+        // A FIFO at the temp name would block the open; a folder at the final name would
+        // make the rename fail.
+        nix::unistd::mkfifo(&tmp, nix::sys::stat::Mode::S_IRWXU).unwrap();
+        fs::create_dir_all(dir.path().join(MANIFEST_FILE).join("x")).unwrap();
+        sample().write_atomic(dir.path()).unwrap();
+        assert_eq!(Manifest::read(dir.path()).unwrap(), Some(sample()));
+        // A link at the temp name is replaced, its target left alone.
+        std::os::unix::fs::symlink(outside.path().join("victim"), &tmp).unwrap();
+        sample().write_atomic(dir.path()).unwrap();
+        assert!(!outside.path().join("victim").exists());
+        assert!(!tmp.exists());
+    }
+
+    #[test]
     fn read_refuses_symlinks_and_tolerates_absence() {
         let dir = tempfile::tempdir().unwrap();
         assert_eq!(Manifest::read(dir.path()).unwrap(), None);

@@ -72,6 +72,10 @@ pub struct StartJob {
     pub results_fd: Option<i32>,
     /// An empty, private folder owned by the runner's user, to stage into.
     pub workspace: PathBuf,
+    /// A private folder for temporary files, the steps' `TMPDIR` (the host's `/tmp` is shared
+    /// by every job). Absent in standalone runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tmp_dir: Option<PathBuf>,
     /// Steps from the request, replacing those of `job.json`.
     pub steps: Option<Vec<Step>>,
     /// The job timeout when `job.json` sets none, in milliseconds.
@@ -194,6 +198,7 @@ mod tests {
             job_fd: Some(5),
             results_fd: Some(6),
             workspace: "/ws/a.b-9".into(),
+            tmp_dir: None,
             steps: Some(vec![Step::shell("true")]),
             default_timeout_ms: 1000,
             kill_grace_ms: 10,

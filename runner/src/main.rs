@@ -349,6 +349,7 @@ async fn run_once(job: &Standalone, signals: &mut Signals) -> anyhow::Result<(Ou
         job_fd: Some(folder.dir.as_raw_fd()),
         results_fd: Some(folder.results.as_raw_fd()),
         workspace: workspace.path().to_owned(),
+        tmp_dir: None,
         steps: job.steps.clone(),
         default_timeout_ms: millis(job.default_timeout),
         kill_grace_ms: millis(job.kill_grace),

@@ -441,6 +441,9 @@ impl<'a> Job<'a> {
         env.insert("JOB_ATTEMPT".into(), self.start.attempt.to_string());
         env.insert("JOB_WORKSPACE".into(), path(&self.start.workspace));
         env.insert("JOB_RESULTS_DIR".into(), path(&self.shown_results));
+        if let Some(tmp) = &self.start.tmp_dir {
+            env.insert("TMPDIR".into(), path(tmp));
+        }
         env.extend(spec.env.iter().map(|(k, v)| (k.clone(), v.clone())));
         env.extend(step.env.iter().map(|(k, v)| (k.clone(), v.clone())));
         env.extend(

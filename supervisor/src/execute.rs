@@ -100,6 +100,14 @@ impl JobRun<'_> {
             .workspaces_dir
             .join(format!("{}.{}.{}", self.request.id, self.tag, self.attempt))
     }
+
+    /// The steps' `TMPDIR`, beside the workspace: private like it, but never synced.
+    fn tmp_dir(&self) -> PathBuf {
+        self.settings.workspaces_dir.join(format!(
+            "{}.{}.{}.tmp",
+            self.request.id, self.tag, self.attempt
+        ))
+    }
 }
 
 /// What a run needs from the rest of the supervisor.
@@ -122,7 +130,7 @@ pub async fn execute(
     let identity = held.identity().clone();
     let switch = env.identities.pool().switch;
     let prepared = {
-        let (job_dir, workspace) = (job.job_dir(), job.workspace());
+        let (job_dir, workspace) = (job.job_dir(), [job.workspace(), job.tmp_dir()]);
         let (identity, pool) = (identity.clone(), env.identities.pool().clone());
         let id = job.request.id.to_string();
         tokio::task::spawn_blocking(move || prepare(&job_dir, &workspace, &identity, &pool, &id))
@@ -142,7 +150,7 @@ pub async fn execute(
         sweep: !talk.clean(),
         drop_manifest: !talk.wrote_manifest(),
         manifest: talk.forced_manifest(job),
-        workspace: job.workspace(),
+        private: [job.workspace(), job.tmp_dir()],
         reaper: env.reaper.clone(),
     };
     let cleaned = tokio::task::spawn_blocking(move || cleanup.run()).await;
@@ -166,7 +174,7 @@ struct Prepared {
 /// `results/` to the identity.
 fn prepare(
     job_dir: &Path,
-    workspace: &Path,
+    private: &[PathBuf; 2],
     identity: &Identity,
     pool: &crate::identity::Pool,
     id: &str,
@@ -185,12 +193,11 @@ fn prepare(
         ))
     })?;
     // The workspace first: if it cannot be made, `results/` stays as it was.
-    create_workspace(workspace, identity, pool.switch).map_err(|e| {
-        JobEnd::Fault(format!(
-            "creating the workspace {}: {e}",
-            workspace.display()
-        ))
-    })?;
+    for folder in private {
+        create_private(folder, identity, pool.switch).map_err(|e| {
+            JobEnd::Fault(format!("creating the workspace {}: {e}", folder.display()))
+        })?;
+    }
     if pool.switch {
         if let Err(e) = results::lend(&folder, identity) {
             // A root-squashed NFS export refuses this; the runner may still be able to write.
@@ -204,14 +211,14 @@ fn prepare(
     Ok(Prepared { folder, owner })
 }
 
-/// A fresh, private workspace owned by the identity (removing a stale one first).
-fn create_workspace(workspace: &Path, identity: &Identity, switch: bool) -> io::Result<()> {
-    nats_fs::tree::remove_tree(workspace)?;
-    fs::DirBuilder::new().mode(0o700).create(workspace)?;
-    fs::set_permissions(workspace, fs::Permissions::from_mode(0o700))?;
+/// A fresh, private folder owned by the identity (removing a stale one first).
+fn create_private(folder: &Path, identity: &Identity, switch: bool) -> io::Result<()> {
+    nats_fs::tree::remove_tree(folder)?;
+    fs::DirBuilder::new().mode(0o700).create(folder)?;
+    fs::set_permissions(folder, fs::Permissions::from_mode(0o700))?;
     if switch {
         std::os::unix::fs::lchown(
-            workspace,
+            folder,
             Some(identity.uid.as_raw()),
             Some(identity.gid.as_raw()),
         )?;
@@ -439,6 +446,7 @@ fn start_message(job: &JobRun<'_>, fds: [i32; 2]) -> ToRunner {
         job_fd: Some(fds[0]),
         results_fd: Some(fds[1]),
         workspace: job.workspace(),
+        tmp_dir: Some(job.tmp_dir()),
         steps: job.request.steps.clone(),
         default_timeout_ms: millis(settings.default_timeout),
         kill_grace_ms: millis(settings.kill_grace),
@@ -696,7 +704,8 @@ struct Cleanup {
     drop_manifest: bool,
     /// The manifest the supervisor writes for a job it ended itself.
     manifest: Option<Manifest>,
-    workspace: PathBuf,
+    /// The workspace and the temporary folder.
+    private: [PathBuf; 2],
     reaper: Arc<Reaper>,
 }
 
@@ -742,8 +751,10 @@ impl Cleanup {
                 warn!("writing the manifest of the ended job: {e}");
             }
         }
-        if let Err(e) = nats_fs::tree::remove_tree(&self.workspace) {
-            warn!("removing the workspace {}: {e}", self.workspace.display());
+        for folder in &self.private {
+            if let Err(e) = nats_fs::tree::remove_tree(folder) {
+                warn!("removing the workspace {}: {e}", folder.display());
+            }
         }
     }
 }

@@ -66,7 +66,8 @@ async fn two_running_jobs_cannot_touch_each_other() {
         "victim.sh",
         &format!(
             "echo mine > mine.txt\n\
-             echo \"$$ $PPID $JOB_WORKSPACE\" > {s}/victim.ids\n\
+             echo secret > \"$TMPDIR/mine\"\n\
+             echo \"$$ $PPID $JOB_WORKSPACE $TMPDIR\" > {s}/victim.ids\n\
              i=0; while [ ! -e {s}/attacked ] && [ $i -lt 600 ]; do sleep 0.05; i=$((i+1)); done\n\
              echo victim-done; ls; mkdir -p out; echo artifact > out/a.txt\n"
         ),
@@ -76,7 +77,7 @@ async fn two_running_jobs_cannot_touch_each_other() {
         "attack.sh",
         &format!(
             "i=0; while [ ! -e {s}/victim.ids ] && [ $i -lt 600 ]; do sleep 0.05; i=$((i+1)); done\n\
-             read step runner ws < {s}/victim.ids\n\
+             read step runner ws tmp < {s}/victim.ids\n\
              try() {{ if sh -c \"$2\" >/dev/null 2>&1; then echo \"BROKE $1\"; else echo \"held $1\"; fi; }}\n\
              try environ \"grep -q victim-secret /proc/$step/environ\"\n\
              try runner-environ \"cat /proc/$runner/environ\"\n\
@@ -85,6 +86,7 @@ async fn two_running_jobs_cannot_touch_each_other() {
              try runner-mem \"head -c1 /proc/$runner/mem\"\n\
              try workspace-read \"ls $ws\"\n\
              try workspace-write \"touch $ws/planted\"\n\
+             try tmp-read \"cat $tmp/mine\"\n\
              try signal-step \"kill -0 $step\"\n\
              try stop-runner \"kill -STOP $runner\"\n\
              try log-append \"echo forged >> {j}/victim/results/step_0.log\"\n\
@@ -113,7 +115,7 @@ async fn two_running_jobs_cannot_touch_each_other() {
 
     let attacks = jobs.log("attacker", 0);
     assert!(!attacks.contains("BROKE"), "an attack worked:\n{attacks}");
-    assert_eq!(attacks.matches("held ").count(), 14, "{attacks}");
+    assert_eq!(attacks.matches("held ").count(), 15, "{attacks}");
     assert!(attacks.contains("self-environ-ok"), "{attacks}");
     // The victim's result, log and artifacts are exactly its own.
     assert_eq!(jobs.log("victim", 0), "victim-done\njob.json\nmine.txt\n");
