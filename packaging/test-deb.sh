@@ -7,11 +7,14 @@
 # conffiles and maintainer scripts, and checks the systemd unit with `systemd-analyze verify`
 # (any output is a failure: verify exits 0 on unknown keys) and `systemd-analyze security`
 # (fails above EXPOSURE_MAX) when systemd-analyze is there.
-# As root only: installs the package, checks the user, group, folders and binaries, runs a dry
-# run through the installed runner and privilege drop, edits /etc/default/nats-fs-supervisor,
-# reinstalls and upgrades and checks the edit survived, then purges and checks that everything
-# the package created is gone. The package is never left installed: a trap purges it, also on
-# failure. It refuses to run over an existing installation or an existing user nats-fs.
+# As root only: installs the package, checks the group, the pool of users, the settings, the
+# unit, folders and binaries, runs a dry run through the installed runner and privilege drop
+# (as nats-fs-1), edits /etc/default/nats-fs-supervisor, reinstalls and upgrades (with the user
+# nats-fs of 0.1.0 present, as after an upgrade from it) and checks the edit and the users
+# survived, then purges and checks that everything the package created is gone, nats-fs too.
+# The package is never left installed, nor a user or the group: a trap purges and removes
+# them, also on failure. It refuses to run over an existing installation, or when the group
+# nats-fs or any of the users nats-fs, nats-fs-1 ... nats-fs-4 exists.
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -20,9 +23,15 @@ PKG=nats-fs-worker
 UNIT=nats-fs-supervisor.service
 UNIT_PATH=/usr/lib/systemd/system/$UNIT
 ENV_FILE=/etc/default/nats-fs-supervisor
-RUN_USER=nats-fs
+# The group and the pool of runner users the postinst creates (NATS_FS_RUN_AS in ENV_FILE).
+GROUP=nats-fs
+POOL_USERS=(nats-fs-1 nats-fs-2 nats-fs-3 nats-fs-4)
+POOL_SETTING=NATS_FS_RUN_AS=nats-fs-1,nats-fs-2,nats-fs-3,nats-fs-4
+# The single runner user of 0.1.0: never created any more, left alone by upgrades, purged.
+LEGACY_USER=nats-fs
+ALL_USERS=("${POOL_USERS[@]}" "$LEGACY_USER")
 STATE_DIR=/var/lib/nats-fs
-# `systemd-analyze security` exposure ×10 (the unit scores 3.9 today): fails if hardening is lost.
+# `systemd-analyze security` exposure ×10 (the unit scores 3.7 today): fails if hardening is lost.
 EXPOSURE_MAX=45
 
 say() { printf 'test-deb: %s\n' "$*" >&2; }
@@ -51,8 +60,11 @@ cleanup() {
         fi
         # Whatever a half-run install or a broken postrm left behind (all of it was absent at
         # the start: checked below).
-        if getent passwd "$RUN_USER" >/dev/null; then userdel "$RUN_USER" || true; fi
-        if getent group "$RUN_USER" >/dev/null; then groupdel "$RUN_USER" || true; fi
+        local user
+        for user in "${ALL_USERS[@]}"; do
+            if getent passwd "$user" >/dev/null; then userdel "$user" || true; fi
+        done
+        if getent group "$GROUP" >/dev/null; then groupdel "$GROUP" || true; fi
         rm -rf "$STATE_DIR"
     fi
     rm -rf "$work"
@@ -133,7 +145,8 @@ done
 expect_in() {
     grep -qF -- "$2" "$ctl/$1" || fail_with_log "$1 lacks '$2' ($3)" "$ctl/$1"
 }
-expect_in postinst "adduser --system" "creates the runner user"
+expect_in postinst "adduser --system" "creates the runner users"
+expect_in postinst "${POOL_USERS[*]}" "creates the pool of NATS_FS_RUN_AS"
 expect_in postinst "addgroup --system" "creates the runner group"
 expect_in postinst "0711" "workspaces folder mode"
 expect_in postinst "deb-systemd-helper update-state $UNIT" "systemd snippets merged"
@@ -142,7 +155,8 @@ if grep -qE "deb-systemd-invoke (start|\\\$_dh_action)" "$ctl/postinst"; then
     fail_with_log "postinst starts the service on a fresh install" "$ctl/postinst"
 fi
 expect_in prerm "deb-systemd-invoke stop $UNIT" "stop on removal"
-expect_in postrm "userdel" "purge removes the user"
+expect_in postrm "userdel" "purge removes the users"
+expect_in postrm "${POOL_USERS[*]} $LEGACY_USER" "purge removes the pool and the user of 0.1.0"
 expect_in postrm "groupdel" "purge removes the group"
 # shellcheck disable=SC2016 # the literal text of the script
 expect_in postrm 'rm -rf "$WORKSPACES_DIR"' "purge removes the workspaces"
@@ -180,8 +194,10 @@ state=$(pkg_state)
 if [[ -n $state && $state != not-installed ]]; then
     fail "$PKG is already on this host (state: $state); refusing to install and purge over it"
 fi
-getent passwd "$RUN_USER" >/dev/null && fail "a user $RUN_USER exists already; refusing (purge would remove it)"
-getent group "$RUN_USER" >/dev/null && fail "a group $RUN_USER exists already; refusing (purge would remove it)"
+for user in "${ALL_USERS[@]}"; do
+    getent passwd "$user" >/dev/null && fail "a user $user exists already; refusing (purge would remove it)"
+done
+getent group "$GROUP" >/dev/null && fail "a group $GROUP exists already; refusing (purge would remove it)"
 [[ -e $STATE_DIR ]] && fail "$STATE_DIR exists already; refusing (purge would remove it)"
 [[ -e $ENV_FILE ]] && fail "$ENV_FILE exists already; refusing"
 touched_system=1
@@ -203,15 +219,20 @@ expect_stat() {
     [[ $got == "$2" ]] || fail "$1 is '$got' (owner group mode), expected '$2'"
 }
 check_installed() {
-    local pw
-    pw=$(getent passwd "$RUN_USER") || fail "the user $RUN_USER does not exist"
-    getent group "$RUN_USER" >/dev/null || fail "the group $RUN_USER does not exist"
-    IFS=: read -r _ _ uid gid _ home shell <<<"$pw"
-    ((uid < 1000)) || fail "$RUN_USER is not a system user (uid $uid)"
-    [[ $(getent group "$gid" | cut -d: -f1) == "$RUN_USER" ]] ||
-        fail "the primary group of $RUN_USER is not $RUN_USER (gid $gid)"
-    [[ $home == "$STATE_DIR" ]] || fail "the home of $RUN_USER is $home, expected $STATE_DIR"
-    [[ $shell == */nologin ]] || fail "$RUN_USER has the login shell $shell"
+    local user pw uid gid home shell
+    getent group "$GROUP" >/dev/null || fail "the group $GROUP does not exist"
+    for user in "${POOL_USERS[@]}"; do
+        pw=$(getent passwd "$user") || fail "the user $user does not exist"
+        IFS=: read -r _ _ uid gid _ home shell <<<"$pw"
+        ((uid < 1000)) || fail "$user is not a system user (uid $uid)"
+        [[ $(getent group "$gid" | cut -d: -f1) == "$GROUP" ]] ||
+            fail "the primary group of $user is not $GROUP (gid $gid)"
+        [[ $home == /nonexistent ]] || fail "the home of $user is $home, expected /nonexistent"
+        [[ $shell == */nologin ]] || fail "$user has the login shell $shell"
+    done
+    # The pool is what the service uses, and ProtectProc= hides the jobs from each other.
+    grep -qxF "$POOL_SETTING" "$ENV_FILE" || fail "$ENV_FILE does not set $POOL_SETTING"
+    grep -qx "ProtectProc=invisible" "$UNIT_PATH" || fail "$UNIT_PATH lacks ProtectProc=invisible"
     expect_stat "$STATE_DIR" "root root 755"
     expect_stat "$STATE_DIR/workspaces" "root root 711"
     expect_stat "$ENV_FILE" "root root 640"
@@ -226,7 +247,15 @@ check_installed() {
 }
 say "checking the installation"
 check_installed
-uid_before=$(id -u "$RUN_USER")
+getent passwd "$LEGACY_USER" >/dev/null && fail "a fresh install created the user $LEGACY_USER of 0.1.0"
+cmp -s "$ENV_FILE" "$here/nats-fs-supervisor.default" ||
+    fail "the installed $ENV_FILE differs from packaging/nats-fs-supervisor.default (the postinst must not edit it)"
+# "nats-fs-1:uid nats-fs-2:uid ...": a reinstall or an upgrade must not recreate a user.
+pool_uids() {
+    local user
+    for user in "${POOL_USERS[@]}"; do printf '%s:%s ' "$user" "$(id -u "$user" 2>/dev/null)"; done
+}
+uids_before=$(pool_uids)
 if command -v systemd-analyze >/dev/null; then
     if ! verify=$(systemd-analyze verify --man=no "$UNIT_PATH" 2>&1) || [[ -n $verify ]]; then
         fail "systemd-analyze verify complained about the installed $UNIT_PATH:"$'\n'"$verify"
@@ -234,11 +263,12 @@ if command -v systemd-analyze >/dev/null; then
 fi
 
 # The packaged settings at work, without NATS: a dry run goes through the installed runner,
-# the privilege drop to nats-fs and the 0711 workspaces folder, like a job of the service.
+# the privilege drop to the first user of the pool (nats-fs-1) and the 0711 workspaces folder,
+# like a job of the service.
 say "dry run with the installed settings"
 dry=$work/dry
 mkdir -p "$dry"
-chmod 0755 "$work" "$dry" # the runner (nats-fs) must reach the job folder
+chmod 0755 "$work" "$dry" # the runner (nats-fs-1) must reach the job folder
 printf '%s\n' '{"id": "deb-smoke", "steps": ["id -un > whoami.txt", "echo built > artifact.txt"]}' \
     >"$dry/test-payload.json"
 (
@@ -252,10 +282,13 @@ printf '%s\n' '{"id": "deb-smoke", "steps": ["id -un > whoami.txt", "echo built 
 results=$dry/jobs/deb-smoke/results
 grep -q '"status": *"success"' "$results/result.json" 2>/dev/null ||
     fail_with_log "the dry run did not succeed (results/result.json)" "$work/dry.log"
-[[ $(cat "$results/whoami.txt" 2>/dev/null) == "$RUN_USER" ]] ||
-    fail_with_log "the steps did not run as $RUN_USER" "$work/dry.log"
+[[ $(cat "$results/whoami.txt" 2>/dev/null) == "${POOL_USERS[0]}" ]] ||
+    fail_with_log "the steps did not run as ${POOL_USERS[0]}" "$work/dry.log"
 [[ $(cat "$results/artifact.txt" 2>/dev/null) == built ]] ||
     fail_with_log "the artifact was not synced to results/" "$work/dry.log"
+# After the job, results/ belongs to the job folder's owner (root here), out of the pool's reach.
+[[ $(stat -c %U "$results" "$results/artifact.txt" | sort -u) == root ]] ||
+    fail_with_log "results/ was not given back to root, the job folder's owner" "$work/dry.log"
 leftover=$(find "$STATE_DIR/workspaces" -mindepth 1 -maxdepth 1 ! -name '.nats-fs-supervisor.lock')
 [[ -z $leftover ]] || fail "the dry run left workspaces behind: $leftover"
 
@@ -272,7 +305,13 @@ check_edit_kept() {
 dpkg -i "$deb" </dev/null >"$work/reinstall.log" 2>&1 || fail_with_log "reinstalling with dpkg -i failed" "$work/reinstall.log"
 check_edit_kept "the reinstall"
 check_installed
-[[ $(id -u "$RUN_USER") == "$uid_before" ]] || fail "the reinstall recreated $RUN_USER"
+[[ $(pool_uids) == "$uids_before" ]] || fail "the reinstall recreated users: $uids_before -> $(pool_uids)"
+
+# As after 0.1.0, whose postinst created the single runner user nats-fs (and the group).
+say "creating the user $LEGACY_USER of 0.1.0, as its postinst did"
+adduser --system --quiet --ingroup "$GROUP" --home "$STATE_DIR" --no-create-home \
+    --shell /usr/sbin/nologin "$LEGACY_USER" </dev/null || fail "could not create the user $LEGACY_USER"
+legacy_uid=$(id -u "$LEGACY_USER")
 
 say "upgrading to a newer version of the same package"
 # The same package with a higher version: an upgrade as dpkg sees it (postinst configure <old>).
@@ -284,6 +323,9 @@ dpkg -i "$work/next.deb" </dev/null >"$work/upgrade.log" 2>&1 || fail_with_log "
 [[ $(dpkg-query -W -f='${Version}' "$PKG") == "$version+debtest1" ]] || fail "the upgrade did not take"
 check_edit_kept "the upgrade"
 check_installed
+[[ $(pool_uids) == "$uids_before" ]] || fail "the upgrade recreated users: $uids_before -> $(pool_uids)"
+[[ $(id -u "$LEGACY_USER" 2>/dev/null) == "$legacy_uid" ]] ||
+    fail "the upgrade removed or recreated the user $LEGACY_USER of 0.1.0"
 
 say "purging with apt-get"
 if command -v apt-get >/dev/null; then
@@ -293,8 +335,10 @@ else
 fi
 state=$(pkg_state)
 [[ -z $state || $state == not-installed ]] || fail_with_log "$PKG is still known to dpkg ($state)" "$work/purge.log"
-getent passwd "$RUN_USER" >/dev/null && fail_with_log "the purge left the user $RUN_USER" "$work/purge.log"
-getent group "$RUN_USER" >/dev/null && fail_with_log "the purge left the group $RUN_USER" "$work/purge.log"
+for user in "${ALL_USERS[@]}"; do
+    getent passwd "$user" >/dev/null && fail_with_log "the purge left the user $user" "$work/purge.log"
+done
+getent group "$GROUP" >/dev/null && fail_with_log "the purge left the group $GROUP" "$work/purge.log"
 [[ -e $STATE_DIR ]] && fail_with_log "the purge left $STATE_DIR" "$work/purge.log"
 for gone in "$ENV_FILE" "$UNIT_PATH" /usr/bin/nats-fs-supervisor /usr/bin/nats-fs-runner; do
     [[ -e $gone ]] && fail_with_log "the purge left $gone" "$work/purge.log"
