@@ -138,18 +138,29 @@ pub async fn execute(
     };
     let prepared = match prepared {
         Ok(Ok(prepared)) => prepared,
-        Ok(Err(end)) => return end,
+        Ok(Err(end)) => {
+            let private = [job.workspace(), job.tmp_dir()];
+            let _ = tokio::task::spawn_blocking(move || {
+                for folder in &private {
+                    let _ = nats_fs::tree::remove_tree(folder);
+                }
+            })
+            .await;
+            return end;
+        }
         Err(e) => return JobEnd::Fault(format!("preparing the job: {e}")),
     };
     let talk = converse(job, env, &prepared.folder, &identity, control).await;
+    // Written into results/ by the cleanup, and published: one and the same.
+    let forced_manifest = talk.forced_manifest(job);
     let cleanup = Cleanup {
         folder: prepared.folder,
         owner: switch.then_some(prepared.owner),
         identity,
         exclusive: held.exclusive(),
-        sweep: !talk.clean(),
+        sweep: talk.start_error.is_none() && !talk.clean(),
         drop_manifest: !talk.wrote_manifest(),
-        manifest: talk.forced_manifest(job),
+        manifest: forced_manifest.clone(),
         private: [job.workspace(), job.tmp_dir()],
         reaper: env.reaper.clone(),
     };
@@ -159,7 +170,7 @@ pub async fn execute(
     }
     // Only now is nothing of the job left: the identity may serve another job.
     drop(held);
-    talk.end(job)
+    talk.end(job, forced_manifest)
 }
 
 /// A job folder ready for the runner.
@@ -638,13 +649,13 @@ impl Talk {
         })
     }
 
-    /// How the job ended.
-    fn end(self, job: &JobRun<'_>) -> JobEnd {
+    /// How the job ended; `forced_manifest` is what [`Talk::forced_manifest`] made.
+    fn end(self, job: &JobRun<'_>, forced_manifest: Option<Manifest>) -> JobEnd {
         let id = job.request.id.as_str();
         if let Some(error) = self.start_error {
             return JobEnd::Fault(error);
         }
-        if let Some(manifest) = self.forced_manifest(job) {
+        if let Some(manifest) = forced_manifest {
             return JobEnd::Final(Box::new(ResultMessage {
                 worker: Some(job.settings.worker_id.clone()),
                 ..ResultMessage::from_manifest(&manifest)

@@ -143,6 +143,18 @@ impl Pool {
             bail!("--run-as: root cannot be part of a pool; jobs must run unprivileged");
         }
         let switch = !first.uid.is_root();
+        if switch {
+            if let Some(identity) = identities
+                .iter()
+                .find(|i| i.gid.as_raw() == 0 || i.groups.iter().any(|g| g.as_raw() == 0))
+            {
+                bail!(
+                    "--run-as: {} would run with the root group (gid 0), which reaches root's \
+                     files and sees every process; give the pool another group (--run-as-group)",
+                    identity.describe()
+                );
+            }
+        }
         Ok(Self {
             dedicated: switch && identities.len() > 1,
             switch,
@@ -391,10 +403,14 @@ mod tests {
         if !root() {
             return;
         }
-        let pool = Pool::resolve(Some("61184-61215"), Some("0")).unwrap();
+        let pool = Pool::resolve(Some("61184-61215"), Some("65534")).unwrap();
         assert_eq!(pool.len(), 32);
         assert!(pool.switch && pool.dedicated);
-        assert_eq!(pool.identities()[0].gid, Gid::from_raw(0));
+        assert_eq!(pool.identities()[0].gid, Gid::from_raw(65534));
+        assert!(Pool::resolve(Some("61184-61215"), Some("0"))
+            .unwrap_err()
+            .to_string()
+            .contains("root group"));
         assert!(pool.check_concurrency(32).is_ok());
         let err = pool.check_concurrency(33).unwrap_err().to_string();
         assert!(err.contains("32 identities"), "{err}");

@@ -1,6 +1,8 @@
 //! One job message, from delivery to settlement: decode and validate the request, recognise a
-//! redelivery of a job that already finished, run it while keeping its lease with progress
-//! acks, then publish the result and ack — or nak, terminate, or leave it, per [`decide`].
+//! redelivery of a job that already finished, make sure no other delivery of the same id runs
+//! (here or, through [`crate::lock`], on another host), run it while keeping its lease with
+//! progress acks, then publish the result and ack — or nak, terminate, or leave it, per
+//! [`decide`].
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};

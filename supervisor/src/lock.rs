@@ -225,16 +225,17 @@ impl Locks {
         }
     }
 
-    /// Gives the key up (only if it is still ours). Best effort: a key that stays expires.
+    /// Gives the key up (only if it is still ours). Best effort, and never for long (NATS may
+    /// be down): a key that stays expires by itself.
     pub async fn release(&self, lock: JobLock) {
         let Some(store) = &self.store else {
             return;
         };
-        if let Err(e) = store
-            .delete_expect_revision(&lock.key, Some(lock.revision))
-            .await
-        {
-            debug!("releasing the job's lock: {e} (it expires by itself)");
+        let deleted = store.delete_expect_revision(&lock.key, Some(lock.revision));
+        match tokio::time::timeout(Duration::from_secs(2), deleted).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => debug!("releasing the job's lock: {e} (it expires by itself)"),
+            Err(_) => debug!("releasing the job's lock: no answer (it expires by itself)"),
         }
     }
 
