@@ -70,6 +70,10 @@ pub struct StartJob {
     pub job_fd: Option<i32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub results_fd: Option<i32>,
+    /// The runner's uid belongs to this job alone: before its final event the runner kills
+    /// every other process of its uid (`kill(-1, SIGKILL)`), whatever its steps left behind.
+    #[serde(default)]
+    pub kill_uid_at_end: bool,
     /// An empty, private folder owned by the runner's user, to stage into.
     pub workspace: PathBuf,
     /// A private folder for temporary files, the steps' `TMPDIR` (the host's `/tmp` is shared
@@ -197,6 +201,7 @@ mod tests {
             job_dir: "/jobs/a.b".into(),
             job_fd: Some(5),
             results_fd: Some(6),
+            kill_uid_at_end: true,
             workspace: "/ws/a.b-9".into(),
             tmp_dir: None,
             steps: Some(vec![Step::shell("true")]),

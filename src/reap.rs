@@ -149,6 +149,50 @@ pub fn kill_children(
     }
 }
 
+/// Kills with SIGKILL every live process whose real uid is `uid`, found by scanning `/proc`,
+/// until none is left or `timeout` passes (a process forked meanwhile is found by the next
+/// scan; a killed one can fork no more). For root, as a fallback when killing from that uid
+/// itself did not work. Returns how many were killed and how many were still there at the end.
+#[must_use]
+pub fn kill_uid(uid: u32, timeout: Duration) -> Sweep {
+    let deadline = Instant::now() + timeout;
+    let mut sweep = Sweep::default();
+    let mut pause = Duration::from_millis(1);
+    loop {
+        let found: Vec<i32> = scan()
+            .into_iter()
+            .filter(|p| !p.zombie && real_uid(p.pid) == Some(uid))
+            .map(|p| p.pid)
+            .collect();
+        if found.is_empty() {
+            return sweep;
+        }
+        for pid in &found {
+            if kill(Pid::from_raw(*pid), Signal::SIGKILL).is_ok() {
+                sweep.reaped += 1;
+            }
+        }
+        if Instant::now() >= deadline {
+            sweep.left = found.len();
+            return sweep;
+        }
+        thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(50));
+    }
+}
+
+/// The real uid of `pid`, from `/proc/<pid>/status` (whatever its dumpable flag says).
+fn real_uid(pid: i32) -> Option<u32> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("Uid:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -191,6 +191,14 @@ async fn pipe_mode() -> ExitCode {
     ));
     let outcome = run::run(&start, &mut Pipe, &mut watch).await;
     clean_workspace(&start.workspace, false);
+    if start.kill_uid_at_end {
+        // Whatever of the job escaped the step sweeps dies before the job is said to be over:
+        // as this uid, kill(-1) reaches exactly the other processes of this uid.
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(-1),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
     Pipe.event(&outcome.event());
     exit_code(&outcome)
 }
@@ -348,6 +356,7 @@ async fn run_once(job: &Standalone, signals: &mut Signals) -> anyhow::Result<(Ou
         job_dir: job.dir.clone(),
         job_fd: Some(folder.dir.as_raw_fd()),
         results_fd: Some(folder.results.as_raw_fd()),
+        kill_uid_at_end: false,
         workspace: workspace.path().to_owned(),
         tmp_dir: None,
         steps: job.steps.clone(),

@@ -74,7 +74,8 @@ pub async fn run(
         reaper: &reaper,
         identities: &identities,
     };
-    let end = execute(&job, env, &mut control).await;
+    let (end, leftovers) = execute(&job, env, &mut control).await;
+    leftovers.clear().await;
     let result = match &end {
         JobEnd::Final(result) => (**result).clone(),
         JobEnd::Aborted(why) | JobEnd::Fault(why) | JobEnd::Busy(why) => {

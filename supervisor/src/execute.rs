@@ -37,7 +37,7 @@ use tokio::time::{sleep_until, Instant};
 use tracing::{debug, info, warn};
 
 use crate::config::Settings;
-use crate::identity::{Identities, Identity};
+use crate::identity::{Held, Identities, Identity};
 use crate::reaper::{Exit, Reaper};
 use crate::results;
 use crate::spawn::{kill_all_as, spawn_runner};
@@ -118,59 +118,82 @@ pub struct Env<'a> {
 }
 
 /// Runs the job to its end. `control` carries stop requests (cancel, drain, lost lease).
+/// When it returns, nothing of the job runs any more and `results/` is final; what is left
+/// ([`Leftovers`]: the private folders, and the identity) is for the caller to clear once the
+/// result is out, off the path of the next job.
 ///
 /// The file work before and after the runner runs on tokio's blocking pool: the job folder is
 /// usually on a shared drive, and a drive that hangs must not stall the other jobs' leases.
-pub async fn execute(
+pub async fn execute<'a>(
     job: &JobRun<'_>,
-    env: Env<'_>,
+    env: Env<'a>,
     control: &mut mpsc::Receiver<CancelMode>,
-) -> JobEnd {
+) -> (JobEnd, Leftovers<'a>) {
     let held = env.identities.acquire().await;
     let identity = held.identity().clone();
     let switch = env.identities.pool().switch;
+    let leftovers = Leftovers {
+        private: [job.workspace(), job.tmp_dir()],
+        held,
+    };
     let prepared = {
-        let (job_dir, workspace) = (job.job_dir(), [job.workspace(), job.tmp_dir()]);
+        let (job_dir, private) = (job.job_dir(), leftovers.private.clone());
         let (identity, pool) = (identity.clone(), env.identities.pool().clone());
         let id = job.request.id.to_string();
-        tokio::task::spawn_blocking(move || prepare(&job_dir, &workspace, &identity, &pool, &id))
+        tokio::task::spawn_blocking(move || prepare(&job_dir, &private, &identity, &pool, &id))
             .await
     };
     let prepared = match prepared {
         Ok(Ok(prepared)) => prepared,
-        Ok(Err(end)) => {
-            let private = [job.workspace(), job.tmp_dir()];
-            let _ = tokio::task::spawn_blocking(move || {
-                for folder in &private {
-                    let _ = nats_fs::tree::remove_tree(folder);
-                }
-            })
-            .await;
-            return end;
-        }
-        Err(e) => return JobEnd::Fault(format!("preparing the job: {e}")),
+        Ok(Err(end)) => return (end, leftovers),
+        Err(e) => return (JobEnd::Fault(format!("preparing the job: {e}")), leftovers),
     };
-    let talk = converse(job, env, &prepared.folder, &identity, control).await;
+    let exclusive = leftovers.held.exclusive();
+    let talk = converse(job, env, &prepared.folder, (&identity, exclusive), control).await;
     // Written into results/ by the cleanup, and published: one and the same.
     let forced_manifest = talk.forced_manifest(job);
     let cleanup = Cleanup {
         folder: prepared.folder,
         owner: switch.then_some(prepared.owner),
         identity,
-        exclusive: held.exclusive(),
+        exclusive,
         sweep: talk.start_error.is_none() && !talk.clean(),
         drop_manifest: !talk.wrote_manifest(),
         manifest: forced_manifest.clone(),
-        private: [job.workspace(), job.tmp_dir()],
         reaper: env.reaper.clone(),
     };
-    let cleaned = tokio::task::spawn_blocking(move || cleanup.run()).await;
-    if let Err(e) = cleaned {
+    if let Err(e) = tokio::task::spawn_blocking(move || cleanup.run()).await {
         warn!("cleaning up after the job: {e}");
     }
-    // Only now is nothing of the job left: the identity may serve another job.
-    drop(held);
-    talk.end(job, forced_manifest)
+    (talk.end(job, forced_manifest), leftovers)
+}
+
+/// What a finished job still holds: its private folders (workspace and `TMPDIR`), and its
+/// identity, which may serve another job only once they are gone (their names are easy to
+/// guess, and a later job of the same uid could open them).
+#[derive(Debug)]
+pub struct Leftovers<'a> {
+    private: [PathBuf; 2],
+    held: Held<'a>,
+}
+
+impl Leftovers<'_> {
+    /// Removes the private folders, then gives the identity back.
+    pub async fn clear(self) {
+        let private = self.private;
+        let removed = tokio::task::spawn_blocking(move || {
+            for folder in &private {
+                if let Err(e) = nats_fs::tree::remove_tree(folder) {
+                    warn!("removing the workspace {}: {e}", folder.display());
+                }
+            }
+        })
+        .await;
+        if let Err(e) = removed {
+            warn!("removing the workspace: {e}");
+        }
+        drop(self.held);
+    }
 }
 
 /// A job folder ready for the runner.
@@ -264,7 +287,9 @@ struct Talk {
     steps: Vec<StepInfo>,
     /// What happened to each step so far.
     records: Vec<Option<StepRecord>>,
-    /// Steps started and not finished: index and when.
+    /// The step the runner is on, and since when: the one it reported starting, or, once the
+    /// job is staged, the first it has not reported finished (a step can stop its runner
+    /// before the runner has said that the step started).
     running: Option<(usize, Instant)>,
     /// Whether the runner has reported the end of the job's steps.
     steps_done: bool,
@@ -281,15 +306,18 @@ async fn converse(
     job: &JobRun<'_>,
     env: Env<'_>,
     folder: &JobFolder,
-    identity: &Identity,
+    (identity, exclusive): (&Identity, bool),
     control: &mut mpsc::Receiver<CancelMode>,
 ) -> Talk {
     let settings = job.settings;
     let mut talk = Talk::new(settings.default_timeout);
     let keep = [folder.dir.as_raw_fd(), folder.results.as_raw_fd()];
     let switch = env.identities.pool().switch;
-    let spawned = match spawn_runner(&settings.runner, identity, switch, keep) {
-        Ok(spawned) => spawned,
+    let started = env.reaper.spawn(|| {
+        spawn_runner(&settings.runner, identity, switch, keep).map(|spawned| (spawned.pid, spawned))
+    });
+    let (spawned, mut exited) = match started {
+        Ok(started) => started,
         Err(e) => {
             talk.start_error = Some(format!(
                 "starting the runner {}: {e}",
@@ -298,13 +326,11 @@ async fn converse(
             return talk;
         }
     };
-    // Before anything is awaited: the reaper runs on this thread (see `Reaper::watch`).
     let pid = spawned.pid;
-    let mut exited = env.reaper.watch(pid);
     debug!(pid = pid.as_raw(), identity = %identity.describe(), "runner started");
     let mut stdin = Some(spawned.stdin);
     // Never logged: the start message carries the values of --pass-env variables.
-    if let Err(e) = send(&mut stdin, &start_message(job, keep)).await {
+    if let Err(e) = send(&mut stdin, &start_message(job, keep, exclusive)).await {
         warn!("sending the job to the runner: {e}");
     }
     let mut events = BufReader::new(spawned.stdout).lines();
@@ -312,11 +338,13 @@ async fn converse(
     let (mut events_open, mut errors_open, mut control_open) = (true, true, true);
     let mut deadlines = Deadlines::new(talk.started, talk.timeout, settings.kill_grace);
     let mut pipes_by: Option<Instant> = None;
+    // Set once the runner has been sent SIGKILL: its exit is all that is left to wait for.
+    let mut killed = false;
     loop {
         if talk.exit.is_some() && !events_open && !errors_open {
             break;
         }
-        let running = talk.forced.is_none() && talk.exit.is_none();
+        let running = !killed && talk.exit.is_none();
         tokio::select! {
             line = events.next_line(), if events_open => match line {
                 Ok(Some(line)) => {
@@ -341,20 +369,26 @@ async fn converse(
             },
             () = sleep_until(deadlines.timeout_at), if running => {
                 if deadlines.timeout_passed(talk.steps_done) {
-                    warn!(
-                        pid = pid.as_raw(),
-                        timeout_ms = millis(talk.timeout),
-                        "the job's timeout has passed and its runner has not ended it; ending the job here"
-                    );
-                    talk.forced = Some(Forced::Timeout);
-                    kill_runner(env.reaper, pid);
+                    if talk.last.is_none() {
+                        warn!(
+                            pid = pid.as_raw(),
+                            timeout_ms = millis(talk.timeout),
+                            "the job's timeout has passed and its runner has not ended it; ending the job here"
+                        );
+                        talk.forced = Some(Forced::Timeout);
+                    } else {
+                        warn!(pid = pid.as_raw(), "the runner reported the end of the job but did not exit; killing it");
+                    }
+                    killed = kill_runner(env.reaper, pid);
                 }
             }
             () = until(deadlines.stop_by), if running => {
                 if let Some(forced) = deadlines.stop_passed(talk.steps_done) {
                     warn!(pid = pid.as_raw(), "the runner did not stop in time; ending the job here");
-                    talk.forced = Some(forced);
-                    kill_runner(env.reaper, pid);
+                    if talk.last.is_none() {
+                        talk.forced = Some(forced);
+                    }
+                    killed = kill_runner(env.reaper, pid);
                 }
             }
             exit = &mut exited, if talk.exit.is_none() => {
@@ -440,13 +474,15 @@ impl Deadlines {
 }
 
 /// Kills the runner with SIGKILL, if it has not been reaped (so its pid is still its own).
-fn kill_runner(reaper: &Reaper, pid: Pid) {
+/// Always true: once this is called, the runner is ending.
+fn kill_runner(reaper: &Reaper, pid: Pid) -> bool {
     if reaper.is_watched(pid) {
         let _ = kill(pid, Signal::SIGKILL);
     }
+    true
 }
 
-fn start_message(job: &JobRun<'_>, fds: [i32; 2]) -> ToRunner {
+fn start_message(job: &JobRun<'_>, fds: [i32; 2], exclusive: bool) -> ToRunner {
     let settings = job.settings;
     ToRunner::Start(Box::new(StartJob {
         version: PROTOCOL_VERSION,
@@ -456,6 +492,7 @@ fn start_message(job: &JobRun<'_>, fds: [i32; 2]) -> ToRunner {
         job_dir: job.job_dir(),
         job_fd: Some(fds[0]),
         results_fd: Some(fds[1]),
+        kill_uid_at_end: exclusive,
         workspace: job.workspace(),
         tmp_dir: Some(job.tmp_dir()),
         steps: job.request.steps.clone(),
@@ -528,7 +565,10 @@ impl Talk {
                 self.steps_done = steps.is_empty();
                 loaded = true;
             }
-            FromRunner::Staged { duration_ms, .. } => self.stage_ms = *duration_ms,
+            FromRunner::Staged { duration_ms, .. } => {
+                self.stage_ms = *duration_ms;
+                self.running = (!self.steps.is_empty()).then(|| (0, Instant::now()));
+            }
             FromRunner::StepStarted { index, .. } => self.running = Some((*index, Instant::now())),
             FromRunner::StepFinished {
                 index,
@@ -537,7 +577,8 @@ impl Talk {
                 signal,
                 duration_ms,
             } => {
-                self.running = None;
+                self.running = (*status == StepStatus::Success && index + 1 < self.steps.len())
+                    .then(|| (index + 1, Instant::now()));
                 if let Some(slot) = self.records.get_mut(*index) {
                     let info = &self.steps[*index];
                     *slot = Some(StepRecord {
@@ -707,7 +748,8 @@ struct Cleanup {
     /// Who gets `results/` back (when the supervisor switches users).
     owner: Option<(Uid, Gid)>,
     identity: Identity,
-    /// Whether every process of the identity's uid is this job's.
+    /// Whether every process of the identity's uid is this job's (the runner was asked to
+    /// kill them all before it ends).
     exclusive: bool,
     /// Whether the runner did not end cleanly, so its steps may be left over.
     sweep: bool,
@@ -715,24 +757,29 @@ struct Cleanup {
     drop_manifest: bool,
     /// The manifest the supervisor writes for a job it ended itself.
     manifest: Option<Manifest>,
-    /// The workspace and the temporary folder.
-    private: [PathBuf; 2],
     reaper: Arc<Reaper>,
 }
 
 impl Cleanup {
     fn run(self) {
-        // First, nothing of the job may run any more.
-        if self.exclusive {
-            if let Err(e) = kill_all_as(self.identity.uid) {
-                warn!("killing the processes of {}: {e}", self.identity.describe());
-            }
-        }
+        // First, nothing of the job may run any more. A runner that finished cleanly has seen
+        // to that itself (and, with an identity of its own, killed every process of its uid
+        // before it said so). One that did not cannot have: its steps were re-parented to us
+        // (we are a child subreaper).
         if self.sweep {
-            // A runner that did not end cleanly cannot have killed its steps: they were
-            // re-parented to us (we are a child subreaper). With an identity of its own, they
-            // are dead already; otherwise find them in the process tree.
             let reaper = &self.reaper;
+            let uid = self.identity.uid;
+            if self.exclusive {
+                if let Err(e) = kill_all_as(uid, reaper) {
+                    let swept = reap::kill_uid(uid.as_raw(), SWEEP_TIMEOUT);
+                    warn!(
+                        killed = swept.reaped,
+                        stuck = swept.left,
+                        "killing the processes of {} from its own uid failed ({e}); killed them one by one",
+                        self.identity.describe()
+                    );
+                }
+            }
             let swept = reap::kill_children(|p| reaper.is_watched(p), None, SWEEP_TIMEOUT);
             warn!(
                 identity = %self.identity.describe(),
@@ -760,11 +807,6 @@ impl Cleanup {
         if let Some(manifest) = &self.manifest {
             if let Err(e) = results::write_manifest(&self.folder.results, manifest, self.owner) {
                 warn!("writing the manifest of the ended job: {e}");
-            }
-        }
-        for folder in &self.private {
-            if let Err(e) = nats_fs::tree::remove_tree(folder) {
-                warn!("removing the workspace {}: {e}", folder.display());
             }
         }
     }

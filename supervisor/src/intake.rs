@@ -434,10 +434,7 @@ impl Puller {
             self.permits.clear();
         }
         let ctx = ctx.clone();
-        tracker.spawn(async move {
-            job_task::handle(ctx, msg).await;
-            drop(permit);
-        });
+        tracker.spawn(job_task::handle(ctx, msg, permit));
     }
 
     /// After failures, waits a growing pause; after several, sets the consumer up again (it

@@ -14,7 +14,7 @@ use nats_fs::job::{JobId, JobRequest, RequestError};
 use nats_fs::manifest::Manifest;
 use nats_fs::protocol::CancelMode;
 use nats_fs::{ResultMessage, Status};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit};
 use tokio::task::JoinHandle;
 use tokio::time::{sleep, sleep_until, timeout, Instant};
 use tracing::{debug, error, info, info_span, warn, Instrument, Span};
@@ -108,8 +108,10 @@ impl Drop for Registered<'_> {
 }
 
 /// Handles one delivered message to the end. Every log line inside carries the job's id,
-/// attempt and stream sequence.
-pub async fn handle(ctx: Arc<Ctx>, msg: jetstream::Message) {
+/// attempt and stream sequence. `slot` is the pull loop's permit for this job: it is given
+/// back as soon as the message is settled, so the next job is asked for while this one's
+/// leftovers are cleared.
+pub async fn handle(ctx: Arc<Ctx>, msg: jetstream::Message, slot: OwnedSemaphorePermit) {
     let received = Instant::now();
     let (delivered, seq) = match msg.info() {
         Ok(info) => (
@@ -122,7 +124,7 @@ pub async fn handle(ctx: Arc<Ctx>, msg: jetstream::Message) {
         }
     };
     let span = info_span!("job", id = tracing::field::Empty, attempt = delivered, seq);
-    process(ctx, Arc::new(msg), delivered, seq, received)
+    process(ctx, Arc::new(msg), delivered, seq, received, slot)
         .instrument(span)
         .await;
 }
@@ -133,6 +135,7 @@ async fn process(
     delivered: u64,
     seq: u64,
     received: Instant,
+    slot: OwnedSemaphorePermit,
 ) {
     let request = match JobRequest::decode(&msg.payload) {
         Ok(request) => request,
@@ -164,7 +167,7 @@ async fn process(
     }
     let (tx, mut rx) = mpsc::channel(4);
     // One run per id: not beside another delivery of it here...
-    let _registered = match ctx.running.register(seq, &request.id, tx.clone()) {
+    let registered = match ctx.running.register(seq, &request.id, tx.clone()) {
         Ok(registered) => registered,
         Err(other) => {
             let why = format!(
@@ -213,7 +216,7 @@ async fn process(
         seq,
         attempt: delivered,
     };
-    let (end, lease_lost) = lease.keep(execution, lock.as_mut()).await;
+    let ((end, leftovers), lease_lost) = lease.keep(execution, lock.as_mut()).await;
     let decision = decide(
         request.id.as_str(),
         end,
@@ -222,9 +225,15 @@ async fn process(
         lease_lost,
     );
     carry_out(&ctx, &msg, decision, &request.id, delivered, seq).await;
+    // Settled, and results/ is final: the id may run again (here or elsewhere), and the slot
+    // may take the next job while this one's leftovers go; its identity is only given back
+    // once they are gone.
     if let Some(lock) = lock {
         ctx.locks.release(lock).await;
     }
+    drop(registered);
+    drop(slot);
+    leftovers.clear().await;
 }
 
 /// Hands back a delivery of a job that is running elsewhere (see [`decide`]).
@@ -264,11 +273,11 @@ impl Lease<'_> {
     /// server is about to hand the job to someone else; if the lock was taken by someone else,
     /// someone else runs it already: either way the job is stopped here at once rather than
     /// run twice.
-    async fn keep(
+    async fn keep<T>(
         &self,
-        execution: impl std::future::Future<Output = JobEnd>,
+        execution: impl std::future::Future<Output = T>,
         mut lock: Option<&mut JobLock>,
-    ) -> (JobEnd, bool) {
+    ) -> (T, bool) {
         let ack_wait = self.ctx.ack_wait;
         let every = ack_wait / 3;
         let margin = (ack_wait / 10).max(Duration::from_millis(200));

@@ -66,13 +66,19 @@ impl Reaper {
         Ok(reaper)
     }
 
-    /// Registers a child just started; its exit status arrives on the receiver. Must be called
-    /// before the caller awaits anything after starting the child (the reaper runs on the same
-    /// thread, so it cannot have collected the child in between).
-    pub fn watch(&self, pid: Pid) -> oneshot::Receiver<Exit> {
+    /// Starts a child with `start` (which returns its pid and whatever else the caller needs)
+    /// and registers it; its exit status arrives on the receiver. The reaper cannot collect the
+    /// child before it is registered: starting and registering hold the lock that reaping
+    /// takes, so this works from any thread.
+    pub fn spawn<T>(
+        &self,
+        start: impl FnOnce() -> std::io::Result<(Pid, T)>,
+    ) -> std::io::Result<(T, oneshot::Receiver<Exit>)> {
+        let mut waiting = self.lock();
+        let (pid, started) = start()?;
         let (tx, rx) = oneshot::channel();
-        self.lock().insert(pid.as_raw(), tx);
-        rx
+        waiting.insert(pid.as_raw(), tx);
+        Ok((started, rx))
     }
 
     /// Whether `pid` is a watched child not yet reaped: its pid cannot have been reused, so it
@@ -88,6 +94,8 @@ impl Reaper {
 
     /// Collects every child that has ended.
     pub fn reap(&self) {
+        // Held throughout, so that a child being started is registered before it is reaped.
+        let mut waiting = self.lock();
         loop {
             let (pid, exit) = match waitpid(None::<Pid>, Some(WaitPidFlag::WNOHANG)) {
                 Ok(WaitStatus::Exited(pid, code)) => (pid, Exit::Code(code)),
@@ -100,8 +108,7 @@ impl Reaper {
                     return;
                 }
             };
-            let waiter = self.lock().remove(&pid.as_raw());
-            if let Some(waiter) = waiter {
+            if let Some(waiter) = waiting.remove(&pid.as_raw()) {
                 let _ = waiter.send(exit);
             } else {
                 self.orphans.fetch_add(1, Ordering::Relaxed);

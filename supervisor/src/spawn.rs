@@ -11,7 +11,7 @@
 //!
 //! Runners are plain `std` children, not tokio's: [`crate::reaper`] reaps every child of the
 //! supervisor, runners and orphaned steps alike, with one `waitpid(-1)` loop.
-#![allow(unsafe_code)] // pre_exec and a per-thread setresuid; each block carries its SAFETY argument.
+#![allow(unsafe_code)] // pre_exec and fork; each block carries its SAFETY argument.
 
 use std::io;
 use std::os::fd::{OwnedFd, RawFd};
@@ -19,12 +19,15 @@ use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-use nix::errno::Errno;
+use std::time::{Duration, Instant};
+
 use nix::sys::signal::{kill, Signal};
-use nix::unistd::{getpid, getppid, Pid, Uid};
+use nix::unistd::{fork, getpid, getppid, ForkResult, Pid, Uid};
 use tokio::net::unix::pipe;
+use tokio::sync::oneshot::error::TryRecvError;
 
 use crate::identity::Identity;
+use crate::reaper::{Exit, Reaper};
 
 /// `PATH` for runners and steps when the supervisor has none.
 pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -40,8 +43,7 @@ pub struct Spawned {
 
 /// Starts `runner --pipe` as `identity` (when `switch`), with stdin, stdout and stderr piped
 /// and the descriptors `keep` left open across exec, at the same numbers; every other
-/// descriptor is closed at exec. The caller must register the pid with the reaper before it
-/// next awaits anything.
+/// descriptor is closed at exec. Start it through [`Reaper::spawn`], which registers it.
 pub fn spawn_runner(
     runner: &Path,
     identity: &Identity,
@@ -125,40 +127,62 @@ pub fn spawn_runner(
 }
 
 /// Sends SIGKILL to every process whose uid is `uid`: what a job left behind, wherever it is
-/// — stopped, double-forked, in a namespace of its own — and whatever its runner said.
+/// — stopped, double-forked, in a namespace of its own — when its runner could not see to it
+/// (it died, or was stopped and killed).
 ///
-/// `kill(-1, SIGKILL)` reaches every process the caller may signal: as `uid`, exactly the
-/// processes of `uid`. A process forking at that moment cannot slip through: the kernel signals
-/// under the task-list lock, and a fork whose parent has a fatal signal pending fails. The
-/// call is made from a short-lived thread whose own credentials (and only its own: the raw
-/// system call, unlike libc's `setresuid`, does not change the other threads) are switched to
-/// `uid` for good; the thread then ends. Killed processes that were ours become zombies the
-/// reaper collects.
+/// `kill(-1, SIGKILL)` reaches every process the caller may signal: from a process whose uid
+/// is `uid`, exactly the processes of `uid`. A process forking at that moment cannot slip
+/// through: the kernel signals under the task-list lock, and a fork whose parent has a fatal
+/// signal pending fails. The call is made by a short-lived child of the supervisor that
+/// switches to `uid` for good: a separate process, because anything running as `uid` may be
+/// signalled by the job's own processes (a thread of the supervisor could be stopped, taking
+/// the supervisor with it). If that child does not report within a second (a job's process
+/// stopped it first), it is killed and `Err` returned; the caller then kills by `/proc`.
 ///
 /// Only for a dedicated identity: it must never be root or the supervisor's own uid.
-pub fn kill_all_as(uid: Uid) -> io::Result<()> {
+pub fn kill_all_as(uid: Uid, reaper: &Reaper) -> io::Result<()> {
     if uid.is_root() || uid == nix::unistd::geteuid() {
         return Err(io::Error::other(format!(
             "refusing to kill every process of uid {uid}: it is ours"
         )));
     }
     let raw = uid.as_raw();
-    std::thread::Builder::new()
-        .name("kill-as".to_owned())
-        .spawn(move || {
-            // SAFETY: a plain system call with integer arguments; it changes the credentials of
-            // this thread only, which ends right after and shares no state that depends on them.
-            let switched =
-                unsafe { nix::libc::syscall(nix::libc::SYS_setresuid, raw, raw, raw) } == 0;
-            if !switched {
-                return Err(io::Error::last_os_error());
+    let (child, mut exited) = reaper.spawn(|| {
+        // SAFETY: the child runs nothing but three raw system calls and _exit (async-signal-
+        // safe, touching no memory of the parent's but the integer `raw`), and never returns.
+        match unsafe { fork() }? {
+            ForkResult::Child => unsafe {
+                if nix::libc::syscall(nix::libc::SYS_setresuid, raw, raw, raw) != 0 {
+                    nix::libc::_exit(2);
+                }
+                nix::libc::kill(-1, nix::libc::SIGKILL);
+                nix::libc::_exit(0)
+            },
+            ForkResult::Parent { child } => Ok((child, child)),
+        }
+    })?;
+    let deadline = Instant::now() + Duration::from_secs(1);
+    loop {
+        match exited.try_recv() {
+            Ok(Exit::Code(0)) => return Ok(()),
+            Ok(other) => {
+                return Err(io::Error::other(format!(
+                    "the process killing them {}",
+                    other.describe()
+                )))
             }
-            match kill(Pid::from_raw(-1), Signal::SIGKILL) {
-                // ESRCH: not a single other process on the system.
-                Ok(()) | Err(Errno::ESRCH) => Ok(()),
-                Err(e) => Err(io::Error::from(e)),
+            Err(TryRecvError::Closed) => return Err(io::Error::other("the reaper is gone")),
+            Err(TryRecvError::Empty) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_micros(200));
             }
-        })?
-        .join()
-        .map_err(|_| io::Error::other("the kill thread panicked"))?
+            Err(TryRecvError::Empty) => {
+                if reaper.is_watched(child) {
+                    let _ = kill(child, Signal::SIGKILL);
+                }
+                return Err(io::Error::other(
+                    "the process killing them did not finish (stopped by one of them?)",
+                ));
+            }
+        }
+    }
 }
