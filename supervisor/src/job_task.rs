@@ -224,11 +224,12 @@ async fn process(
         ctx.max_deliver,
         lease_lost,
     );
+    let settled = matches!(decision, Decision::Publish { .. });
     carry_out(&ctx, &msg, decision, &request.id, delivered, seq).await;
-    // Settled, and results/ is final: the id may run again (here or elsewhere), and the slot
-    // may take the next job while this one's leftovers go; its identity is only given back
-    // once they are gone.
-    if let Some(lock) = lock {
+    // Settled (or handed back), and results/ is final: the id may run again, here or
+    // elsewhere (a settled job's lock is stale by now), and the slot may take the next job
+    // while this one's leftovers go; its identity is only given back once they are gone.
+    if let (Some(lock), false) = (lock, settled) {
         ctx.locks.release(lock).await;
     }
     drop(registered);

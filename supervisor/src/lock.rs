@@ -4,11 +4,16 @@
 //! Two runs of one id would share its folder: the second would empty `results/` under the
 //! first, and their logs, artifacts and manifests would mix. A delivery takes the key named
 //! after the id with a create (which fails if the key is live) before it touches the folder,
-//! refreshes it while the job runs, and deletes it when the job is settled. The bucket's
-//! `max_age` is the lease: a host that crashed stops refreshing, and its key disappears one
-//! lease later — about when the job's message is redelivered. A delivery that finds the key
-//! taken is handed back with a delay, and ends as a dead letter if it is still waiting after
-//! `--max-deliver` deliveries.
+//! and refreshes it while the job runs. The bucket's `max_age` is the lease: a host that
+//! crashed stops refreshing, and its key disappears one lease later — about when the job's
+//! message is redelivered. A delivery that finds the key taken is handed back with a delay,
+//! and ends as a dead letter if it is still waiting after `--max-deliver` deliveries.
+//!
+//! A job that ends does not delete its key (one write per job is enough): the key names the
+//! stream sequence of the message it answered, and once that message has left the work-queue
+//! stream (acked or terminated) the key is stale, and the next delivery of the id takes it
+//! over. A job handed back for another delivery (a host fault, a drain) deletes its key, since
+//! its message stays in the stream.
 //!
 //! On one host, the same rule is kept without a round trip by the registry of running jobs;
 //! the bucket is what other hosts see. A key left by this very supervisor's previous life (the
@@ -18,6 +23,7 @@
 use std::time::Duration;
 
 use async_nats::jetstream::kv::{self, CreateErrorKind, UpdateErrorKind};
+use async_nats::jetstream::stream::RawMessageErrorKind;
 use async_nats::jetstream::{self, stream::StorageType};
 use serde::{Deserialize, Serialize};
 use tracing::{debug, info};
@@ -43,6 +49,8 @@ struct Holder {
 #[derive(Debug)]
 pub struct Locks {
     store: Option<kv::Store>,
+    /// The job stream, to tell whether a holder's message is still there.
+    jobs: Option<jetstream::stream::Stream>,
     /// How long a key lives without a refresh.
     lease: Duration,
     me: Holder,
@@ -89,10 +97,15 @@ impl Locks {
         let Some(bucket) = settings.lock_bucket.as_deref() else {
             return Ok(Self {
                 store: None,
+                jobs: None,
                 lease: Duration::MAX,
                 me,
             });
         };
+        let jobs = js
+            .get_stream(&settings.stream)
+            .await
+            .map_err(|e| EnsureError::Nats(format!("reading stream {}: {e}", settings.stream)))?;
         // The bucket's stream is made here rather than with `create_key_value`, which first
         // asks for the account's info and cannot read nats-server 2.9's answer. The settings
         // are those NATS gives a key-value bucket: one value per key, rollups, no deletes of
@@ -137,6 +150,7 @@ impl Locks {
         );
         Ok(Self {
             store: Some(store),
+            jobs: Some(jobs),
             lease: max_age,
             me,
         })
@@ -183,16 +197,15 @@ impl Locks {
                 seq = holder.seq,
                 "taking over a lock left by this host's previous supervisor"
             );
-            return match store.update(id, value, entry.revision).await {
-                Ok(revision) => Acquired::Held(Some(JobLock {
-                    key: id.to_owned(),
-                    revision,
-                })),
-                Err(e) if e.kind() == UpdateErrorKind::WrongLastRevision => {
-                    Acquired::Busy("another host took its lock first".to_owned())
-                }
-                Err(e) => Acquired::Failed(format!("taking over the job's lock: {e}")),
-            };
+            return self.take_over(store, id, value, entry.revision).await;
+        }
+        match self.still_queued(holder.seq).await {
+            Ok(false) => {
+                // The holder's job was settled: its key is stale.
+                return self.take_over(store, id, value, entry.revision).await;
+            }
+            Ok(true) => {}
+            Err(e) => return Acquired::Failed(format!("checking the job's lock: {e}")),
         }
         Acquired::Busy(format!(
             "it is already running on {} (worker {}, stream sequence {})",
@@ -200,6 +213,38 @@ impl Locks {
             holder.worker,
             holder.seq.map_or_else(|| "?".to_owned(), |s| s.to_string())
         ))
+    }
+
+    /// Replaces a stale key (revision `revision`) with ours.
+    async fn take_over(
+        &self,
+        store: &kv::Store,
+        id: &str,
+        value: bytes::Bytes,
+        revision: u64,
+    ) -> Acquired {
+        match store.update(id, value, revision).await {
+            Ok(revision) => Acquired::Held(Some(JobLock {
+                key: id.to_owned(),
+                revision,
+            })),
+            Err(e) if e.kind() == UpdateErrorKind::WrongLastRevision => {
+                Acquired::Busy("another delivery took its lock first".to_owned())
+            }
+            Err(e) => Acquired::Failed(format!("taking over the job's lock: {e}")),
+        }
+    }
+
+    /// Whether the job message `seq` is still in the stream (not yet acked or terminated).
+    async fn still_queued(&self, seq: Option<u64>) -> Result<bool, String> {
+        let (Some(jobs), Some(seq)) = (&self.jobs, seq) else {
+            return Ok(true);
+        };
+        match jobs.get_raw_message(seq).await {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == RawMessageErrorKind::NoMessageFound => Ok(false),
+            Err(e) => Err(e.to_string()),
+        }
     }
 
     /// Renews a held key for another lease.
@@ -225,8 +270,9 @@ impl Locks {
         }
     }
 
-    /// Gives the key up (only if it is still ours). Best effort, and never for long (NATS may
-    /// be down): a key that stays expires by itself.
+    /// Gives the key up (only if it is still ours), for a job whose message stays in the stream
+    /// (handed back for another delivery); a settled job's key is simply left to go stale.
+    /// Best effort, and never for long (NATS may be down): a key that stays expires by itself.
     pub async fn release(&self, lock: JobLock) {
         let Some(store) = &self.store else {
             return;
