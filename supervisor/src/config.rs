@@ -143,8 +143,8 @@ pub struct Args {
     pub run_as_group: Option<String>,
 
     /// JetStream key-value bucket in which hosts sharing the jobs folder record the job ids
-    /// they are running, so that one id never runs twice at once (created when missing, with
-    /// the ack wait as its lease). Empty: one run per id on this host only.
+    /// they are running, so that one id never runs twice at once (created when missing).
+    /// Empty: one run per id on this host only.
     #[arg(long, env = "NATS_FS_LOCK_BUCKET", default_value = "nats-fs-running")]
     pub lock_bucket: String,
 

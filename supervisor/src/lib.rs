@@ -99,7 +99,7 @@ pub async fn run(
         return Ok(());
     };
     let Some(locks) = intake::patiently(&mut shutdown, "the lock bucket", || {
-        lock::Locks::setup(&settings, &js, intake.ack_wait, intake.replicas)
+        lock::Locks::setup(&settings, &js, intake.replicas)
     })
     .await?
     else {

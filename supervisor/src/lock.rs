@@ -1,44 +1,48 @@
-//! One run per job id at a time, on every host that shares the jobs folder: a lease on the id
-//! in a JetStream key-value bucket (`--lock-bucket`, `nats-fs-running` by default).
+//! One run per job id at a time, on every host that shares the jobs folder: which delivery of
+//! an id owns its folder, recorded in a JetStream key-value bucket (`--lock-bucket`,
+//! `nats-fs-running` by default).
 //!
 //! Two runs of one id would share its folder: the second would empty `results/` under the
-//! first, and their logs, artifacts and manifests would mix. A delivery takes the key named
-//! after the id with a create (which fails if the key is live) before it touches the folder,
-//! and refreshes it while the job runs. The bucket's `max_age` is the lease: a host that
-//! crashed stops refreshing, and its key disappears one lease later — about when the job's
-//! message is redelivered. A delivery that finds the key taken is handed back with a delay,
-//! and ends as a dead letter if it is still waiting after `--max-deliver` deliveries.
+//! first, and their logs, artifacts and manifests would mix. Before a delivery touches the
+//! folder it takes the key named after the id with a create (which fails if the key exists).
+//! A key that exists names the stream sequence of the delivery that holds it, and is taken
+//! over when that delivery cannot be running any more:
 //!
-//! A job that ends does not delete its key (one write per job is enough): the key names the
-//! stream sequence of the message it answered, and once that message has left the work-queue
-//! stream (acked or terminated) the key is stale, and the next delivery of the id takes it
-//! over. A job handed back for another delivery (a host fault, a drain) deletes its key, since
-//! its message stays in the stream.
+//! - it is the same message, delivered again: the server redelivers only once the holder lost
+//!   its lease on it, and a holder stops its job before its lease runs out (see
+//!   [`crate::job_task`]), or it crashed;
+//! - its message has left the work-queue stream: the holder's job was settled (acked or
+//!   terminated). So a job that ends leaves its key to go stale rather than spend a write on
+//!   deleting it; only a job handed back for another delivery deletes it.
+//!
+//! Otherwise the delivery is handed back with a delay, and ends as a dead letter if it is
+//! still waiting after `--max-deliver` deliveries. Takeovers are compare-and-set on the key's
+//! revision, so two deliveries never both win. The bucket's `max_age` only clears old keys;
+//! a job that runs longer than that refreshes its key well before it would go.
 //!
 //! On one host, the same rule is kept without a round trip by the registry of running jobs;
-//! the bucket is what other hosts see. A key left by this very supervisor's previous life (the
-//! same host and workspaces folder, which only one live supervisor can hold) is taken over at
-//! once instead of waited out.
+//! the bucket is what other hosts see.
 
 use std::time::Duration;
 
 use async_nats::jetstream::kv::{self, CreateErrorKind, UpdateErrorKind};
-use async_nats::jetstream::stream::RawMessageErrorKind;
-use async_nats::jetstream::{self, stream::StorageType};
+use async_nats::jetstream::stream::{RawMessageErrorKind, StorageType};
+use async_nats::jetstream::{self};
 use serde::{Deserialize, Serialize};
 use tracing::{debug, info};
 
 use crate::config::Settings;
 use crate::intake::EnsureError;
 
+/// How long a key lives without a refresh, in a bucket made here.
+const KEY_LIFETIME: Duration = Duration::from_secs(600);
+
 /// Who holds a job's key: the value stored under it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 struct Holder {
     host: String,
     worker: String,
-    workspaces: String,
-    /// Random per supervisor start: tells this life from an earlier one on the same host.
-    instance: String,
+    /// The stream sequence of the holding delivery.
     #[serde(default)]
     seq: Option<u64>,
     #[serde(default)]
@@ -52,8 +56,9 @@ pub struct Locks {
     /// The job stream, to tell whether a holder's message is still there.
     jobs: Option<jetstream::stream::Stream>,
     /// How long a key lives without a refresh.
-    lease: Duration,
-    me: Holder,
+    lifetime: Duration,
+    host: String,
+    worker: String,
 }
 
 /// A held key.
@@ -68,7 +73,7 @@ pub struct JobLock {
 pub enum Acquired {
     /// Ours until released (or no bucket is configured).
     Held(Option<JobLock>),
-    /// Someone else runs the job: who.
+    /// Another delivery runs the job: which.
     Busy(String),
     /// The bucket could not be asked: a fault of the host or of NATS.
     Failed(String),
@@ -77,29 +82,31 @@ pub enum Acquired {
 /// Why a refresh did not work.
 #[derive(Debug)]
 pub enum RefreshError {
-    /// The key was taken by someone else: the lease is gone.
+    /// The key was taken by another delivery: it is not ours any more.
     Lost,
     /// NATS did not answer; try again.
     Failed(String),
 }
 
 impl Locks {
-    /// Opens (or creates) the bucket. Its lease is the bucket's `max_age`: set to the ack wait
-    /// when this supervisor creates it, or whatever the bucket already has. A bucket made here
-    /// has as many replicas as the job stream: losing a node must not stop jobs from running.
+    /// Opens (or creates) the bucket. A bucket made here has as many replicas as the job
+    /// stream: losing a node must not stop jobs from running.
     pub async fn setup(
         settings: &Settings,
         js: &jetstream::Context,
-        ack_wait: Duration,
         replicas: usize,
     ) -> Result<Self, EnsureError> {
-        let me = holder(settings);
+        let host = nix::unistd::gethostname()
+            .map(|h| h.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let worker = settings.worker_id.clone();
         let Some(bucket) = settings.lock_bucket.as_deref() else {
             return Ok(Self {
                 store: None,
                 jobs: None,
-                lease: Duration::MAX,
-                me,
+                lifetime: Duration::MAX,
+                host,
+                worker,
             });
         };
         let jobs = js
@@ -109,13 +116,13 @@ impl Locks {
         // The bucket's stream is made here rather than with `create_key_value`, which first
         // asks for the account's info and cannot read nats-server 2.9's answer. The settings
         // are those NATS gives a key-value bucket: one value per key, rollups, no deletes of
-        // messages, direct gets, and `max_age` as the lease.
+        // messages, direct gets.
         js.get_or_create_stream(jetstream::stream::Config {
             name: format!("KV_{bucket}"),
             description: Some("nats-fs-worker: job ids running now (one run per id)".to_owned()),
             subjects: vec![format!("$KV.{bucket}.>")],
             max_messages_per_subject: 1,
-            max_age: ack_wait,
+            max_age: KEY_LIFETIME,
             storage: StorageType::File,
             num_replicas: replicas,
             allow_rollup: true,
@@ -137,28 +144,34 @@ impl Locks {
             .map_err(|e| EnsureError::Nats(format!("reading the lock bucket {bucket}: {e}")))?
             .config
             .max_age;
-        if max_age.is_zero() || max_age < Duration::from_secs(1) {
+        let lifetime = if max_age.is_zero() {
+            Duration::MAX
+        } else {
+            max_age
+        };
+        if lifetime < Duration::from_secs(3) {
             return Err(EnsureError::Config(format!(
-                "the lock bucket {bucket} keeps keys forever (max_age {max_age:?}): a crashed host's \
-                 jobs would never run again; give it a max_age (e.g. the ack wait) or choose another --lock-bucket"
+                "the lock bucket {bucket} keeps keys for only {max_age:?}: running jobs could not \
+                 keep theirs; give it a max_age of minutes or choose another --lock-bucket"
             )));
         }
         info!(
             bucket,
-            lease_ms = u64::try_from(max_age.as_millis()).unwrap_or(u64::MAX),
             "one run per job id across hosts, through the lock bucket"
         );
         Ok(Self {
             store: Some(store),
             jobs: Some(jobs),
-            lease: max_age,
-            me,
+            lifetime,
+            host,
+            worker,
         })
     }
 
-    /// How often a held key must be refreshed, if there is a bucket.
+    /// How often a held key must be refreshed, if there is a bucket that expires keys.
     pub fn refresh_every(&self) -> Option<Duration> {
-        self.store.as_ref().map(|_| self.lease / 3)
+        self.store.as_ref()?;
+        (self.lifetime != Duration::MAX).then_some(self.lifetime / 3)
     }
 
     /// Takes the key of job `id` for delivery `seq`.
@@ -167,20 +180,20 @@ impl Locks {
             return Acquired::Held(None);
         };
         let value = self.value(seq, attempt);
-        let taken = match store.create(id, value.clone()).await {
+        match store.create(id, value.clone()).await {
             Ok(revision) => {
                 return Acquired::Held(Some(JobLock {
                     key: id.to_owned(),
                     revision,
                 }))
             }
-            Err(e) if e.kind() == CreateErrorKind::AlreadyExists => e,
+            Err(e) if e.kind() == CreateErrorKind::AlreadyExists => {}
             Err(e) => return Acquired::Failed(format!("taking the job's lock: {e}")),
-        };
+        }
         let entry = match store.entry(id).await {
             Ok(Some(entry)) => entry,
             // Gone meanwhile (expired or released): the next delivery will get it.
-            Ok(None) => return Acquired::Busy(format!("its lock was just released ({taken})")),
+            Ok(None) => return Acquired::Busy("its lock was just released".to_owned()),
             Err(e) => return Acquired::Failed(format!("reading the job's lock: {e}")),
         };
         let Ok(holder) = serde_json::from_slice::<Holder>(&entry.value) else {
@@ -188,42 +201,25 @@ impl Locks {
                 "its lock is held by something that is not a nats-fs supervisor".to_owned(),
             );
         };
-        if holder.host == self.me.host
-            && holder.workspaces == self.me.workspaces
-            && holder.instance != self.me.instance
-        {
-            // Our own previous life: it is dead (we hold its workspaces folder).
-            debug!(
-                seq = holder.seq,
-                "taking over a lock left by this host's previous supervisor"
-            );
-            return self.take_over(store, id, value, entry.revision).await;
-        }
-        match self.still_queued(holder.seq).await {
-            Ok(false) => {
-                // The holder's job was settled: its key is stale.
-                return self.take_over(store, id, value, entry.revision).await;
+        let stale = if holder.seq == Some(seq) {
+            // This very message again: its earlier delivery lost its lease (or its host).
+            debug!(host = %holder.host, "taking over the lock of an earlier delivery of this message");
+            true
+        } else {
+            match self.still_queued(holder.seq).await {
+                Ok(queued) => !queued,
+                Err(e) => return Acquired::Failed(format!("checking the job's lock: {e}")),
             }
-            Ok(true) => {}
-            Err(e) => return Acquired::Failed(format!("checking the job's lock: {e}")),
+        };
+        if !stale {
+            return Acquired::Busy(format!(
+                "it is already running on {} (worker {}, stream sequence {})",
+                holder.host,
+                holder.worker,
+                holder.seq.map_or_else(|| "?".to_owned(), |s| s.to_string())
+            ));
         }
-        Acquired::Busy(format!(
-            "it is already running on {} (worker {}, stream sequence {})",
-            holder.host,
-            holder.worker,
-            holder.seq.map_or_else(|| "?".to_owned(), |s| s.to_string())
-        ))
-    }
-
-    /// Replaces a stale key (revision `revision`) with ours.
-    async fn take_over(
-        &self,
-        store: &kv::Store,
-        id: &str,
-        value: bytes::Bytes,
-        revision: u64,
-    ) -> Acquired {
-        match store.update(id, value, revision).await {
+        match store.update(id, value, entry.revision).await {
             Ok(revision) => Acquired::Held(Some(JobLock {
                 key: id.to_owned(),
                 revision,
@@ -247,7 +243,7 @@ impl Locks {
         }
     }
 
-    /// Renews a held key for another lease.
+    /// Renews a held key, so that it outlives the bucket's `max_age`.
     pub async fn refresh(
         &self,
         lock: &mut JobLock,
@@ -272,7 +268,8 @@ impl Locks {
 
     /// Gives the key up (only if it is still ours), for a job whose message stays in the stream
     /// (handed back for another delivery); a settled job's key is simply left to go stale.
-    /// Best effort, and never for long (NATS may be down): a key that stays expires by itself.
+    /// Best effort, and never for long (NATS may be down): a key that stays is taken over by
+    /// the message's next delivery anyway.
     pub async fn release(&self, lock: JobLock) {
         let Some(store) = &self.store else {
             return;
@@ -280,38 +277,18 @@ impl Locks {
         let deleted = store.delete_expect_revision(&lock.key, Some(lock.revision));
         match tokio::time::timeout(Duration::from_secs(2), deleted).await {
             Ok(Ok(())) => {}
-            Ok(Err(e)) => debug!("releasing the job's lock: {e} (it expires by itself)"),
-            Err(_) => debug!("releasing the job's lock: no answer (it expires by itself)"),
+            Ok(Err(e)) => debug!("releasing the job's lock: {e}"),
+            Err(_) => debug!("releasing the job's lock: no answer"),
         }
     }
 
     fn value(&self, seq: u64, attempt: u64) -> bytes::Bytes {
         let holder = Holder {
+            host: self.host.clone(),
+            worker: self.worker.clone(),
             seq: Some(seq),
             attempt,
-            ..self.me.clone()
         };
         serde_json::to_vec(&holder).unwrap_or_default().into()
     }
-}
-
-fn holder(settings: &Settings) -> Holder {
-    Holder {
-        host: nix::unistd::gethostname()
-            .map(|h| h.to_string_lossy().into_owned())
-            .unwrap_or_default(),
-        worker: settings.worker_id.clone(),
-        workspaces: settings.workspaces_dir.display().to_string(),
-        instance: format!("{:016x}", rand_u64()),
-        seq: None,
-        attempt: 0,
-    }
-}
-
-/// A random number: std seeds every `RandomState` from the kernel's random source.
-fn rand_u64() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    std::collections::hash_map::RandomState::new()
-        .build_hasher()
-        .finish()
 }

@@ -651,3 +651,29 @@ async fn an_empty_dead_letter_subject_disables_dead_letters() {
         "a dead letter was published although disabled"
     );
 }
+
+#[tokio::test]
+async fn a_crashed_hosts_hold_on_a_job_id_ends_with_its_redelivery() {
+    let server = Server::start(&[]);
+    let jobs = Jobs::new();
+    let args = ["--ack-wait", "2s"];
+    let mut first = Supervisor::start(&server.url, jobs.path(), &args, &[]);
+    first.ready().await;
+    let mut nats = Nats::connect(&server.url).await;
+    let (token, step) = hang_on_first_attempt();
+    jobs.add("held", &json!({ "steps": [step] }));
+    nats.submit_id("held").await;
+    eventually(SOON, "the step to run", || {
+        processes_with(&token).first().copied()
+    })
+    .await;
+    // The first host dies holding the id's lock; another host shares the work.
+    first.kill();
+    let second = Supervisor::start(&server.url, jobs.path(), &args, &[]);
+    second.ready().await;
+    let got = nats.result_within(Duration::from_secs(30)).await;
+    assert_eq!(got.result.status, Status::Success);
+    assert_eq!(got.result.attempt, Some(2));
+    assert!(!second.log().contains("already running"));
+    nats.drained("worker-01").await;
+}
