@@ -17,8 +17,8 @@ use serde_json::json;
 
 use crate::support::{
     bin, children_of, eventually, is_root, no_process_with, open_dir, processes_of_uids,
-    processes_with, run_with_timeout, skip, sleeper, uid_block, within, Jobs, Nats, Server,
-    Supervisor, SOON,
+    processes_with, run_with_timeout, setup, skip, sleeper, uid_block, within, Jobs, Nats, Server,
+    Setup, Supervisor, SOON,
 };
 
 /// A uid range of 16 for one supervisor: `(first, "first-last")`.
@@ -44,17 +44,13 @@ async fn two_running_jobs_cannot_touch_each_other() {
     if !is_root() {
         return skip("isolation between identities needs root");
     }
-    let server = Server::start(&[]);
-    let jobs = Jobs::new();
     let (first, run_as) = pool();
-    let supervisor = Supervisor::start(
-        &server.url,
-        jobs.path(),
-        &["--concurrency", "2", "--run-as", &run_as],
-        &[],
-    );
-    supervisor.ready().await;
-    let mut nats = Nats::connect(&server.url).await;
+    let Setup {
+        server: _server,
+        jobs,
+        supervisor,
+        mut nats,
+    } = setup(&["--concurrency", "2", "--run-as", &run_as]).await;
     let scratch = open_dir(true);
     let s = scratch.path().display();
     let j = jobs.path().display();
@@ -138,11 +134,12 @@ async fn a_step_cannot_inspect_its_own_runner() {
     if !is_root() {
         return skip("a non-dumpable runner is only tested under a dropped identity (root)");
     }
-    let server = Server::start(&[]);
-    let jobs = Jobs::new();
-    let supervisor = Supervisor::start(&server.url, jobs.path(), &[], &[]);
-    supervisor.ready().await;
-    let mut nats = Nats::connect(&server.url).await;
+    let Setup {
+        server: _server,
+        jobs,
+        supervisor,
+        mut nats,
+    } = setup(&[]).await;
     let scratch = open_dir(true);
     let probe = script(
         scratch.path(),
@@ -175,18 +172,14 @@ async fn a_later_job_cannot_change_an_earlier_jobs_results() {
     if !is_root() {
         return skip("taking results back needs root");
     }
-    let server = Server::start(&[]);
-    let jobs = Jobs::new();
     // One uid for every job: the later job runs as the very uid that wrote the earlier results.
     let uid = uid_block();
-    let supervisor = Supervisor::start(
-        &server.url,
-        jobs.path(),
-        &["--run-as", &uid.to_string()],
-        &[],
-    );
-    supervisor.ready().await;
-    let mut nats = Nats::connect(&server.url).await;
+    let Setup {
+        server: _server,
+        jobs,
+        supervisor,
+        mut nats,
+    } = setup(&["--run-as", &uid.to_string()]).await;
     jobs.add(
         "first",
         &json!({"steps": ["mkdir -p out && echo original > out/a.txt && chmod -R a+rwx out && echo log"]}),
@@ -226,16 +219,12 @@ async fn a_forged_result_json_never_stands_in_for_a_run() {
     if !is_root() {
         return skip("telling jobs' files from the supervisor's needs root");
     }
-    let server = Server::start(&[]);
-    let jobs = Jobs::new();
-    let supervisor = Supervisor::start(
-        &server.url,
-        jobs.path(),
-        &["--max-deliver", "1", "--timeout", "3s"],
-        &[],
-    );
-    supervisor.ready().await;
-    let mut nats = Nats::connect(&server.url).await;
+    let Setup {
+        server: _server,
+        jobs,
+        supervisor,
+        mut nats,
+    } = setup(&["--max-deliver", "1", "--timeout", "3s"]).await;
     // The forger learns its stream sequence from its workspace's name ({id}.{seq}.{attempt}),
     // writes a successful result.json for the next one, and makes sure the runner never
     // writes its own: once by killing it, once by stopping it.
@@ -272,13 +261,14 @@ async fn a_step_that_stops_its_runner_still_times_out() {
     if !is_root() {
         return skip("ending a job by its identity needs root");
     }
-    let server = Server::start(&[]);
-    let jobs = Jobs::new();
     let (first, run_as) = pool();
     // Kill grace 2s (the harness default).
-    let supervisor = Supervisor::start(&server.url, jobs.path(), &["--run-as", &run_as], &[]);
-    supervisor.ready().await;
-    let mut nats = Nats::connect(&server.url).await;
+    let Setup {
+        server: _server,
+        jobs,
+        supervisor: _supervisor,
+        mut nats,
+    } = setup(&["--run-as", &run_as]).await;
     let (token, sleep) = sleeper();
     jobs.add(
         "frozen",
@@ -313,12 +303,13 @@ async fn a_cancel_ends_a_job_whose_runner_is_stopped_once() {
     if !is_root() {
         return skip("ending a job by its identity needs root");
     }
-    let server = Server::start(&[]);
-    let jobs = Jobs::new();
     let (first, run_as) = pool();
-    let supervisor = Supervisor::start(&server.url, jobs.path(), &["--run-as", &run_as], &[]);
-    supervisor.ready().await;
-    let mut nats = Nats::connect(&server.url).await;
+    let Setup {
+        server: _server,
+        jobs,
+        supervisor: _supervisor,
+        mut nats,
+    } = setup(&["--run-as", &run_as]).await;
     let (token, sleep) = sleeper();
     jobs.add(
         "stopped",
@@ -348,11 +339,12 @@ async fn a_job_folder_swapped_for_a_symlink_never_leads_elsewhere() {
     if !is_root() {
         return skip("the runner's own identity matters here (root)");
     }
-    let server = Server::start(&[]);
-    let jobs = Jobs::new();
-    let supervisor = Supervisor::start(&server.url, jobs.path(), &[], &[]);
-    supervisor.ready().await;
-    let mut nats = Nats::connect(&server.url).await;
+    let Setup {
+        server: _server,
+        jobs,
+        supervisor,
+        mut nats,
+    } = setup(&[]).await;
     let other = jobs.add("other", &json!({"steps": ["true"]}));
     // Writable by anyone: only the runner's discipline keeps this job's output out of it.
     fs::create_dir(other.join("results")).unwrap();
@@ -465,12 +457,13 @@ async fn a_step_gets_only_stdin_stdout_and_stderr() {
 
 #[tokio::test]
 async fn one_id_published_twice_never_runs_twice_at_once() {
-    let server = Server::start(&[]);
-    let jobs = Jobs::new();
     // On one host with two slots, and across two hosts sharing the jobs folder.
-    let one = Supervisor::start(&server.url, jobs.path(), &["--concurrency", "2"], &[]);
-    one.ready().await;
-    let mut nats = Nats::connect(&server.url).await;
+    let Setup {
+        server,
+        jobs,
+        supervisor: one,
+        mut nats,
+    } = setup(&["--concurrency", "2"]).await;
     let scratch = open_dir(true);
     let log = scratch.path().join("runs");
     let reset = || {
@@ -512,11 +505,12 @@ async fn one_id_published_twice_never_runs_twice_at_once() {
 
 #[tokio::test]
 async fn hostile_job_files_are_a_quick_final_error() {
-    let server = Server::start(&[]);
-    let jobs = Jobs::new();
-    let supervisor = Supervisor::start(&server.url, jobs.path(), &[], &[]);
-    supervisor.ready().await;
-    let mut nats = Nats::connect(&server.url).await;
+    let Setup {
+        server: _server,
+        jobs,
+        supervisor: _supervisor,
+        mut nats,
+    } = setup(&[]).await;
     let fifo = jobs.add("fifo", &json!({}));
     fs::remove_file(fifo.join("job.json")).unwrap();
     nix::unistd::mkfifo(
@@ -580,11 +574,12 @@ fn cap_address_space(command: &mut Command, bytes: u64) {
 
 #[tokio::test]
 async fn names_with_line_breaks_stay_on_one_log_line() {
-    let server = Server::start(&[]);
-    let jobs = Jobs::new();
-    let supervisor = Supervisor::start(&server.url, jobs.path(), &[], &[]);
-    supervisor.ready().await;
-    let mut nats = Nats::connect(&server.url).await;
+    let Setup {
+        server: _server,
+        jobs,
+        supervisor,
+        mut nats,
+    } = setup(&[]).await;
     let dir = jobs.add(
         "lines",
         &json!({"steps": [{"run": "true", "name": "build\nFAKE-STEP job finished status=success"}]}),
@@ -607,16 +602,12 @@ async fn names_with_line_breaks_stay_on_one_log_line() {
 
 #[tokio::test]
 async fn a_soak_of_short_jobs_leaves_no_zombie() {
-    let server = Server::start(&[]);
-    let jobs = Jobs::new();
-    let supervisor = Supervisor::start(
-        &server.url,
-        jobs.path(),
-        &["--concurrency", "2", "--max-deliver", "1"],
-        &[],
-    );
-    supervisor.ready().await;
-    let mut nats = Nats::connect(&server.url).await;
+    let Setup {
+        server: _server,
+        jobs,
+        supervisor,
+        mut nats,
+    } = setup(&["--concurrency", "2", "--max-deliver", "1"]).await;
     let (token, sleep) = sleeper();
     jobs.add("short", &json!({"steps": ["true"]}));
     // Every 50th job kills its runner and leaves a background process behind: orphans the

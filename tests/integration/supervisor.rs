@@ -11,31 +11,9 @@ use nats_fs::Status;
 use serde_json::json;
 
 use crate::support::{
-    bin, is_root, no_process_with, open_dir, processes_with, run_with_timeout, skip, sleeper,
-    within, Jobs, Nats, Server, Supervisor, SOON,
+    bin, is_root, no_process_with, open_dir, processes_with, run_with_timeout, setup, skip,
+    sleeper, within, Jobs, Nats, Server, Supervisor, SOON,
 };
-
-/// A server, a jobs folder, a ready supervisor and a client watching results.
-struct Setup {
-    server: Server,
-    jobs: Jobs,
-    supervisor: Supervisor,
-    nats: Nats,
-}
-
-async fn setup(args: &[&str]) -> Setup {
-    let server = Server::start(&[]);
-    let jobs = Jobs::new();
-    let supervisor = Supervisor::start(&server.url, jobs.path(), args, &[]);
-    supervisor.ready().await;
-    let nats = Nats::connect(&server.url).await;
-    Setup {
-        server,
-        jobs,
-        supervisor,
-        nats,
-    }
-}
 
 #[tokio::test]
 async fn the_contract_end_to_end() {

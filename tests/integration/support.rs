@@ -124,35 +124,16 @@ pub fn open_dir(writable: bool) -> TempDir {
 
 /// Pids of live processes whose command line contains `token`.
 pub fn processes_with(token: &str) -> Vec<i32> {
-    let me = std::process::id();
-    let mut found = Vec::new();
-    for entry in fs::read_dir("/proc").expect("/proc").flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<i32>().ok())
-        else {
-            continue;
-        };
-        if pid.unsigned_abs() == me {
-            continue;
-        }
-        let Ok(cmdline) = fs::read(format!("/proc/{pid}/cmdline")) else {
-            continue;
-        };
-        let state = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        let zombie = state
-            .rsplit_once(')')
-            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'));
-        if !zombie
-            && String::from_utf8_lossy(&cmdline)
-                .replace('\0', " ")
-                .contains(token)
-        {
-            found.push(pid);
-        }
-    }
-    found
+    pids()
+        .filter(|pid| {
+            fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|cmdline| {
+                alive(*pid)
+                    && String::from_utf8_lossy(&cmdline)
+                        .replace('\0', " ")
+                        .contains(token)
+            })
+        })
+        .collect()
 }
 
 /// Waits until no live process carries `token` in its command line.
@@ -183,56 +164,47 @@ pub fn parent(pid: i32) -> i32 {
     rest.split_whitespace().nth(1).unwrap().parse().unwrap()
 }
 
+/// Every pid in `/proc` but this process's.
+fn pids() -> impl Iterator<Item = i32> {
+    let me = std::process::id();
+    fs::read_dir("/proc")
+        .expect("/proc")
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<i32>().ok())
+        .filter(move |pid| pid.unsigned_abs() != me)
+}
+
 /// The children of `pid`: `(pid, state)`.
 pub fn children_of(pid: i32) -> Vec<(i32, char)> {
-    let mut found = Vec::new();
-    for entry in fs::read_dir("/proc").expect("/proc").flatten() {
-        let Some(child) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<i32>().ok())
-        else {
-            continue;
-        };
-        let Ok(stat) = fs::read_to_string(format!("/proc/{child}/stat")) else {
-            continue;
-        };
-        let Some((_, rest)) = stat.rsplit_once(')') else {
-            continue;
-        };
-        let mut fields = rest.split_whitespace();
-        let state = fields.next().and_then(|s| s.chars().next()).unwrap_or('?');
-        if fields.next().and_then(|p| p.parse::<i32>().ok()) == Some(pid) {
-            found.push((child, state));
-        }
-    }
-    found
+    pids()
+        .filter_map(|child| {
+            let stat = fs::read_to_string(format!("/proc/{child}/stat")).ok()?;
+            let mut fields = stat.rsplit_once(')')?.1.split_whitespace();
+            let state = fields.next()?.chars().next()?;
+            let parent = fields.next()?.parse::<i32>().ok()?;
+            (parent == pid).then_some((child, state))
+        })
+        .collect()
 }
 
 /// Live processes whose real uid is in `first..first + count`.
 pub fn processes_of_uids(first: u32, count: u32) -> Vec<i32> {
-    let mut found = Vec::new();
-    for entry in fs::read_dir("/proc").expect("/proc").flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<i32>().ok())
-        else {
-            continue;
-        };
-        let Ok(status) = fs::read_to_string(format!("/proc/{pid}/status")) else {
-            continue;
-        };
-        let uid = status
-            .lines()
-            .find_map(|l| l.strip_prefix("Uid:"))
-            .and_then(|l| l.split_whitespace().next())
-            .and_then(|u| u.parse::<u32>().ok());
-        if uid.is_some_and(|uid| (first..first + count).contains(&uid)) && alive(pid) {
-            found.push(pid);
-        }
-    }
-    found
+    pids()
+        .filter(|pid| {
+            let uid = fs::read_to_string(format!("/proc/{pid}/status"))
+                .ok()
+                .and_then(|status| {
+                    status
+                        .lines()
+                        .find_map(|l| l.strip_prefix("Uid:"))?
+                        .split_whitespace()
+                        .next()?
+                        .parse::<u32>()
+                        .ok()
+                });
+            uid.is_some_and(|uid| (first..first + count).contains(&uid)) && alive(*pid)
+        })
+        .collect()
 }
 
 /// A unique marker for process command lines and file names.
@@ -718,7 +690,31 @@ impl Drop for Supervisor {
     }
 }
 
-/// A jobs folder that runners (as `nobody`) can read, with helpers to add jobs.
+/// A server, a jobs folder, a ready supervisor and a client watching results.
+pub struct Setup {
+    pub server: Server,
+    pub jobs: Jobs,
+    pub supervisor: Supervisor,
+    pub nats: Nats,
+}
+
+/// Starts a [`Setup`] whose supervisor gets `args` besides the harness's defaults.
+pub async fn setup(args: &[&str]) -> Setup {
+    let server = Server::start(&[]);
+    let jobs = Jobs::new();
+    let supervisor = Supervisor::start(&server.url, jobs.path(), args, &[]);
+    supervisor.ready().await;
+    let nats = Nats::connect(&server.url).await;
+    Setup {
+        server,
+        jobs,
+        supervisor,
+        nats,
+    }
+}
+
+/// A jobs folder that runners (the pool's uids, or `nobody`) can read, with helpers to add
+/// jobs.
 pub struct Jobs {
     dir: TempDir,
 }
