@@ -31,7 +31,7 @@ mod sync;
 mod watch;
 
 use std::collections::BTreeMap;
-use std::io::BufRead;
+use std::io::{BufRead, IsTerminal};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -161,8 +161,9 @@ fn init_tracing(pipe: bool) {
             .with(filter)
             .init();
     } else {
+        // Colours only for a person at a terminal, not in a file or a pipe.
         tracing_subscriber::registry()
-            .with(layer)
+            .with(layer.with_ansi(std::io::stderr().is_terminal()))
             .with(filter)
             .init();
     }
@@ -344,6 +345,8 @@ async fn run_once(job: &Standalone, signals: &mut Signals) -> anyhow::Result<(Ou
         Ok(folder) => folder,
         Err(e) => return Ok((Outcome::from_folder_error(&e), false)),
     };
+    std::fs::create_dir_all(&job.workspaces_dir)
+        .with_context(|| format!("creating {}", job.workspaces_dir.display()))?;
     let workspace = tempfile::Builder::new()
         .prefix(&format!("{}.", job.id))
         .tempdir_in(&job.workspaces_dir)

@@ -197,7 +197,10 @@ impl<'a> Job<'a> {
         let interrupt = stop.interrupt();
 
         let clock = Instant::now();
-        let staged = self.stage(interrupt.clone()).await?;
+        let staged = match self.stage(interrupt.clone()).await {
+            Ok(staged) => staged,
+            Err(outcome) => return self.cancelled_instead(outcome, stop, &spec),
+        };
         self.stage_ms = ms(clock.elapsed());
         report.event(&FromRunner::Staged {
             files: staged.files,
@@ -278,6 +281,32 @@ impl<'a> Job<'a> {
                 whoami()
             ))
         })
+    }
+
+    /// An immediate stop ended the run early (`outcome`): if the stop was a cancel, the job
+    /// ends `cancelled` with every step skipped, rather than as a hand-back.
+    fn cancelled_instead(
+        &self,
+        outcome: Outcome,
+        stop: &StopWatch,
+        spec: &JobSpec,
+    ) -> Result<Outcome, Outcome> {
+        if !matches!(outcome, Outcome::Aborted { .. }) || !stop.current().is_some_and(|s| s.cancel)
+        {
+            return Err(outcome);
+        }
+        let steps = spec
+            .steps
+            .iter()
+            .enumerate()
+            .map(|(index, step)| skipped(index, step))
+            .collect();
+        self.finish(
+            Status::Cancelled,
+            steps,
+            Vec::new(),
+            Some("cancelled by request".to_owned()),
+        )
     }
 
     /// Reads `job.json` and applies the request's steps. `Err` is the job's own problem.
@@ -610,7 +639,7 @@ fn fault(error: String) -> Outcome {
 
 fn aborted() -> Outcome {
     Outcome::Aborted {
-        reason: "stopped at once by the supervisor; the job will run again".to_owned(),
+        reason: "stopped at once before it finished; nothing final was written".to_owned(),
     }
 }
 

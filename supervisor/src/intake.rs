@@ -260,20 +260,20 @@ pub async fn patiently<T, F: std::future::Future<Output = Result<T, EnsureError>
 /// run if a slot is free. On shutdown the inbox is unsubscribed: nats-server then skips the
 /// outstanding request (it checks the reply subject's interest), so no job is sent to a
 /// supervisor that is going away; anything already on its way is handed straight back.
-pub async fn pull(ctx: Arc<Ctx>, mut intake: Intake, js: jetstream::Context, tracker: TaskTracker) {
+///
+/// If the inbox subscription ends for good (the client closed it), a new inbox is subscribed;
+/// if that cannot be done, `Err`: the supervisor must not sit there without taking jobs, and
+/// exits with a failure so that its service manager restarts it.
+pub async fn pull(
+    ctx: Arc<Ctx>,
+    mut intake: Intake,
+    js: jetstream::Context,
+    tracker: TaskTracker,
+) -> anyhow::Result<()> {
     let mut shutdown = ctx.shutdown.clone();
-    let inbox = ctx.client.new_inbox();
-    let mut deliveries = loop {
-        match ctx.client.subscribe(inbox.clone()).await {
-            Ok(subscription) => break subscription,
-            Err(e) => {
-                warn!("subscribing to the job inbox: {e}");
-                tokio::select! {
-                    () = sleep(Duration::from_secs(1)) => {}
-                    _ = shutdown.wait_for(|s| *s != Shutdown::Run) => return,
-                }
-            }
-        }
+    let mut inbox = ctx.client.new_inbox();
+    let Some(mut deliveries) = subscribe(&ctx, &inbox, &mut shutdown).await? else {
+        return Ok(());
     };
     let mut puller = Puller {
         slots: Arc::new(Semaphore::new(ctx.settings.concurrency)),
@@ -301,8 +301,14 @@ pub async fn pull(ctx: Arc<Ctx>, mut intake: Intake, js: jetstream::Context, tra
         tokio::select! {
             delivery = deliveries.next() => {
                 let Some(delivery) = delivery else {
-                    error!("the job inbox subscription closed");
-                    return;
+                    warn!("the job inbox subscription ended; subscribing a new one");
+                    puller.end_request();
+                    inbox = ctx.client.new_inbox();
+                    match subscribe(&ctx, &inbox, &mut shutdown).await? {
+                        Some(subscription) => deliveries = subscription,
+                        None => break,
+                    }
+                    continue;
                 };
                 puller.receive(&ctx, &js, &tracker, delivery).await;
             }
@@ -335,6 +341,32 @@ pub async fn pull(ctx: Arc<Ctx>, mut intake: Intake, js: jetstream::Context, tra
             let _ = msg.ack_with(AckKind::Nak(None)).await;
         }
     }
+    Ok(())
+}
+
+/// Subscribes the job inbox, retrying for a while: `Err` if it cannot be done, `Ok(None)` if
+/// shutdown started meanwhile.
+async fn subscribe(
+    ctx: &Ctx,
+    inbox: &str,
+    shutdown: &mut watch::Receiver<Shutdown>,
+) -> anyhow::Result<Option<async_nats::Subscriber>> {
+    let mut pause = Duration::from_millis(100);
+    for _ in 0..10 {
+        match ctx.client.subscribe(inbox.to_owned()).await {
+            Ok(subscription) => return Ok(Some(subscription)),
+            Err(e) => warn!(
+                retry_in_ms = u64::try_from(pause.as_millis()).unwrap_or(u64::MAX),
+                "subscribing to the job inbox: {e}"
+            ),
+        }
+        tokio::select! {
+            () = sleep(pause) => {}
+            _ = shutdown.wait_for(|s| *s != Shutdown::Run) => return Ok(None),
+        }
+        pause = (pause * 2).min(Duration::from_secs(5));
+    }
+    anyhow::bail!("the job inbox cannot be subscribed (is the NATS connection closed?)")
 }
 
 /// The pull loop's bookkeeping: slots, the permits held for the outstanding request, and how
@@ -464,32 +496,41 @@ impl Puller {
     }
 }
 
-/// Stops running jobs named on `{cancel_subject}.{id}`.
+/// Stops running jobs named on `{cancel_subject}.{id}`. A subscription that ends is made
+/// again: cancels must keep working as long as the supervisor runs.
 pub async fn listen_for_cancels(ctx: Arc<Ctx>) {
     let prefix = format!("{}.", ctx.settings.cancel_subject);
-    let mut subscription = loop {
-        match ctx.client.subscribe(format!("{prefix}>")).await {
-            Ok(subscription) => break subscription,
+    let mut pause = Duration::from_millis(100);
+    loop {
+        let mut subscription = match ctx.client.subscribe(format!("{prefix}>")).await {
+            Ok(subscription) => subscription,
             Err(e) => {
-                warn!("subscribing to cancel requests: {e}");
-                sleep(Duration::from_secs(1)).await;
+                warn!(
+                    retry_in_ms = u64::try_from(pause.as_millis()).unwrap_or(u64::MAX),
+                    "subscribing to cancel requests: {e}"
+                );
+                sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(5));
+                continue;
+            }
+        };
+        pause = Duration::from_millis(100);
+        while let Some(msg) = subscription.next().await {
+            let Some(id) = msg.subject.strip_prefix(&prefix) else {
+                continue;
+            };
+            let Ok(id) = JobId::parse(id) else {
+                debug!(subject = %msg.subject, "ignoring a cancel request for an invalid id");
+                continue;
+            };
+            let stopped = ctx.running.stop(&id, CancelMode::Cancel);
+            if stopped > 0 {
+                info!(%id, "cancel requested: stopping the job");
+            } else {
+                debug!(%id, "cancel requested for a job that is not running here");
             }
         }
-    };
-    while let Some(msg) = subscription.next().await {
-        let Some(id) = msg.subject.strip_prefix(&prefix) else {
-            continue;
-        };
-        let Ok(id) = JobId::parse(id) else {
-            debug!(subject = %msg.subject, "ignoring a cancel request for an invalid id");
-            continue;
-        };
-        let stopped = ctx.running.stop(&id, CancelMode::Cancel);
-        if stopped > 0 {
-            info!(%id, "cancel requested: stopping the job");
-        } else {
-            debug!(%id, "cancel requested for a job that is not running here");
-        }
+        warn!("the cancel subscription ended; subscribing again");
     }
 }
 

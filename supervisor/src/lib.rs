@@ -120,11 +120,12 @@ pub async fn run(
     let cancels = tokio::spawn(intake::listen_for_cancels(ctx.clone()));
     let tracker = TaskTracker::new();
     info!("ready for jobs");
-    intake::pull(ctx.clone(), intake, js, tracker.clone()).await;
+    let pulled = intake::pull(ctx.clone(), intake, js, tracker.clone()).await;
     tracker.close();
     drain(&ctx, &tracker, shutdown).await;
     cancels.abort();
     let _ = timeout(Duration::from_secs(5), ctx.client.flush()).await;
+    pulled?;
     info!("stopped");
     Ok(())
 }
