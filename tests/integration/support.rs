@@ -300,6 +300,14 @@ pub fn uid_block() -> u32 {
     3_100_000 + (std::process::id() % 4096) * 1024 + NEXT.fetch_add(16, Ordering::Relaxed) % 1024
 }
 
+/// The nats-server binary the tests run: `$NATS_SERVER`, or `nats-server` from `PATH`
+/// (`scripts/test` runs the suite once with each server it tests against).
+pub fn nats_server() -> std::ffi::OsString {
+    std::env::var_os("NATS_SERVER")
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "nats-server".into())
+}
+
 /// A `nats-server` with JetStream on a free loopback port and a store of its own.
 pub struct Server {
     child: Option<Child>,
@@ -343,7 +351,7 @@ impl Server {
             .append(true)
             .open(self.dir.path().join("server.log"))
             .expect("log");
-        let mut command = Command::new("nats-server");
+        let mut command = Command::new(nats_server());
         command
             .args(["-a", "127.0.0.1", "-js", "-p"])
             .arg(port.map_or_else(|| "-1".to_owned(), |p| p.to_string()))
@@ -450,7 +458,7 @@ impl Cluster {
         let mut nodes = Vec::new();
         for (i, (client, cluster, monitor)) in ports.iter().enumerate() {
             let name = format!("n{i}");
-            let mut command = Command::new("nats-server");
+            let mut command = Command::new(nats_server());
             command
                 .args(["-a", "127.0.0.1", "-js", "--cluster_name", "nfstest"])
                 .args(["-p", &client.to_string(), "-m", &monitor.to_string()])
