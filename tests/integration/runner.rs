@@ -537,3 +537,81 @@ async fn watch_runs_the_job_again_when_its_folder_changes() {
         "a run was triggered by the runner's own writes"
     );
 }
+
+#[test]
+fn a_missing_workspaces_folder_is_created_and_a_pipe_gets_no_colours() {
+    let jobs = Jobs::new();
+    jobs.add("fresh", &json!({"steps": ["echo hi"]}));
+    let parent = tempfile::tempdir().unwrap();
+    let workspaces = parent.path().join("not/there/yet");
+    // stderr is a pipe here (run_with_timeout reads it): no terminal, so no colour codes.
+    let output = run_with_timeout(
+        Command::new(bin("nats-fs-runner"))
+            .arg("--job")
+            .arg(jobs.path().join("fresh"))
+            .arg("--workspaces-dir")
+            .arg(&workspaces),
+        SOON,
+    );
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(workspaces.is_dir());
+    assert!(
+        !stderr.contains('\u{1b}'),
+        "colour codes in a pipe:\n{stderr}"
+    );
+    assert!(stderr.contains("step finished"), "{stderr}");
+}
+
+#[test]
+fn a_second_ctrl_c_while_staging_cancels_the_job() {
+    use std::io::BufRead;
+    let jobs = Jobs::new();
+    let dir = jobs.add("big", &json!({"steps": ["echo never"]}));
+    // Enough files that staging takes a while.
+    for i in 0..200 {
+        let sub = dir.join(format!("d{i}"));
+        fs::create_dir(&sub).unwrap();
+        for j in 0..100 {
+            fs::write(sub.join(format!("f{j}")), "x").unwrap();
+        }
+    }
+    let workspaces = tempfile::tempdir().unwrap();
+    let mut child = Command::new(bin("nats-fs-runner"))
+        .arg("--job")
+        .arg(&dir)
+        .arg("--workspaces-dir")
+        .arg(workspaces.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = Pid::from_raw(i32::try_from(child.id()).unwrap());
+    let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut seen = String::new();
+    // The job is loaded (signals are handled from here on); staging comes next.
+    while !seen.contains("step(s), timeout") {
+        let mut line = String::new();
+        assert!(stderr.read_line(&mut line).unwrap() > 0, "{seen}");
+        seen.push_str(&line);
+    }
+    // Two separate presses: the second once the first was taken (signals sent together may
+    // arrive as one).
+    kill(pid, Signal::SIGINT).unwrap();
+    while !seen.contains("press Ctrl-C again") {
+        let mut line = String::new();
+        assert!(stderr.read_line(&mut line).unwrap() > 0, "{seen}");
+        seen.push_str(&line);
+    }
+    kill(pid, Signal::SIGINT).unwrap();
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut stderr, &mut rest).unwrap();
+    let output = child.wait_with_output().unwrap();
+    let result: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(result["status"], "cancelled", "{result}\n{seen}{rest}");
+    let all = format!("{seen}{rest}{result}");
+    assert!(!all.contains("supervisor"), "{all}");
+    // Stopped while staging: no step ran.
+    assert!(!all.contains("step started"), "{all}");
+    assert_eq!(jobs.manifest("big").steps[0].status, StepStatus::Skipped);
+}
