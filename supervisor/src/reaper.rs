@@ -5,9 +5,9 @@
 //! crashed, or that the supervisor killed) becomes the supervisor's child, and dies as a zombie
 //! that no one else will ever wait for. So one `waitpid(-1)` loop, run on every SIGCHLD (and
 //! every few seconds, in case one was coalesced away), collects every child that has ended;
-//! the exit status of a runner goes to the job waiting for it ([`Reaper::watch`]), anything else
-//! is counted and forgotten. This is why runners are not tokio children: tokio waits for its
-//! own pids and would find them gone.
+//! the exit status of a child started through [`Reaper::spawn`] goes to whoever waits for it,
+//! anything else is counted and forgotten. This is why runners are not tokio children: tokio
+//! waits for its own pids and would find them gone.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
