@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Builds the Debian package nats-fs-worker (both binaries, the systemd unit, the /etc/default
-# file, maintainer scripts) with cargo-deb, from the [package.metadata.deb] section of
+# Builds the Debian package nats-fs-worker (both binaries, their manual pages and shell
+# completions, the systemd unit, the /etc/default file, maintainer scripts, changelog,
+# copyright, lintian overrides) with cargo-deb, from the [package.metadata.deb] section of
 # supervisor/Cargo.toml.
 #
 #   packaging/build-deb.sh          from any folder; prints the path of the .deb last, on stdout
@@ -26,13 +27,55 @@ say "using $(cargo deb --version 2>/dev/null)"
 say "building release binaries"
 cargo build --release --locked -p nats-fs-supervisor -p nats-fs-runner >&2
 
+# Manual pages and completions, from each binary's own clap definition (`--generate`, hidden
+# from --help), into <target dir>/release/deb-assets/: cargo-deb maps the target/release/
+# prefix of the asset paths in supervisor/Cargo.toml to the real target folder, whatever
+# CARGO_TARGET_DIR or the cargo configuration say. cargo metadata tells us that folder too.
+target=$(cargo metadata --format-version 1 --no-deps --locked |
+    sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')
+if [[ -z $target || ! -d $target/release ]]; then
+    say "cannot find cargo's target folder (cargo metadata said '$target')"
+    exit 1
+fi
+assets=$target/release/deb-assets
+say "generating manual pages and completions into $assets"
+# Into a private folder first, then renamed into place file by file: another build-deb.sh run
+# on the same tree (a test, CI) may be packaging from $assets at this very moment.
+fresh=$(mktemp -d "$target/release/.deb-assets.XXXXXX")
+staging=
+trap 'rm -rf "$fresh" ${staging:+"$staging"}' EXIT
+for bin in nats-fs-supervisor nats-fs-runner; do
+    exe=$target/release/$bin
+    # gzip -n: no name or time stamp in the header, so the same build gives the same bytes.
+    "$exe" --generate man | gzip -9n >"$fresh/$bin.1.gz"
+    "$exe" --generate complete-bash >"$fresh/$bin.bash"
+    "$exe" --generate complete-zsh >"$fresh/_$bin"
+    "$exe" --generate complete-fish >"$fresh/$bin.fish"
+done
+mkdir -p "$assets"
+for file in "$fresh"/*; do
+    # A binary that printed nothing (or only gzip's header) must not make an empty page.
+    if [[ $(wc -c <"$file") -lt 100 ]]; then
+        say "generated ${file##*/} is (almost) empty"
+        exit 1
+    fi
+    chmod 0644 "$file"
+    mv -f "$file" "$assets/"
+done
+
 say "packaging"
-# cargo-deb prints the path of the .deb on stdout (strips the binaries in its own copies).
-out=$(cargo deb --no-build --locked -p nats-fs-supervisor)
-deb=$(printf '%s\n' "$out" | tail -n1)
-if [[ "$deb" != *.deb || ! -f "$deb" ]]; then
+# cargo-deb prints the path of the .deb on stdout (strips the binaries in its own copies). It
+# writes into a private folder, and the finished .deb is renamed into target/debian/: a
+# concurrent run (another test) never leaves a half-written .deb under the final name.
+mkdir -p "$target/debian"
+staging=$(mktemp -d "$target/debian/.build.XXXXXX")
+out=$(cargo deb --no-build --locked -p nats-fs-supervisor --output "$staging/")
+built=$(printf '%s\n' "$out" | tail -n1)
+if [[ "$built" != *.deb || ! -f "$built" ]]; then
     say "cargo deb did not report a .deb file (output: $out)"
     exit 1
 fi
+deb=$target/debian/${built##*/}
+mv -f "$built" "$deb"
 say "built $deb"
 printf '%s\n' "$deb"

@@ -4,9 +4,11 @@
 #   packaging/test-deb.sh        from any folder; exit 0 when every check passed
 #
 # Always: builds the package (build-deb.sh), checks its files, modes, control fields,
-# conffiles and maintainer scripts, and checks the systemd unit with `systemd-analyze verify`
-# (any output is a failure: verify exits 0 on unknown keys) and `systemd-analyze security`
-# (fails above EXPOSURE_MAX) when systemd-analyze is there.
+# conffiles and maintainer scripts, its manual pages (they document the real options) and
+# shell completions, runs lintian on it (any E: or W: tag fails; as root, lintian is installed
+# with apt-get when missing, otherwise skipped with a message), and checks the systemd unit
+# with `systemd-analyze verify` (any output is a failure: verify exits 0 on unknown keys) and
+# `systemd-analyze security` (fails above EXPOSURE_MAX) when systemd-analyze is there.
 # As root only: installs the package, checks the group, the pool of users, the settings, the
 # unit, folders and binaries, runs a dry run through the installed runner and privilege drop
 # (as nats-fs-1), edits /etc/default/nats-fs-supervisor, reinstalls and upgrades (with the user
@@ -31,6 +33,13 @@ POOL_SETTING=NATS_FS_RUN_AS=nats-fs-1,nats-fs-2,nats-fs-3,nats-fs-4
 LEGACY_USER=nats-fs
 ALL_USERS=("${POOL_USERS[@]}" "$LEGACY_USER")
 STATE_DIR=/var/lib/nats-fs
+# Manual pages and completions build-deb.sh generates with `--generate` (hidden from --help).
+MAN_PAGES=(/usr/share/man/man1/nats-fs-supervisor.1.gz /usr/share/man/man1/nats-fs-runner.1.gz)
+COMPLETIONS=()
+for bin in nats-fs-supervisor nats-fs-runner; do
+    COMPLETIONS+=(/usr/share/bash-completion/completions/$bin /usr/share/zsh/vendor-completions/_$bin
+        /usr/share/fish/vendor_completions.d/$bin.fish)
+done
 # `systemd-analyze security` exposure ×10 (the unit scores 3.7 today): fails if hardening is lost.
 EXPOSURE_MAX=45
 
@@ -107,6 +116,11 @@ expect_entry "-rw-r--r-- 0/0 .$UNIT_PATH"
 expect_entry "-rw-r----- 0/0 .$ENV_FILE"
 expect_entry "-rw-r--r-- 0/0 ./usr/share/doc/$PKG/README.Debian"
 expect_entry "-rw-r--r-- 0/0 ./usr/share/doc/$PKG/copyright"
+expect_entry "-rw-r--r-- 0/0 ./usr/share/doc/$PKG/changelog.Debian.gz"
+expect_entry "-rw-r--r-- 0/0 ./usr/share/lintian/overrides/$PKG"
+for path in "${MAN_PAGES[@]}" "${COMPLETIONS[@]}"; do
+    expect_entry "-rw-r--r-- 0/0 .$path"
+done
 if grep -q "^[^ ]* [^ ]* \./var/" "$work/contents"; then
     fail_with_log "the package ships files under /var (the postinst creates $STATE_DIR)" "$work/contents"
 fi
@@ -117,10 +131,91 @@ cmp -s "$work/root$UNIT_PATH" "$here/nats-fs-supervisor.service" ||
     fail "the packaged unit differs from packaging/nats-fs-supervisor.service"
 cmp -s "$work/root$ENV_FILE" "$here/nats-fs-supervisor.default" ||
     fail "the packaged $ENV_FILE differs from packaging/nats-fs-supervisor.default"
-"$work/root/usr/bin/nats-fs-supervisor" --help >/dev/null ||
-    fail "the packaged nats-fs-supervisor --help failed"
-"$work/root/usr/bin/nats-fs-runner" --help >/dev/null ||
-    fail "the packaged nats-fs-runner --help failed"
+for bin in nats-fs-supervisor nats-fs-runner; do
+    help=$("$work/root/usr/bin/$bin" --help) || fail "the packaged $bin --help failed"
+    [[ $help != *--generate* ]] || fail "$bin --help shows the packaging option --generate"
+done
+# The first line of the changelog, "nats-fs-worker (VERSION) unstable; urgency=low", names
+# the package's version (lintian checks the rest of its syntax).
+zcat "$work/root/usr/share/doc/$PKG/changelog.Debian.gz" >"$work/changelog" ||
+    fail "changelog.Debian.gz is not gzip data"
+[[ $(head -n1 "$work/changelog") == "$PKG ($(dpkg-deb -f "$deb" Version)) "* ]] ||
+    fail_with_log "the first entry of changelog.Debian.gz is not the package's version" "$work/changelog"
+
+# ---- manual pages and completions ---------------------------------------------------------
+say "checking the manual pages and completions"
+# The text of a manual page as man shows it (plain ASCII), or its roff source with \- as -.
+man_text() {
+    if command -v man >/dev/null; then
+        # Not a terminal: man-db formats plain text (no overstriking, ASCII hyphens in C).
+        LC_ALL=C MANWIDTH=200 man -l "$1" 2>/dev/null
+    else
+        zcat "$1" | sed 's/\\-/-/g'
+    fi
+}
+# expect_man PAGE OPTION...: the page documents each option, and not --generate.
+expect_man() {
+    local page=$work/root$1 text option
+    shift
+    [[ -s $page ]] || fail "$page is empty"
+    gzip -t "$page" 2>/dev/null || fail "$page is not gzip data"
+    text=$(man_text "$page")
+    [[ -n $text ]] || fail "$page shows nothing"
+    for option in "$@"; do
+        grep -qF -- "$option" <<<"$text" || fail "the manual page $page does not mention $option"
+    done
+    if grep -qF -- --generate <<<"$text"; then fail "the manual page $page shows --generate"; fi
+}
+expect_man /usr/share/man/man1/nats-fs-supervisor.1.gz --run-as --lock-bucket --jobs-dir --concurrency NATS_URL
+expect_man /usr/share/man/man1/nats-fs-runner.1.gz --job --pipe --workspaces-dir
+# expect_completion FILE FIRST-LINE-PATTERN OPTION: non-empty, of its shell, completes OPTION.
+expect_completion() {
+    local file=$work/root$1
+    [[ -s $file ]] || fail "$file is empty"
+    grep -qE -- "$2" "$file" || fail_with_log "$file does not look like a completion ('$2')" "$file"
+    grep -qF -- "$3" "$file" || fail_with_log "$file does not complete $3" "$file"
+}
+for bin in nats-fs-supervisor nats-fs-runner; do
+    case $bin in
+        nats-fs-supervisor) option=lock-bucket ;;
+        *) option=job ;;
+    esac
+    expect_completion "/usr/share/bash-completion/completions/$bin" "^ *complete -F [^ ]+ .* $bin\$" "--$option"
+    bash -n "$work/root/usr/share/bash-completion/completions/$bin" || fail "the bash completion of $bin is not valid bash"
+    expect_completion "/usr/share/zsh/vendor-completions/_$bin" "^#compdef $bin\$" "--$option"
+    expect_completion "/usr/share/fish/vendor_completions.d/$bin.fish" "^complete -c $bin " "-l $option"
+done
+
+# ---- lintian ------------------------------------------------------------------------------
+if ! command -v lintian >/dev/null && [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
+    say "lintian is missing: installing it with apt-get"
+    if ! DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends lintian \
+        </dev/null >"$work/apt-lintian.log" 2>&1; then
+        # A fresh machine may have no package lists yet.
+        apt-get update >>"$work/apt-lintian.log" 2>&1 || true
+        DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends lintian \
+            </dev/null >>"$work/apt-lintian.log" 2>&1 ||
+            fail_with_log "could not install lintian" "$work/apt-lintian.log"
+    fi
+fi
+if command -v lintian >/dev/null; then
+    say "running lintian"
+    # Errors and warnings fail (overridden ones excepted: packaging/debian/lintian-overrides
+    # says why each is right); info, pedantic and notes are shown only. "running with root
+    # privileges is not recommended!" goes to stderr and is dropped.
+    lintian_rc=0
+    lintian --fail-on error,warning --display-info --pedantic "$deb" \
+        >"$work/lintian" 2>"$work/lintian.err" || lintian_rc=$?
+    if [[ -s $work/lintian ]]; then
+        sed 's/^/test-deb: lintian: /' "$work/lintian" >&2
+    fi
+    if [[ $lintian_rc != 0 ]] || grep -qE '^[EW]: ' "$work/lintian"; then
+        cat "$work/lintian.err" >&2
+        fail "lintian reported errors or warnings (exit $lintian_rc)"
+    fi
+else
+    say "lintian not found (and not root, or no apt-get): SKIPPING the lintian check (apt-get install lintian)"
+fi
 
 # ---- control ------------------------------------------------------------------------------
 say "checking the control files (dpkg-deb -I, -e)"
@@ -240,6 +335,10 @@ check_installed() {
     [[ -x /usr/bin/nats-fs-supervisor && -x /usr/bin/nats-fs-runner ]] || fail "the binaries are missing"
     /usr/bin/nats-fs-supervisor --help >/dev/null || fail "/usr/bin/nats-fs-supervisor --help failed"
     /usr/bin/nats-fs-runner --help >/dev/null || fail "/usr/bin/nats-fs-runner --help failed"
+    local page
+    for page in "${MAN_PAGES[@]}" "${COMPLETIONS[@]}"; do
+        [[ -s $page ]] || fail "$page is missing or empty"
+    done
     # Not enabled on install (needs NATS_URL first): no symlink anywhere under /etc/systemd.
     if find /etc/systemd -name "$UNIT" 2>/dev/null | grep -q .; then
         fail "$UNIT got enabled by the install: $(find /etc/systemd -name "$UNIT")"
@@ -340,7 +439,8 @@ for user in "${ALL_USERS[@]}"; do
 done
 getent group "$GROUP" >/dev/null && fail_with_log "the purge left the group $GROUP" "$work/purge.log"
 [[ -e $STATE_DIR ]] && fail_with_log "the purge left $STATE_DIR" "$work/purge.log"
-for gone in "$ENV_FILE" "$UNIT_PATH" /usr/bin/nats-fs-supervisor /usr/bin/nats-fs-runner; do
+for gone in "$ENV_FILE" "$UNIT_PATH" /usr/bin/nats-fs-supervisor /usr/bin/nats-fs-runner \
+    "${MAN_PAGES[@]}" "${COMPLETIONS[@]}"; do
     [[ -e $gone ]] && fail_with_log "the purge left $gone" "$work/purge.log"
 done
 # Neither an enablement link nor the mask that `remove` sets (unmasked again by the purge).

@@ -11,6 +11,7 @@
 //!
 //! # Layout
 //! - [`fds`]: descriptor hygiene (nothing inherited reaches a runner or a step).
+//! - `generate` (feature `generate`): the binaries' manual pages and shell completions.
 //! - [`folder`]: opening a job folder and `results/` without following symlinks; `job.json`.
 //! - [`job`]: the request (`{"id", "steps"?}`), `job.json`, steps, ids and durations, validated.
 //! - [`manifest`]: `results/result.json`, the result message, statuses and their exit codes.
@@ -20,6 +21,8 @@
 
 pub mod fds;
 pub mod folder;
+#[cfg(feature = "generate")]
+pub mod generate;
 pub mod job;
 pub mod manifest;
 pub mod protocol;

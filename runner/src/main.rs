@@ -40,6 +40,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::Parser;
 use nats_fs::folder::JobFolder;
+use nats_fs::generate::Generate;
 use nats_fs::job::{parse_default_timeout, parse_duration, steps_from_value, JobId, Step};
 use nats_fs::protocol::{CancelMode, StartJob, ToRunner, PROTOCOL_VERSION};
 use nats_fs::ResultMessage;
@@ -71,7 +72,7 @@ struct Cli {
         long,
         value_name = "DIR",
         conflicts_with = "pipe",
-        required_unless_present = "pipe"
+        required_unless_present_any = ["pipe", "generate"]
     )]
     job: Option<PathBuf>,
 
@@ -106,6 +107,11 @@ struct Cli {
     /// Run the job again whenever its folder changes (outside results/); stop with Ctrl-C.
     #[arg(long, requires = "job")]
     watch: bool,
+
+    /// Print the manual page or a shell's completions to stdout and exit, running nothing
+    /// (for packaging).
+    #[arg(long, value_enum, value_name = "WHAT", hide = true)]
+    generate: Option<Generate>,
 }
 
 fn main() -> ExitCode {
@@ -120,6 +126,10 @@ fn main() -> ExitCode {
     }
     nats_fs::fds::close_on_exec_inherited();
     let cli = Cli::parse();
+    if let Some(what) = cli.generate {
+        let command = <Cli as clap::CommandFactory>::command();
+        return nats_fs::generate::generate(command, what, ExitCode::from(EXIT_USAGE));
+    }
     init_tracing(cli.pipe);
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()

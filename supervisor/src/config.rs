@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::{Parser, ValueEnum};
+use nats_fs::generate::Generate;
 use nats_fs::job::{check_env_name, parse_default_timeout, parse_duration};
 
 use crate::identity::Pool;
@@ -186,6 +187,11 @@ pub struct Args {
     /// message and exit (0 on success).
     #[arg(long)]
     pub dry_run: bool,
+
+    /// Print the manual page or a shell's completions to stdout and exit, without checking
+    /// anything else (for packaging).
+    #[arg(long, value_enum, value_name = "WHAT", hide = true)]
+    pub generate: Option<Generate>,
 }
 
 /// How to authenticate to NATS.
@@ -463,6 +469,18 @@ mod tests {
         assert_eq!(args.drain_timeout, Duration::from_secs(300));
         assert_eq!(args.kill_grace, Duration::from_secs(10));
         assert_eq!(args.log_format, LogFormat::Text);
+    }
+
+    #[test]
+    fn generate_is_parsed_and_hidden_from_help() {
+        let args = Args::try_parse_from(["x", "--generate", "complete-zsh"]).unwrap();
+        assert_eq!(args.generate, Some(Generate::CompleteZsh));
+        assert!(Args::try_parse_from(["x", "--generate", "html"]).is_err());
+        let help = <Args as clap::CommandFactory>::command()
+            .render_long_help()
+            .to_string();
+        assert!(help.contains("--lock-bucket"), "{help}");
+        assert!(!help.contains("--generate"), "{help}");
     }
 
     #[test]

@@ -25,6 +25,10 @@ fn main() -> ExitCode {
         Ok(args) => args,
         Err(e) => e.exit(),
     };
+    // Packaging: nothing is checked, logged or started.
+    if let Some(what) = args.generate {
+        return nats_fs::generate::generate(Args::command(), what, ExitCode::FAILURE);
+    }
     logging::init(args.log_format);
     for secret in ["password", "token"] {
         if matches.value_source(secret) == Some(clap::parser::ValueSource::CommandLine) {
