@@ -236,7 +236,11 @@ pub async fn patiently<T, F: std::future::Future<Output = Result<T, EnsureError>
 ) -> anyhow::Result<Option<T>> {
     let mut pause = Duration::from_millis(250);
     loop {
-        match attempt().await {
+        let attempted = tokio::select! {
+            attempted = attempt() => attempted,
+            _ = shutdown.wait_for(|s| *s != Shutdown::Run) => return Ok(None),
+        };
+        match attempted {
             Ok(done) => return Ok(Some(done)),
             Err(EnsureError::Config(problem)) => anyhow::bail!(problem),
             Err(EnsureError::Nats(problem)) => warn!(

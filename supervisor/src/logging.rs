@@ -71,7 +71,18 @@ pub fn init(format: LogFormat) {
     let layer = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_target(false);
+    // Under systemd, stderr goes to the journal, which stamps every line itself.
+    let journal = std::env::var_os("JOURNAL_STREAM").is_some();
     match format {
+        LogFormat::Text if journal => tracing_subscriber::registry()
+            .with(
+                layer
+                    .fmt_fields(EscapedFields::default())
+                    .without_time()
+                    .with_ansi(false),
+            )
+            .with(filter)
+            .init(),
         LogFormat::Text => tracing_subscriber::registry()
             .with(
                 layer

@@ -20,10 +20,13 @@ const EXIT_CONFIG: u8 = 2;
 fn main() -> ExitCode {
     // Before anything else: nothing inherited from whoever started us may reach a job.
     nats_fs::fds::close_on_exec_inherited();
-    let matches = Args::command().get_matches();
+    let matches = match Args::command().try_get_matches() {
+        Ok(matches) => matches,
+        Err(e) => exit_naming_the_variable(&e),
+    };
     let args = match Args::from_arg_matches(&matches) {
         Ok(args) => args,
-        Err(e) => e.exit(),
+        Err(e) => exit_naming_the_variable(&e),
     };
     // Packaging: nothing is checked, logged or started.
     if let Some(what) = args.generate {
@@ -74,4 +77,39 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Exits for a command-line error as clap does (status 2), adding which environment variable
+/// the bad value came from: an operator who edited `NATS_FS_KILL_GRACE` in a settings file
+/// should not have to translate `--kill-grace` back.
+fn exit_naming_the_variable(error: &clap::Error) -> ! {
+    use clap::error::{ContextKind, ContextValue};
+    let text = |kind| match error.get(kind) {
+        Some(ContextValue::String(s)) => Some(s.clone()),
+        _ => None,
+    };
+    let from_env = text(ContextKind::InvalidArg)
+        .zip(text(ContextKind::InvalidValue))
+        .and_then(|(arg, value)| {
+            let long = arg
+                .split_whitespace()
+                .next()?
+                .trim_start_matches('-')
+                .to_owned();
+            let command = Args::command();
+            let env = command
+                .get_arguments()
+                .find(|a| a.get_long() == Some(long.as_str()))?
+                .get_env()?
+                .to_string_lossy()
+                .into_owned();
+            (std::env::var(&env).ok()? == value).then_some(env)
+        });
+    let _ = error.print();
+    if let Some(env) = from_env {
+        eprintln!(
+            "  (the value comes from the environment variable {env}, e.g. in /etc/default/nats-fs-supervisor)"
+        );
+    }
+    std::process::exit(error.exit_code());
 }

@@ -374,6 +374,15 @@ async fn bad_configuration_is_refused_with_the_option_named() {
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert!(stderr.contains(needle), "{args:?}: {stderr}");
     }
+    // A bad value from the environment (a settings file) is named by its variable, and the
+    // exit status is the one the unit does not restart on.
+    let output = run_with_timeout(
+        Command::new(bin("nats-fs-supervisor")).env("NATS_FS_KILL_GRACE", "notaduration"),
+        SOON,
+    );
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("NATS_FS_KILL_GRACE"), "{stderr}");
 }
 
 #[test]
