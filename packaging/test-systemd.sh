@@ -574,10 +574,10 @@ expect_result() {
 }
 
 # wait_ready CURSOR: the supervisor started after CURSOR logs `ready for jobs` (its consumer is
-# bound). With Type=exec (today), `systemctl start` returns once the binary runs, before it is
-# connected: wait for the line. With Type=notify (READY=1 once the consumer is bound) the start
-# returning means ready: the line must then be there at once (allowing only for the journal,
-# which reads the log and the notification from different sockets).
+# bound). With Type=notify (the unit's: READY=1 once the consumer is bound) the start returning
+# means ready: the line must then be there at once (allowing only for the journal, which reads
+# the log and the notification from different sockets). With Type=exec (a drop-in could set it)
+# `systemctl start` returns once the binary runs, before it is connected: wait for the line.
 wait_ready() {
     local limit=30
     [[ $(unit_prop Type) == notify ]] && limit=2
@@ -700,8 +700,8 @@ cursor=$(journal_cursor)
 restart_rc=0
 inside_t 120 systemctl restart "$UNIT" 2>"$work/restart.err" || restart_rc=$?
 ((restart_rc != 124)) || fail_unit "systemctl restart hung with $bad"
-# Type=exec: the restart returns 0 as soon as the binary runs; it fails right after. Type=notify:
-# the start itself fails (no READY=1 before the exit).
+# Type=notify (the unit's): the start itself fails (no READY=1 before the exit). Type=exec: the
+# restart would return 0 as soon as the binary runs, and fail right after.
 if [[ $(unit_prop Type) == notify ]]; then
     ((restart_rc != 0)) || fail_unit "systemctl restart succeeded with $bad (Type=notify)"
 fi

@@ -289,7 +289,10 @@ pub async fn pull(
     };
     let stats = ctx.client.statistics();
     let mut watch_connection = tokio::time::interval(Duration::from_millis(250));
-    while *shutdown.borrow() == Shutdown::Run {
+    // WATCHDOG=1 comes from this loop, between its waits, so that systemd restarts a wedged one.
+    let mut watchdog = ctx.notifier.watchdog_every().map(tokio::time::interval);
+    let mut ready = false;
+    'pulling: while *shutdown.borrow() == Shutdown::Run {
         if puller.outstanding == 0 {
             if puller.failures > 0 {
                 puller.back_off(&ctx, &mut intake, &js, &mut shutdown).await;
@@ -297,9 +300,25 @@ pub async fn pull(
                     break;
                 }
             }
-            tokio::select! {
-                granted = puller.request(&intake, &inbox, stats.connects.load(Ordering::Acquire)) => if !granted { continue },
-                _ = shutdown.changed() => break,
+            // A free slot (waiting for one is safe to interrupt), then the request (not).
+            let first = loop {
+                tokio::select! {
+                    permit = puller.slots.clone().acquire_owned() => match permit {
+                        Ok(permit) => break permit,
+                        Err(_) => break 'pulling,
+                    },
+                    () = tick(&mut watchdog) => ctx.notifier.watchdog(),
+                    _ = shutdown.changed() => break 'pulling,
+                }
+            };
+            let connects = stats.connects.load(Ordering::Acquire);
+            if !puller.request(first, &intake, &inbox, connects).await {
+                continue;
+            }
+            if !ready {
+                ready = true;
+                info!("ready for jobs");
+                ctx.notifier.ready();
             }
         }
         tokio::select! {
@@ -327,6 +346,7 @@ pub async fn pull(
                     puller.end_request();
                 }
             }
+            () = tick(&mut watchdog) => ctx.notifier.watchdog(),
             _ = shutdown.changed() => break,
         }
     }
@@ -373,6 +393,16 @@ async fn subscribe(
     anyhow::bail!("the job inbox cannot be subscribed (is the NATS connection closed?)")
 }
 
+/// The next tick of an interval; never, without one.
+async fn tick(interval: &mut Option<tokio::time::Interval>) {
+    match interval {
+        Some(interval) => {
+            interval.tick().await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
 /// The pull loop's bookkeeping: slots, the permits held for the outstanding request, and how
 /// many messages it may still bring.
 struct Puller {
@@ -388,12 +418,15 @@ struct Puller {
 }
 
 impl Puller {
-    /// Waits for a free slot, takes every free slot, and asks for that many messages.
+    /// With `first` (a free slot), takes every free slot and asks for that many messages.
     /// `false` if the request could not be sent.
-    async fn request(&mut self, intake: &Intake, inbox: &str, connects: u64) -> bool {
-        let Ok(first) = self.slots.clone().acquire_owned().await else {
-            return false;
-        };
+    async fn request(
+        &mut self,
+        first: OwnedSemaphorePermit,
+        intake: &Intake,
+        inbox: &str,
+        connects: u64,
+    ) -> bool {
         self.permits.push(first);
         while let Ok(permit) = self.slots.clone().try_acquire_owned() {
             self.permits.push(permit);

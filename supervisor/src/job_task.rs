@@ -35,6 +35,8 @@ pub struct Ctx {
     pub client: async_nats::Client,
     pub outbox: Outbox,
     pub running: Running,
+    /// systemd, told how the supervisor is doing.
+    pub notifier: crate::notify::Notifier,
     pub reaper: Arc<Reaper>,
     pub identities: Identities,
     pub locks: Locks,
@@ -46,9 +48,20 @@ pub struct Ctx {
 }
 
 /// The jobs running on this host, by stream sequence, for cancel requests and draining.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Running {
     jobs: Mutex<HashMap<u64, (JobId, mpsc::Sender<CancelMode>)>>,
+    /// How many there are, for whoever reports it.
+    count: watch::Sender<usize>,
+}
+
+impl Default for Running {
+    fn default() -> Self {
+        Self {
+            jobs: Mutex::default(),
+            count: watch::channel(0).0,
+        }
+    }
 }
 
 impl Running {
@@ -65,7 +78,13 @@ impl Running {
             return Err(*other);
         }
         jobs.insert(seq, (id.clone(), tx));
+        self.count.send_replace(jobs.len());
         Ok(Registered { running: self, seq })
+    }
+
+    /// The number of running jobs, as it changes.
+    pub fn watch_count(&self) -> watch::Receiver<usize> {
+        self.count.subscribe()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, (JobId, mpsc::Sender<CancelMode>)>> {
@@ -103,7 +122,9 @@ struct Registered<'a> {
 
 impl Drop for Registered<'_> {
     fn drop(&mut self) {
-        self.running.lock().remove(&self.seq);
+        let mut jobs = self.running.lock();
+        jobs.remove(&self.seq);
+        self.running.count.send_replace(jobs.len());
     }
 }
 

@@ -28,6 +28,7 @@
 //! - `sweep`: the workspaces folder, its lock, and what crashed runs left behind.
 //! - `signals`: SIGTERM/SIGINT to drain, twice to stop now.
 //! - `logging`: log output, with control characters from jobs escaped.
+//! - `notify`: systemd readiness, status, stopping and watchdog (`NOTIFY_SOCKET`).
 //! - `dry_run`: `--dry-run`.
 
 pub mod config;
@@ -38,6 +39,7 @@ pub mod intake;
 pub mod job_task;
 pub mod lock;
 pub mod logging;
+pub mod notify;
 pub mod outbox;
 pub mod reaper;
 pub mod results;
@@ -106,6 +108,7 @@ pub async fn run(
         return Ok(());
     };
     let ctx = Arc::new(Ctx {
+        notifier: notify::Notifier::from_env(),
         outbox: outbox::Outbox::new(client.clone(), shutdown.clone()),
         identities: Identities::new(settings.pool.clone()),
         settings,
@@ -118,16 +121,52 @@ pub async fn run(
         shutdown: shutdown.clone(),
     });
     let cancels = tokio::spawn(intake::listen_for_cancels(ctx.clone()));
+    let statuses = tokio::spawn(report_status(ctx.clone()));
     let tracker = TaskTracker::new();
-    info!("ready for jobs");
     let pulled = intake::pull(ctx.clone(), intake, js, tracker.clone()).await;
+    ctx.notifier.stopping();
+    // The pull loop fed the watchdog; a drain may take minutes and must not look wedged.
+    let watchdog = ctx.notifier.watchdog_every().map(|every| {
+        let ctx = ctx.clone();
+        tokio::spawn(async move {
+            let mut ticks = tokio::time::interval(every);
+            loop {
+                ticks.tick().await;
+                ctx.notifier.watchdog();
+            }
+        })
+    });
     tracker.close();
     drain(&ctx, &tracker, shutdown).await;
+    statuses.abort();
+    if let Some(watchdog) = watchdog {
+        watchdog.abort();
+    }
     cancels.abort();
     let _ = timeout(Duration::from_secs(5), ctx.client.flush()).await;
     pulled?;
     info!("stopped");
     Ok(())
+}
+
+/// Keeps systemd's status line (`systemctl status`) saying how many jobs run.
+async fn report_status(ctx: Arc<Ctx>) {
+    let mut running = ctx.running.watch_count();
+    let mut shutdown = ctx.shutdown.clone();
+    loop {
+        let count = *running.borrow_and_update();
+        let draining = *shutdown.borrow_and_update() != Shutdown::Run;
+        let status = if draining {
+            format!("draining: {count} job(s) still running")
+        } else {
+            format!("running {count} of {} jobs", ctx.settings.concurrency)
+        };
+        ctx.notifier.status(&status);
+        tokio::select! {
+            changed = running.changed() => if changed.is_err() { return },
+            changed = shutdown.changed() => if changed.is_err() { return },
+        }
+    }
 }
 
 /// Lets running jobs finish within the drain timeout, then stops what is left and waits for

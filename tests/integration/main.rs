@@ -21,6 +21,9 @@ mod supervisor;
 /// forged results, hostile job folders, leaked descriptors, duplicate deliveries, zombies.
 mod isolation;
 
+/// Operability: systemd notifications, the NATS service API, job events, metrics.
+mod operability;
+
 /// Reliability under faults: crashes, restarts, drains, competition, host faults, lost acks
 /// and leases, a clustered server, dead letters.
 mod faults;
