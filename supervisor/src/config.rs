@@ -122,6 +122,12 @@ pub struct Args {
     #[arg(long, env = "NATS_FS_CANCEL_SUBJECT", default_value = "jobs.cancel")]
     pub cancel_subject: String,
 
+    /// Prefix of the job event subjects: each job's lifecycle (started, step-started,
+    /// step-finished, finished) is published on `{status_subject}.{id}`, best effort. Empty
+    /// disables.
+    #[arg(long, env = "NATS_FS_STATUS_SUBJECT", default_value = "jobs.status")]
+    pub status_subject: String,
+
     /// Where rejected requests and jobs out of deliveries are republished, with the reason in
     /// the Nats-Fs-Reason header. Empty disables.
     #[arg(long, env = "NATS_FS_DEAD_LETTER_SUBJECT", default_value = "jobs.dead")]
@@ -263,6 +269,8 @@ pub struct Settings {
     pub input_subject: String,
     pub output_subject: String,
     pub cancel_subject: String,
+    /// Where job events go, if anywhere.
+    pub status_subject: Option<String>,
     pub dead_letter_subject: Option<String>,
     pub default_timeout: Duration,
     pub concurrency: usize,
@@ -294,7 +302,7 @@ impl Settings {
         let auth = Auth::from_args(args)?;
         check_name("--id (WORKER_ID)", &args.worker_id)?;
         check_name("--stream (NATS_STREAM)", &args.stream)?;
-        let dead_letter_subject = check_subjects(args)?;
+        let (dead_letter_subject, status_subject) = check_subjects(args)?;
         if args.concurrency == 0 || args.concurrency > 1024 {
             bail!(
                 "--concurrency (NATS_FS_CONCURRENCY) must be between 1 and 1024, not {}",
@@ -345,6 +353,7 @@ impl Settings {
             input_subject: args.input_subject.clone(),
             output_subject: args.output_subject.clone(),
             cancel_subject: args.cancel_subject.clone(),
+            status_subject,
             dead_letter_subject,
             default_timeout: args.timeout,
             concurrency: args.concurrency,
@@ -365,8 +374,9 @@ impl Settings {
     }
 }
 
-/// Checks the subject options; returns the dead-letter subject (`None` when disabled).
-fn check_subjects(args: &Args) -> anyhow::Result<Option<String>> {
+/// Checks the subject options; returns the dead-letter subject and the status subject (each
+/// `None` when disabled by an empty value).
+fn check_subjects(args: &Args) -> anyhow::Result<(Option<String>, Option<String>)> {
     check_subject(
         "--input-subject (NATS_INPUT_SUBJECT)",
         &args.input_subject,
@@ -382,17 +392,25 @@ fn check_subjects(args: &Args) -> anyhow::Result<Option<String>> {
         &args.cancel_subject,
         false,
     )?;
-    Ok(match args.dead_letter_subject.trim() {
-        "" => None,
-        subject => {
-            check_subject(
-                "--dead-letter-subject (NATS_FS_DEAD_LETTER_SUBJECT)",
-                subject,
-                false,
-            )?;
-            Some(subject.to_owned())
+    let optional = |what: &str, value: &str| -> anyhow::Result<Option<String>> {
+        match value.trim() {
+            "" => Ok(None),
+            subject => {
+                check_subject(what, subject, false)?;
+                Ok(Some(subject.to_owned()))
+            }
         }
-    })
+    };
+    Ok((
+        optional(
+            "--dead-letter-subject (NATS_FS_DEAD_LETTER_SUBJECT)",
+            &args.dead_letter_subject,
+        )?,
+        optional(
+            "--status-subject (NATS_FS_STATUS_SUBJECT)",
+            &args.status_subject,
+        )?,
+    ))
 }
 
 fn absolute(path: &Path) -> anyhow::Result<PathBuf> {

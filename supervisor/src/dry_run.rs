@@ -69,6 +69,7 @@ pub async fn run(
         attempt: 1,
         stream_sequence: None,
         tag: format!("dry{}", std::process::id()),
+        events: crate::events::JobEvents::none(),
     };
     let env = Env {
         reaper: &reaper,

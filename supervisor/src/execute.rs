@@ -37,6 +37,7 @@ use tokio::time::{sleep_until, Instant};
 use tracing::{debug, info, warn};
 
 use crate::config::Settings;
+use crate::events::JobEvents;
 use crate::identity::{Held, Identities, Identity};
 use crate::reaper::{Exit, Reaper};
 use crate::results;
@@ -87,6 +88,8 @@ pub struct JobRun<'a> {
     pub stream_sequence: Option<u64>,
     /// Distinguishes the workspace folder (the stream sequence, or "dry").
     pub tag: String,
+    /// Where the job's step events go.
+    pub events: JobEvents,
 }
 
 impl JobRun<'_> {
@@ -298,6 +301,8 @@ struct Talk {
     tail: VecDeque<String>,
     /// A start failure, before there was a runner at all.
     start_error: Option<String>,
+    /// Where step events go.
+    events: JobEvents,
 }
 
 /// Spawns the runner and talks to it until it has exited and its pipes are closed, applying
@@ -310,7 +315,7 @@ async fn converse(
     control: &mut mpsc::Receiver<CancelMode>,
 ) -> Talk {
     let settings = job.settings;
-    let mut talk = Talk::new(settings.default_timeout);
+    let mut talk = Talk::new(settings.default_timeout, job.events.clone());
     let keep = [folder.dir.as_raw_fd(), folder.results.as_raw_fd()];
     let switch = env.identities.pool().switch;
     let started = env.reaper.spawn(|| {
@@ -519,7 +524,7 @@ async fn send(stdin: &mut Option<pipe::Sender>, message: &ToRunner) -> io::Resul
 }
 
 impl Talk {
-    fn new(default_timeout: Duration) -> Self {
+    fn new(default_timeout: Duration, events: JobEvents) -> Self {
         Self {
             started_at: SystemTime::now(),
             started: Instant::now(),
@@ -534,6 +539,7 @@ impl Talk {
             stage_ms: 0,
             tail: VecDeque::with_capacity(STDERR_TAIL),
             start_error: None,
+            events,
         }
     }
 
@@ -569,7 +575,10 @@ impl Talk {
                 self.stage_ms = *duration_ms;
                 self.running = (!self.steps.is_empty()).then(|| (0, Instant::now()));
             }
-            FromRunner::StepStarted { index, .. } => self.running = Some((*index, Instant::now())),
+            FromRunner::StepStarted { index, name, .. } => {
+                self.running = Some((*index, Instant::now()));
+                self.events.step_started(*index, name.as_deref());
+            }
             FromRunner::StepFinished {
                 index,
                 status,
@@ -579,6 +588,9 @@ impl Talk {
             } => {
                 self.running = (*status == StepStatus::Success && index + 1 < self.steps.len())
                     .then(|| (index + 1, Instant::now()));
+                let name = self.steps.get(*index).and_then(|s| s.name.as_deref());
+                self.events
+                    .step_finished(*index, name, *status, *exit_code, *duration_ms);
                 if let Some(slot) = self.records.get_mut(*index) {
                     let info = &self.steps[*index];
                     *slot = Some(StepRecord {

@@ -37,6 +37,8 @@ pub struct Ctx {
     pub running: Running,
     /// systemd, told how the supervisor is doing.
     pub notifier: crate::notify::Notifier,
+    /// Job lifecycle events for controllers.
+    pub events: crate::events::Events,
     pub reaper: Arc<Reaper>,
     pub identities: Identities,
     pub locks: Locks,
@@ -217,12 +219,15 @@ async fn process(
         }
     };
     info!("job started");
+    let events = ctx.events.job(request.id.as_str(), seq, delivered);
+    events.started();
     let job = JobRun {
         settings: &ctx.settings,
         request: &request,
         attempt: delivered,
         stream_sequence: Some(seq),
         tag: seq.to_string(),
+        events,
     };
     let env = Env {
         reaper: &ctx.reaper,
@@ -454,6 +459,11 @@ async fn carry_out(
             ack,
             dead_letter: reason,
         } => {
+            ctx.events.job(id.as_str(), seq, delivered).finished(
+                result.status,
+                result.exit_code,
+                result.duration_ms,
+            );
             let level_ok = matches!(result.status, Status::Success);
             if level_ok {
                 info!(status = %result.status, exit_code = result.exit_code, "job finished");

@@ -23,6 +23,7 @@
 //! - `results`: `results/` lent to a job's identity and taken back; believable manifests.
 //! - `settle`: the pure decision of how a message is settled.
 //! - `outbox`: results and dead letters, delivered so that they are not lost.
+//! - `events`: each job's lifecycle on `jobs.status.{id}`, best effort.
 //! - `spawn`: the privilege drop, and killing every process of an identity.
 //! - `reaper`: reaping every child, runners and orphaned steps.
 //! - `sweep`: the workspaces folder, its lock, and what crashed runs left behind.
@@ -33,6 +34,7 @@
 
 pub mod config;
 pub mod dry_run;
+pub mod events;
 pub mod execute;
 pub mod identity;
 pub mod intake;
@@ -109,6 +111,11 @@ pub async fn run(
     };
     let ctx = Arc::new(Ctx {
         notifier: notify::Notifier::from_env(),
+        events: events::Events::start(
+            client.clone(),
+            settings.status_subject.clone(),
+            &settings.worker_id,
+        ),
         outbox: outbox::Outbox::new(client.clone(), shutdown.clone()),
         identities: Identities::new(settings.pool.clone()),
         settings,

@@ -106,3 +106,105 @@ async fn systemd_hears_ready_status_watchdog_and_stopping() {
     supervisor.exit(SOON).await;
     no_process_with(&token, SOON).await;
 }
+
+/// The events of job `id`, in order, until its `finished` event.
+async fn events_until_finished(events: &mut async_nats::Subscriber) -> Vec<serde_json::Value> {
+    use futures_util::StreamExt;
+    let mut got = Vec::new();
+    within(SOON, "a finished event", async {
+        while let Some(msg) = events.next().await {
+            let event: serde_json::Value = serde_json::from_slice(&msg.payload).unwrap();
+            let done = event["event"] == "finished";
+            got.push(event);
+            if done {
+                return;
+            }
+        }
+    })
+    .await;
+    got
+}
+
+#[tokio::test]
+async fn a_controller_follows_a_job_on_its_status_subject() {
+    let crate::support::Setup {
+        server: _server,
+        jobs,
+        supervisor: _supervisor,
+        nats,
+    } = crate::support::setup(&[]).await;
+    jobs.add(
+        "two",
+        &json!({"steps": ["true", {"run": "echo built", "name": "build"}]}),
+    );
+    jobs.add("fails", &json!({"steps": ["exit 3", "echo never"]}));
+    let (token, sleep) = sleeper();
+    jobs.add("cancelled", &json!({"steps": [sleep]}));
+
+    let mut events = nats.client.subscribe("jobs.status.two").await.unwrap();
+    nats.client.flush().await.unwrap();
+    let seq = nats.submit_id("two").await;
+    let got = events_until_finished(&mut events).await;
+    let kinds: Vec<&str> = got.iter().map(|e| e["event"].as_str().unwrap()).collect();
+    assert_eq!(
+        kinds,
+        [
+            "started",
+            "step-started",
+            "step-finished",
+            "step-started",
+            "step-finished",
+            "finished"
+        ]
+    );
+    assert_eq!(got[0]["seq"], seq);
+    assert_eq!(got[0]["attempt"], 1);
+    assert_eq!(got[0]["worker"], "worker-01");
+    assert!(got[0]["host"].as_str().is_some_and(|h| !h.is_empty()));
+    assert_eq!(got[3]["index"], 1);
+    assert_eq!(got[3]["name"], "build");
+    assert_eq!(got[4]["status"], "success");
+    assert_eq!(got[4]["exitCode"], 0);
+    assert!(got[4]["durationMs"].as_u64().is_some());
+    assert_eq!(got[5]["status"], "success");
+    assert_eq!(got[5]["exitCode"], 0);
+
+    let mut events = nats.client.subscribe("jobs.status.fails").await.unwrap();
+    nats.client.flush().await.unwrap();
+    nats.submit_id("fails").await;
+    let got = events_until_finished(&mut events).await;
+    let kinds: Vec<&str> = got.iter().map(|e| e["event"].as_str().unwrap()).collect();
+    assert_eq!(
+        kinds,
+        ["started", "step-started", "step-finished", "finished"]
+    );
+    assert_eq!(got[2]["status"], "failed");
+    assert_eq!(got[2]["exitCode"], 3);
+    assert_eq!(got[3]["status"], "failed");
+    assert_eq!(got[3]["exitCode"], 3);
+
+    let mut events = nats
+        .client
+        .subscribe("jobs.status.cancelled")
+        .await
+        .unwrap();
+    nats.client.flush().await.unwrap();
+    nats.submit_id("cancelled").await;
+    crate::support::eventually(SOON, "the step to run", || {
+        crate::support::processes_with(&token).first().copied()
+    })
+    .await;
+    nats.client
+        .publish("jobs.cancel.cancelled", "".into())
+        .await
+        .unwrap();
+    let got = events_until_finished(&mut events).await;
+    let kinds: Vec<&str> = got.iter().map(|e| e["event"].as_str().unwrap()).collect();
+    assert_eq!(
+        kinds,
+        ["started", "step-started", "step-finished", "finished"]
+    );
+    assert_eq!(got[2]["status"], "cancelled");
+    assert_eq!(got[3]["status"], "cancelled");
+    assert_eq!(got[3]["exitCode"], 130);
+}

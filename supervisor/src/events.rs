@@ -1,0 +1,206 @@
+//! Job lifecycle events on `{status_subject}.{id}` (`jobs.status.{id}` by default), so that a
+//! controller can follow a job live (`nats sub 'jobs.status.job_2026_01'`) without reading the
+//! shared drive: `started`, `step-started`, `step-finished`, `finished`.
+//!
+//! Core NATS, best effort, and never in a job's way: events go into a bounded queue that one
+//! task publishes from, in order; when the queue is full (NATS is down for long) events are
+//! dropped and counted rather than waited for.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use nats_fs::manifest::StepStatus;
+use nats_fs::Status;
+use serde::Serialize;
+use tokio::sync::mpsc;
+
+/// Events waiting to be published, at most.
+const QUEUE: usize = 4096;
+
+/// One event, as published.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Event<'a> {
+    event: &'static str,
+    id: &'a str,
+    attempt: u64,
+    seq: u64,
+    /// RFC 3339, UTC, milliseconds.
+    time: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    host: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    worker: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    index: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    name: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    status: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    exit_code: Option<i32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    duration_ms: Option<u64>,
+}
+
+/// The supervisor's event publisher.
+#[derive(Debug, Clone)]
+pub struct Events {
+    inner: Option<Arc<Inner>>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    prefix: String,
+    host: String,
+    worker: String,
+    queue: mpsc::Sender<(String, Bytes)>,
+    dropped: AtomicU64,
+}
+
+impl Events {
+    /// Publishes on `{prefix}.{id}` through `client`; `None` publishes nothing.
+    pub fn start(client: async_nats::Client, prefix: Option<String>, worker: &str) -> Self {
+        let Some(prefix) = prefix else {
+            return Self::none();
+        };
+        let (queue, mut pending) = mpsc::channel::<(String, Bytes)>(QUEUE);
+        tokio::spawn(async move {
+            while let Some((subject, payload)) = pending.recv().await {
+                // Best effort: a lost event is not worth holding the others back for.
+                let _ = client.publish(subject, payload).await;
+            }
+        });
+        Self {
+            inner: Some(Arc::new(Inner {
+                prefix,
+                host: nix::unistd::gethostname()
+                    .map(|h| h.to_string_lossy().into_owned())
+                    .unwrap_or_default(),
+                worker: worker.to_owned(),
+                queue,
+                dropped: AtomicU64::new(0),
+            })),
+        }
+    }
+
+    /// Publishes nothing.
+    pub fn none() -> Self {
+        Self { inner: None }
+    }
+
+    /// Events dropped because the queue was full.
+    pub fn dropped(&self) -> u64 {
+        self.inner
+            .as_ref()
+            .map_or(0, |inner| inner.dropped.load(Ordering::Relaxed))
+    }
+
+    /// The events of delivery `seq` (attempt `attempt`) of job `id`.
+    pub fn job(&self, id: &str, seq: u64, attempt: u64) -> JobEvents {
+        JobEvents {
+            events: self.clone(),
+            id: id.to_owned(),
+            seq,
+            attempt,
+        }
+    }
+}
+
+/// The events of one delivery of one job.
+#[derive(Debug, Clone)]
+pub struct JobEvents {
+    events: Events,
+    id: String,
+    seq: u64,
+    attempt: u64,
+}
+
+impl JobEvents {
+    /// Events of nothing (`--dry-run`).
+    pub fn none() -> Self {
+        Events::none().job("", 0, 0)
+    }
+
+    /// The job starts here.
+    pub fn started(&self) {
+        let Some(inner) = &self.events.inner else {
+            return;
+        };
+        self.send(Event {
+            host: Some(&inner.host),
+            worker: Some(&inner.worker),
+            ..self.event("started")
+        });
+    }
+
+    /// Step `index` started.
+    pub fn step_started(&self, index: usize, name: Option<&str>) {
+        self.send(Event {
+            index: Some(index),
+            name,
+            ..self.event("step-started")
+        });
+    }
+
+    /// Step `index` ended.
+    pub fn step_finished(
+        &self,
+        index: usize,
+        name: Option<&str>,
+        status: StepStatus,
+        exit_code: Option<i32>,
+        duration_ms: u64,
+    ) {
+        self.send(Event {
+            index: Some(index),
+            name,
+            status: Some(status.as_str()),
+            exit_code,
+            duration_ms: Some(duration_ms),
+            ..self.event("step-finished")
+        });
+    }
+
+    /// The job ended with a final status (its result is being published).
+    pub fn finished(&self, status: Status, exit_code: i32, duration_ms: Option<u64>) {
+        self.send(Event {
+            status: Some(status.as_str()),
+            exit_code: Some(exit_code),
+            duration_ms,
+            ..self.event("finished")
+        });
+    }
+
+    fn event(&self, event: &'static str) -> Event<'_> {
+        Event {
+            event,
+            id: &self.id,
+            attempt: self.attempt,
+            seq: self.seq,
+            time: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+            host: None,
+            worker: None,
+            index: None,
+            name: None,
+            status: None,
+            exit_code: None,
+            duration_ms: None,
+        }
+    }
+
+    fn send(&self, event: Event<'_>) {
+        let Some(inner) = &self.events.inner else {
+            return;
+        };
+        let Ok(payload) = serde_json::to_vec(&event) else {
+            return;
+        };
+        let subject = format!("{}.{}", inner.prefix, self.id);
+        if inner.queue.try_send((subject, payload.into())).is_err() {
+            inner.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
