@@ -22,7 +22,7 @@ const QUEUE: usize = 4096;
 /// One event, as published.
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
-struct Event<'a> {
+struct Published<'a> {
     event: &'static str,
     id: &'a str,
     attempt: u64,
@@ -129,7 +129,7 @@ impl JobEvents {
         let Some(inner) = &self.events.inner else {
             return;
         };
-        self.send(Event {
+        self.send(&Published {
             host: Some(&inner.host),
             worker: Some(&inner.worker),
             ..self.event("started")
@@ -138,7 +138,7 @@ impl JobEvents {
 
     /// Step `index` started.
     pub fn step_started(&self, index: usize, name: Option<&str>) {
-        self.send(Event {
+        self.send(&Published {
             index: Some(index),
             name,
             ..self.event("step-started")
@@ -154,7 +154,7 @@ impl JobEvents {
         exit_code: Option<i32>,
         duration_ms: u64,
     ) {
-        self.send(Event {
+        self.send(&Published {
             index: Some(index),
             name,
             status: Some(status.as_str()),
@@ -166,7 +166,7 @@ impl JobEvents {
 
     /// The job ended with a final status (its result is being published).
     pub fn finished(&self, status: Status, exit_code: i32, duration_ms: Option<u64>) {
-        self.send(Event {
+        self.send(&Published {
             status: Some(status.as_str()),
             exit_code: Some(exit_code),
             duration_ms,
@@ -174,8 +174,8 @@ impl JobEvents {
         });
     }
 
-    fn event(&self, event: &'static str) -> Event<'_> {
-        Event {
+    fn event(&self, event: &'static str) -> Published<'_> {
+        Published {
             event,
             id: &self.id,
             attempt: self.attempt,
@@ -191,11 +191,11 @@ impl JobEvents {
         }
     }
 
-    fn send(&self, event: Event<'_>) {
+    fn send(&self, event: &Published<'_>) {
         let Some(inner) = &self.events.inner else {
             return;
         };
-        let Ok(payload) = serde_json::to_vec(&event) else {
+        let Ok(payload) = serde_json::to_vec(event) else {
             return;
         };
         let subject = format!("{}.{}", inner.prefix, self.id);
