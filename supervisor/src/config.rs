@@ -185,6 +185,11 @@ pub struct Args {
     #[arg(long, env = "NATS_FS_RUNNER", value_name = "PATH")]
     pub runner: Option<PathBuf>,
 
+    /// Serve Prometheus metrics on `/metrics` and a health check on `/healthz` at this address,
+    /// such as 127.0.0.1:9464 [default: off].
+    #[arg(long, env = "NATS_FS_METRICS_LISTEN", value_name = "ADDR")]
+    pub metrics_listen: Option<String>,
+
     /// Log format.
     #[arg(long, env = "NATS_FS_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
@@ -278,6 +283,8 @@ pub struct Settings {
     pub pool: Pool,
     /// The key-value bucket of running job ids, if any.
     pub lock_bucket: Option<String>,
+    /// Where to serve metrics, if anywhere.
+    pub metrics_listen: Option<std::net::SocketAddr>,
     pub ack_wait: Duration,
     pub max_deliver: i64,
     pub drain_timeout: Duration,
@@ -336,6 +343,14 @@ impl Settings {
         };
         let pool = Pool::resolve(set(args.run_as.as_ref()), set(args.run_as_group.as_ref()))?;
         pool.check_concurrency(args.concurrency)?;
+        let metrics_listen = match set(args.metrics_listen.as_ref()) {
+            None => None,
+            Some(addr) => Some(addr.parse().map_err(|_| {
+                anyhow::anyhow!(
+                    "--metrics-listen (NATS_FS_METRICS_LISTEN) {addr:?} is not an address such as 127.0.0.1:9464"
+                )
+            })?),
+        };
         let lock_bucket = match args.lock_bucket.trim() {
             "" => None,
             bucket => {
@@ -359,6 +374,7 @@ impl Settings {
             concurrency: args.concurrency,
             pool,
             lock_bucket,
+            metrics_listen,
             ack_wait: args.ack_wait,
             max_deliver: args.max_deliver,
             drain_timeout: args.drain_timeout,

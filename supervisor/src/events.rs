@@ -7,7 +7,7 @@
 //! dropped and counted rather than waited for.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::SystemTime;
 
 use bytes::Bytes;
@@ -15,6 +15,8 @@ use nats_fs::manifest::StepStatus;
 use nats_fs::Status;
 use serde::Serialize;
 use tokio::sync::mpsc;
+
+use crate::metrics::Metrics;
 
 /// Events waiting to be published, at most.
 const QUEUE: usize = 4096;
@@ -45,10 +47,11 @@ struct Published<'a> {
     duration_ms: Option<u64>,
 }
 
-/// The supervisor's event publisher.
+/// The supervisor's event publisher (and, for the durations the events carry, its metrics).
 #[derive(Debug, Clone)]
 pub struct Events {
     inner: Option<Arc<Inner>>,
+    metrics: Option<Arc<Metrics>>,
 }
 
 #[derive(Debug)]
@@ -61,10 +64,19 @@ struct Inner {
 }
 
 impl Events {
-    /// Publishes on `{prefix}.{id}` through `client`; `None` publishes nothing.
-    pub fn start(client: async_nats::Client, prefix: Option<String>, worker: &str) -> Self {
+    /// Publishes on `{prefix}.{id}` through `client` (`None` publishes nothing), and records
+    /// staging and syncing times in `metrics`.
+    pub fn start(
+        client: async_nats::Client,
+        prefix: Option<String>,
+        worker: &str,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         let Some(prefix) = prefix else {
-            return Self::none();
+            return Self {
+                inner: None,
+                metrics: Some(metrics),
+            };
         };
         let (queue, mut pending) = mpsc::channel::<(String, Bytes)>(QUEUE);
         tokio::spawn(async move {
@@ -83,12 +95,16 @@ impl Events {
                 queue,
                 dropped: AtomicU64::new(0),
             })),
+            metrics: Some(metrics),
         }
     }
 
-    /// Publishes nothing.
+    /// Publishes and records nothing.
     pub fn none() -> Self {
-        Self { inner: None }
+        Self {
+            inner: None,
+            metrics: None,
+        }
     }
 
     /// Events dropped because the queue was full.
@@ -105,23 +121,65 @@ impl Events {
             id: id.to_owned(),
             seq,
             attempt,
+            state: Arc::new(Mutex::new(JobState {
+                id: id.to_owned(),
+                attempt,
+                seq,
+                identity: None,
+                step: None,
+                step_name: None,
+                started_at: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+            })),
         }
     }
 }
 
-/// The events of one delivery of one job.
+/// What a running job is doing, as the service API reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct JobState {
+    pub id: String,
+    pub attempt: u64,
+    pub seq: u64,
+    /// The identity it runs as.
+    pub identity: Option<String>,
+    /// The step it is on (the last one started).
+    pub step: Option<usize>,
+    pub step_name: Option<String>,
+    /// RFC 3339, UTC.
+    pub started_at: String,
+}
+
+/// The events of one delivery of one job, and what it is doing.
 #[derive(Debug, Clone)]
 pub struct JobEvents {
     events: Events,
     id: String,
     seq: u64,
     attempt: u64,
+    state: Arc<Mutex<JobState>>,
 }
 
 impl JobEvents {
     /// Events of nothing (`--dry-run`).
     pub fn none() -> Self {
         Events::none().job("", 0, 0)
+    }
+
+    /// What the job is doing now.
+    pub fn state(&self) -> JobState {
+        self.state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// The job runs as `identity`.
+    pub fn identity(&self, identity: String) {
+        self.state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .identity = Some(identity);
     }
 
     /// The job starts here.
@@ -138,6 +196,11 @@ impl JobEvents {
 
     /// Step `index` started.
     pub fn step_started(&self, index: usize, name: Option<&str>) {
+        {
+            let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+            state.step = Some(index);
+            state.step_name = name.map(str::to_owned);
+        }
         self.send(&Published {
             index: Some(index),
             name,
@@ -162,6 +225,20 @@ impl JobEvents {
             duration_ms: Some(duration_ms),
             ..self.event("step-finished")
         });
+    }
+
+    /// The job folder was copied into the workspace in `duration`.
+    pub fn staged(&self, duration: std::time::Duration) {
+        if let Some(metrics) = &self.events.metrics {
+            metrics.staged(duration);
+        }
+    }
+
+    /// New and changed files were copied to `results/` in `duration`.
+    pub fn synced(&self, duration: std::time::Duration) {
+        if let Some(metrics) = &self.events.metrics {
+            metrics.synced(duration);
+        }
     }
 
     /// The job ended with a final status (its result is being published).

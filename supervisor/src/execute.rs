@@ -134,6 +134,7 @@ pub async fn execute<'a>(
 ) -> (JobEnd, Leftovers<'a>) {
     let held = env.identities.acquire().await;
     let identity = held.identity().clone();
+    job.events.identity(identity.describe());
     let switch = env.identities.pool().switch;
     let leftovers = Leftovers {
         private: [job.workspace(), job.tmp_dir()],
@@ -187,7 +188,10 @@ impl Leftovers<'_> {
         let removed = tokio::task::spawn_blocking(move || {
             for folder in &private {
                 if let Err(e) = nats_fs::tree::remove_tree(folder) {
-                    warn!("removing the workspace {}: {e}", folder.display());
+                    warn!(
+                        "removing the workspace {}: {e}; it is removed at the next start",
+                        folder.display()
+                    );
                 }
             }
         })
@@ -336,7 +340,7 @@ async fn converse(
     let mut stdin = Some(spawned.stdin);
     // Never logged: the start message carries the values of --pass-env variables.
     if let Err(e) = send(&mut stdin, &start_message(job, keep, exclusive)).await {
-        warn!("sending the job to the runner: {e}");
+        warn!("sending the job to the runner: {e}; the runner will end without it, and the job is retried");
     }
     let mut events = BufReader::new(spawned.stdout).lines();
     let mut errors = BufReader::new(spawned.stderr).lines();
@@ -557,7 +561,7 @@ impl Talk {
         let event = match serde_json::from_str::<FromRunner>(line) {
             Ok(event) => event,
             Err(e) => {
-                warn!("unreadable line from the runner ({e}): {line:.200}");
+                warn!("ignoring an unreadable line from the runner ({e}): {line:.200}");
                 return false;
             }
         };
@@ -571,8 +575,12 @@ impl Talk {
                 self.steps_done = steps.is_empty();
                 loaded = true;
             }
+            FromRunner::Synced { duration_ms, .. } => {
+                self.events.synced(Duration::from_millis(*duration_ms));
+            }
             FromRunner::Staged { duration_ms, .. } => {
                 self.stage_ms = *duration_ms;
+                self.events.staged(Duration::from_millis(*duration_ms));
                 self.running = (!self.steps.is_empty()).then(|| (0, Instant::now()));
             }
             FromRunner::StepStarted { index, name, .. } => {

@@ -445,7 +445,7 @@ impl Puller {
                 true
             }
             Err(e) => {
-                warn!("asking for jobs: {e}");
+                warn!("asking for jobs failed ({e}); asking again after a pause");
                 self.failures += 1;
                 self.end_request();
                 false
@@ -527,7 +527,7 @@ impl Puller {
                     info!("set up the consumer again");
                     *intake = fresh;
                 }
-                Err(e) => warn!("setting up the consumer again: {e}"),
+                Err(e) => warn!("setting up the consumer again failed ({e}); trying again"),
             }
         }
     }

@@ -20,6 +20,7 @@ use tokio::time::{sleep, sleep_until, timeout, Instant};
 use tracing::{debug, error, info, info_span, warn, Instrument, Span};
 
 use crate::config::Settings;
+use crate::events::{JobEvents, JobState};
 use crate::execute::{execute, Env, JobEnd, JobRun};
 use crate::identity::Identities;
 use crate::lock::{Acquired, JobLock, Locks, RefreshError};
@@ -39,6 +40,8 @@ pub struct Ctx {
     pub notifier: crate::notify::Notifier,
     /// Job lifecycle events for controllers.
     pub events: crate::events::Events,
+    /// Counters, for `/metrics` and the service API.
+    pub metrics: Arc<crate::metrics::Metrics>,
     pub reaper: Arc<Reaper>,
     pub identities: Identities,
     pub locks: Locks,
@@ -49,12 +52,23 @@ pub struct Ctx {
     pub shutdown: watch::Receiver<Shutdown>,
 }
 
-/// The jobs running on this host, by stream sequence, for cancel requests and draining.
+/// The jobs running on this host, by stream sequence, for cancel requests, draining and the
+/// service API.
 #[derive(Debug)]
 pub struct Running {
-    jobs: Mutex<HashMap<u64, (JobId, mpsc::Sender<CancelMode>)>>,
+    jobs: Mutex<HashMap<u64, RunningJob>>,
     /// How many there are, for whoever reports it.
     count: watch::Sender<usize>,
+}
+
+/// One entry of [`Running`].
+#[derive(Debug)]
+struct RunningJob {
+    id: JobId,
+    /// Stop requests for the job.
+    control: mpsc::Sender<CancelMode>,
+    /// What it is doing.
+    events: JobEvents,
 }
 
 impl Default for Running {
@@ -74,12 +88,20 @@ impl Running {
         seq: u64,
         id: &JobId,
         tx: mpsc::Sender<CancelMode>,
+        events: JobEvents,
     ) -> Result<Registered<'_>, u64> {
         let mut jobs = self.lock();
-        if let Some((other, _)) = jobs.iter().find(|(_, (job, _))| job == id) {
+        if let Some((other, _)) = jobs.iter().find(|(_, job)| job.id == *id) {
             return Err(*other);
         }
-        jobs.insert(seq, (id.clone(), tx));
+        jobs.insert(
+            seq,
+            RunningJob {
+                id: id.clone(),
+                control: tx,
+                events,
+            },
+        );
         self.count.send_replace(jobs.len());
         Ok(Registered { running: self, seq })
     }
@@ -89,16 +111,24 @@ impl Running {
         self.count.subscribe()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, (JobId, mpsc::Sender<CancelMode>)>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, RunningJob>> {
         self.jobs.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// What every running job is doing, oldest delivery first.
+    pub fn states(&self) -> Vec<JobState> {
+        let mut states: Vec<JobState> =
+            self.lock().values().map(|job| job.events.state()).collect();
+        states.sort_by_key(|s| s.seq);
+        states
     }
 
     /// Asks every job with this id to stop with `mode`; returns how many were asked.
     pub fn stop(&self, id: &JobId, mode: CancelMode) -> usize {
         self.lock()
             .values()
-            .filter(|(job, _)| job == id)
-            .map(|(_, tx)| usize::from(tx.try_send(mode).is_ok()))
+            .filter(|job| job.id == *id)
+            .map(|job| usize::from(job.control.try_send(mode).is_ok()))
             .sum()
     }
 
@@ -106,7 +136,7 @@ impl Running {
     pub fn stop_all(&self, mode: CancelMode) -> usize {
         self.lock()
             .values()
-            .map(|(_, tx)| usize::from(tx.try_send(mode).is_ok()))
+            .map(|job| usize::from(job.control.try_send(mode).is_ok()))
             .sum()
     }
 
@@ -146,6 +176,9 @@ pub async fn handle(ctx: Arc<Ctx>, msg: jetstream::Message, slot: OwnedSemaphore
             return;
         }
     };
+    if delivered > 1 {
+        ctx.metrics.redelivered();
+    }
     let span = info_span!("job", id = tracing::field::Empty, attempt = delivered, seq);
     process(ctx, Arc::new(msg), delivered, seq, received, slot)
         .instrument(span)
@@ -165,32 +198,16 @@ async fn process(
         Err(rejected) => return reject(&ctx, &msg, &rejected, delivered, seq).await,
     };
     Span::current().record("id", request.id.as_str());
-    let earlier = {
-        let job_dir = ctx.settings.jobs_dir.join(request.id.as_str());
-        let ctx = ctx.clone();
-        let id = request.id.clone();
-        tokio::task::spawn_blocking(move || already_finished(&job_dir, &id, seq, &ctx.settings))
-            .await
-            .ok()
-            .flatten()
-    };
-    if let Some(manifest) = earlier {
-        info!(
-            status = %manifest.status,
-            "attempt {} already finished this delivery; republishing its result instead of running it again",
-            manifest.attempt
-        );
-        let result = Box::new(ResultMessage::from_manifest(&manifest));
-        let decision = Decision::Publish {
-            ack: crate::settle::ack_for(result.status),
-            result,
-            dead_letter: None,
-        };
-        return carry_out(&ctx, &msg, decision, &request.id, delivered, seq).await;
+    if republished(&ctx, &msg, &request.id, delivered, seq).await {
+        return;
     }
     let (tx, mut rx) = mpsc::channel(4);
+    let events = ctx.events.job(request.id.as_str(), seq, delivered);
     // One run per id: not beside another delivery of it here...
-    let registered = match ctx.running.register(seq, &request.id, tx.clone()) {
+    let registered = match ctx
+        .running
+        .register(seq, &request.id, tx.clone(), events.clone())
+    {
         Ok(registered) => registered,
         Err(other) => {
             let why = format!(
@@ -208,6 +225,7 @@ async fn process(
             return busy(&ctx, &msg, &request.id, why, delivered, seq).await;
         }
         Acquired::Failed(why) => {
+            ctx.metrics.host_fault();
             let decision = decide(
                 request.id.as_str(),
                 JobEnd::Fault(why),
@@ -219,7 +237,6 @@ async fn process(
         }
     };
     info!("job started");
-    let events = ctx.events.job(request.id.as_str(), seq, delivered);
     events.started();
     let job = JobRun {
         settings: &ctx.settings,
@@ -243,6 +260,9 @@ async fn process(
         attempt: delivered,
     };
     let ((end, leftovers), lease_lost) = lease.keep(execution, lock.as_mut()).await;
+    if matches!(end, JobEnd::Fault(_)) {
+        ctx.metrics.host_fault();
+    }
     let decision = decide(
         request.id.as_str(),
         end,
@@ -261,6 +281,42 @@ async fn process(
     drop(registered);
     drop(slot);
     leftovers.clear().await;
+}
+
+/// Republishes the result of an earlier attempt at this very delivery, if one finished (only
+/// the ack was lost): true when it did, and the message is settled.
+async fn republished(
+    ctx: &Arc<Ctx>,
+    msg: &jetstream::Message,
+    id: &JobId,
+    delivered: u64,
+    seq: u64,
+) -> bool {
+    let earlier = {
+        let job_dir = ctx.settings.jobs_dir.join(id.as_str());
+        let ctx = ctx.clone();
+        let id = id.clone();
+        tokio::task::spawn_blocking(move || already_finished(&job_dir, &id, seq, &ctx.settings))
+            .await
+            .ok()
+            .flatten()
+    };
+    if let Some(manifest) = earlier {
+        info!(
+            status = %manifest.status,
+            "attempt {} already finished this delivery; republishing its result instead of running it again",
+            manifest.attempt
+        );
+        let result = Box::new(ResultMessage::from_manifest(&manifest));
+        let decision = Decision::Publish {
+            ack: crate::settle::ack_for(result.status),
+            result,
+            dead_letter: None,
+        };
+        carry_out(ctx, msg, decision, id, delivered, seq).await;
+        return true;
+    }
+    false
 }
 
 /// Hands back a delivery of a job that is running elsewhere (see [`decide`]).
@@ -464,6 +520,8 @@ async fn carry_out(
                 result.exit_code,
                 result.duration_ms,
             );
+            ctx.metrics
+                .finished(result.status, result.duration_ms.map(Duration::from_millis));
             let level_ok = matches!(result.status, Status::Success);
             if level_ok {
                 info!(status = %result.status, exit_code = result.exit_code, "job finished");
@@ -550,6 +608,7 @@ async fn dead_letter(ctx: &Ctx, msg: &jetstream::Message, reason: &str, delivere
         )
         .await;
     if sent {
+        ctx.metrics.dead_lettered();
         info!(subject = %subject, "republished on the dead-letter subject");
     }
 }

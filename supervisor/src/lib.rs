@@ -24,8 +24,10 @@
 //! - `settle`: the pure decision of how a message is settled.
 //! - `outbox`: results and dead letters, delivered so that they are not lost.
 //! - `events`: each job's lifecycle on `jobs.status.{id}`, best effort.
+//! - `metrics`: counters and gauges; `/metrics` and `/healthz` on `--metrics-listen`.
 //! - `spawn`: the privilege drop, and killing every process of an identity.
 //! - `reaper`: reaping every child, runners and orphaned steps.
+//! - `service`: the NATS micro service `nats-fs-worker` and its `jobs` endpoint.
 //! - `sweep`: the workspaces folder, its lock, and what crashed runs left behind.
 //! - `signals`: SIGTERM/SIGINT to drain, twice to stop now.
 //! - `logging`: log output, with control characters from jobs escaped.
@@ -41,10 +43,12 @@ pub mod intake;
 pub mod job_task;
 pub mod lock;
 pub mod logging;
+pub mod metrics;
 pub mod notify;
 pub mod outbox;
 pub mod reaper;
 pub mod results;
+pub mod service;
 pub mod settle;
 pub mod signals;
 pub mod spawn;
@@ -89,14 +93,7 @@ pub async fn run(
     let reaper = Reaper::start().context("listening for SIGCHLD")?;
     let _lock = sweep::prepare_workspaces(&settings.workspaces_dir, &settings.pool)?;
     check_surroundings(&settings);
-    info!(
-        worker = %settings.worker_id,
-        stream = %settings.stream,
-        subject = %settings.input_subject,
-        concurrency = settings.concurrency,
-        run_as = %settings.pool.describe(),
-        "starting"
-    );
+    log_settings(&settings);
     let client = intake::connect(&settings).await?;
     let js = jetstream::new(client.clone());
     let Some(intake) = intake::ensure_patiently(&settings, &js, &mut shutdown).await? else {
@@ -109,13 +106,32 @@ pub async fn run(
     else {
         return Ok(());
     };
+    let metrics = Arc::new(metrics::Metrics::new(settings.concurrency));
+    let events = events::Events::start(
+        client.clone(),
+        settings.status_subject.clone(),
+        &settings.worker_id,
+        metrics.clone(),
+    );
+    let metrics_server = match settings.metrics_listen {
+        Some(addr) => {
+            let sources = metrics::Sources {
+                client: client.clone(),
+                consumer: intake.consumer.clone(),
+                events: events.clone(),
+            };
+            Some(
+                metrics::serve(addr, metrics.clone(), sources)
+                    .await
+                    .with_context(|| format!("--metrics-listen {addr}: listening"))?,
+            )
+        }
+        None => None,
+    };
     let ctx = Arc::new(Ctx {
         notifier: notify::Notifier::from_env(),
-        events: events::Events::start(
-            client.clone(),
-            settings.status_subject.clone(),
-            &settings.worker_id,
-        ),
+        metrics,
+        events,
         outbox: outbox::Outbox::new(client.clone(), shutdown.clone()),
         identities: Identities::new(settings.pool.clone()),
         settings,
@@ -129,6 +145,7 @@ pub async fn run(
     });
     let cancels = tokio::spawn(intake::listen_for_cancels(ctx.clone()));
     let statuses = tokio::spawn(report_status(ctx.clone()));
+    let service = service::start(ctx.clone()).await?;
     let tracker = TaskTracker::new();
     let pulled = intake::pull(ctx.clone(), intake, js, tracker.clone()).await;
     ctx.notifier.stopping();
@@ -149,11 +166,47 @@ pub async fn run(
     if let Some(watchdog) = watchdog {
         watchdog.abort();
     }
+    if let Some(server) = metrics_server {
+        server.abort();
+    }
+    service.abort();
     cancels.abort();
     let _ = timeout(Duration::from_secs(5), ctx.client.flush()).await;
     pulled?;
     info!("stopped");
     Ok(())
+}
+
+/// The effective settings, in one line at start (secrets only by kind: `token`, never the
+/// value).
+fn log_settings(settings: &Settings) {
+    let millis = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+    info!(
+        version = env!("CARGO_PKG_VERSION"),
+        url = %settings.urls.join(","),
+        auth = ?settings.auth,
+        worker = %settings.worker_id,
+        jobs_dir = %settings.jobs_dir.display(),
+        workspaces_dir = %settings.workspaces_dir.display(),
+        stream = %settings.stream,
+        subject = %settings.input_subject,
+        results = %settings.output_subject,
+        cancels = %settings.cancel_subject,
+        statuses = settings.status_subject.as_deref().unwrap_or("off"),
+        dead_letters = settings.dead_letter_subject.as_deref().unwrap_or("off"),
+        lock_bucket = settings.lock_bucket.as_deref().unwrap_or("off"),
+        concurrency = settings.concurrency,
+        run_as = %settings.pool.describe(),
+        default_timeout_ms = millis(settings.default_timeout),
+        ack_wait_ms = millis(settings.ack_wait),
+        max_deliver = settings.max_deliver,
+        drain_timeout_ms = millis(settings.drain_timeout),
+        kill_grace_ms = millis(settings.kill_grace),
+        pass_env = %settings.pass_env.join(","),
+        runner = %settings.runner.display(),
+        metrics = %settings.metrics_listen.map_or_else(|| "off".to_owned(), |a| a.to_string()),
+        "starting"
+    );
 }
 
 /// Keeps systemd's status line (`systemctl status`) saying how many jobs run.
@@ -162,6 +215,7 @@ async fn report_status(ctx: Arc<Ctx>) {
     let mut shutdown = ctx.shutdown.clone();
     loop {
         let count = *running.borrow_and_update();
+        ctx.metrics.running(count, ctx.settings.concurrency);
         let draining = *shutdown.borrow_and_update() != Shutdown::Run;
         let status = if draining {
             format!("draining: {count} job(s) still running")

@@ -47,7 +47,10 @@ pub fn prepare_workspaces(dir: &Path, pool: &Pool) -> anyhow::Result<WorkspacesL
         };
         match removed {
             Ok(()) => swept += 1,
-            Err(e) => warn!("removing the stale workspace {}: {e}", path.display()),
+            Err(e) => warn!(
+                "removing the stale workspace {}: {e}; left in place",
+                path.display()
+            ),
         }
     }
     if swept > 0 {

@@ -208,3 +208,219 @@ async fn a_controller_follows_a_job_on_its_status_subject() {
     assert_eq!(got[3]["status"], "cancelled");
     assert_eq!(got[3]["exitCode"], 130);
 }
+
+/// Every answer to `subject` within `wait` (several services may answer one request).
+async fn answers(nats: &Nats, subject: &str, want: usize) -> Vec<serde_json::Value> {
+    use futures_util::StreamExt;
+    let inbox = nats.client.new_inbox();
+    let mut replies = nats.client.subscribe(inbox.clone()).await.unwrap();
+    nats.client
+        .publish_with_reply(subject.to_owned(), inbox, "".into())
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    within(SOON, &format!("{want} answers on {subject}"), async {
+        while got.len() < want {
+            let msg = replies.next().await.unwrap();
+            got.push(serde_json::from_slice(&msg.payload).unwrap());
+        }
+    })
+    .await;
+    got
+}
+
+#[tokio::test]
+async fn the_fleet_answers_the_nats_service_api() {
+    let server = Server::start(&[]);
+    let jobs = Jobs::new();
+    let one = Supervisor::start(&server.url, jobs.path(), &["--concurrency", "2"], &[]);
+    let two = Supervisor::start(&server.url, jobs.path(), &[], &[]);
+    one.ready().await;
+    two.ready().await;
+    let nats = Nats::connect(&server.url).await;
+
+    let pings = answers(&nats, "$SRV.PING.nats-fs-worker", 2).await;
+    let mut ids: Vec<&str> = pings.iter().map(|p| p["id"].as_str().unwrap()).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(ids.len(), 2, "two instances: {pings:?}");
+    assert!(pings.iter().all(|p| p["name"] == "nats-fs-worker"));
+    let infos = answers(&nats, "$SRV.INFO.nats-fs-worker", 2).await;
+    let host = nix::unistd::gethostname().unwrap().into_string().unwrap();
+    for info in &infos {
+        let metadata = &info["metadata"];
+        assert_eq!(metadata["worker"], "worker-01", "{info}");
+        assert_eq!(metadata["host"], host.as_str());
+        assert_eq!(metadata["version"], env!("CARGO_PKG_VERSION"));
+        assert_eq!(metadata["stream"], "JOBS");
+        assert_eq!(metadata["subject"], "jobs.pending");
+        assert_eq!(info["endpoints"][0]["name"], "jobs", "{info}");
+    }
+    let mut concurrency: Vec<&str> = infos
+        .iter()
+        .map(|i| i["metadata"]["concurrency"].as_str().unwrap())
+        .collect();
+    concurrency.sort_unstable();
+    assert_eq!(concurrency, ["1", "2"]);
+    // Addressed to one instance.
+    let one_id = ids[0];
+    let direct = answers(&nats, &format!("$SRV.PING.nats-fs-worker.{one_id}"), 1).await;
+    assert_eq!(direct[0]["id"], one_id);
+
+    // The jobs endpoint of a host lists what runs there.
+    let (token, sleep) = sleeper();
+    jobs.add(
+        "listed",
+        &json!({"steps": [{"run": sleep, "name": "wait"}]}),
+    );
+    let seq = nats.submit_id("listed").await;
+    crate::support::eventually(SOON, "the step to run", || {
+        crate::support::processes_with(&token).first().copied()
+    })
+    .await;
+    let subject = infos[0]["endpoints"][0]["subject"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(subject.starts_with("nats-fs.worker-01."), "{subject}");
+    // Both supervisors run on this host under one worker id: both answer the one subject.
+    assert_eq!(infos[1]["endpoints"][0]["subject"], subject.as_str());
+    let mut running = Vec::new();
+    for reply in answers(&nats, &subject, 2).await {
+        assert!(reply["counters"]["finished"]["success"].is_u64(), "{reply}");
+        running.extend(reply["running"].as_array().unwrap().iter().cloned());
+    }
+    assert_eq!(running.len(), 1, "{running:?}");
+    let job = &running[0];
+    assert_eq!(job["id"], "listed");
+    assert_eq!(job["seq"], seq);
+    assert_eq!(job["attempt"], 1);
+    assert_eq!(job["step"], 0);
+    assert_eq!(job["stepName"], "wait");
+    assert!(
+        job["identity"].as_str().is_some_and(|i| !i.is_empty()),
+        "{job}"
+    );
+    assert!(job["startedAt"].as_str().is_some(), "{job}");
+    nats.client
+        .publish("jobs.cancel.listed", "".into())
+        .await
+        .unwrap();
+    no_process_with(&token, SOON).await;
+    drop((one, two));
+}
+
+/// A plain HTTP GET on loopback: `(status, body)`.
+fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text).ok()?;
+    let status = text.split_whitespace().nth(1)?.parse().ok()?;
+    let body = text.split_once("\r\n\r\n")?.1.to_owned();
+    Some((status, body))
+}
+
+/// The value of a sample line `name{labels} value` in a Prometheus text body.
+fn sample(body: &str, series: &str) -> Option<f64> {
+    body.lines()
+        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+#[tokio::test]
+async fn prometheus_metrics_and_health() {
+    let mut server = Server::start_restartable(&[]);
+    let jobs = Jobs::new();
+    let port = crate::support::reserved_port();
+    let listen = format!("127.0.0.1:{port}");
+    let supervisor = Supervisor::start(
+        &server.url,
+        jobs.path(),
+        &["--metrics-listen", &listen, "--concurrency", "2"],
+        &[],
+    );
+    supervisor.ready().await;
+    let mut nats = Nats::connect(&server.url).await;
+    jobs.add("ok", &json!({"steps": ["true"]}));
+    jobs.add("bad", &json!({"steps": ["exit 2"]}));
+    for id in ["ok", "ok", "ok", "bad"] {
+        nats.submit_id(id).await;
+        nats.result().await;
+    }
+    nats.submit("not json").await;
+    // Each job leaves the running ones a moment after its result is out.
+    let body = crate::support::eventually(SOON, "no job running", || {
+        let (status, body) = http_get(port, "/metrics")?;
+        assert_eq!(status, 200);
+        (sample(&body, "nats_fs_jobs_running") == Some(0.0)).then_some(body)
+    })
+    .await;
+    assert_eq!(
+        sample(&body, r#"nats_fs_jobs_finished_total{status="success"}"#),
+        Some(3.0),
+        "{body}"
+    );
+    assert_eq!(
+        sample(&body, r#"nats_fs_jobs_finished_total{status="failed"}"#),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(&body, r#"nats_fs_jobs_finished_total{status="timeout"}"#),
+        Some(0.0)
+    );
+    assert_eq!(
+        sample(&body, "nats_fs_job_duration_seconds_count"),
+        Some(4.0),
+        "{body}"
+    );
+    assert_eq!(
+        sample(&body, "nats_fs_stage_duration_seconds_count"),
+        Some(4.0)
+    );
+    assert_eq!(
+        sample(&body, "nats_fs_sync_duration_seconds_count"),
+        Some(4.0)
+    );
+    assert_eq!(sample(&body, "nats_fs_free_slots"), Some(2.0));
+    assert_eq!(sample(&body, "nats_fs_jobs_running"), Some(0.0));
+    assert_eq!(sample(&body, "nats_fs_consumer_pending"), Some(0.0));
+    for series in [
+        "nats_fs_redeliveries_total",
+        "nats_fs_host_faults_total",
+        "nats_fs_nats_reconnects_total",
+    ] {
+        assert_eq!(sample(&body, series), Some(0.0), "{series}");
+    }
+    crate::support::eventually(SOON, "the dead letter to be counted", || {
+        let (_, body) = http_get(port, "/metrics")?;
+        (sample(&body, "nats_fs_dead_letters_total") == Some(1.0)).then_some(())
+    })
+    .await;
+
+    assert_eq!(http_get(port, "/healthz").unwrap().0, 200);
+    server.kill();
+    crate::support::eventually(SOON, "/healthz to say 503", || {
+        (http_get(port, "/healthz")?.0 == 503).then_some(())
+    })
+    .await;
+    server.restart();
+    crate::support::eventually(SOON, "/healthz to say 200 again", || {
+        (http_get(port, "/healthz")?.0 == 200).then_some(())
+    })
+    .await;
+    let (_, body) = http_get(port, "/metrics").unwrap();
+    assert_eq!(
+        sample(&body, "nats_fs_nats_reconnects_total"),
+        Some(1.0),
+        "{body}"
+    );
+    assert_eq!(http_get(port, "/nothing").unwrap().0, 404);
+}
