@@ -628,7 +628,15 @@ inside systemctl daemon-reload || fail "systemctl daemon-reload failed"
 # ---- 7a. start ----------------------------------------------------------------------------
 phase "a. start: active, ready"
 start_unit start
-say "active, ready for jobs (Type=$(unit_prop Type), MainPID $(unit_prop MainPID))"
+# The status line the supervisor sends (STATUS=), as `systemctl status` shows it.
+status_is() { [[ $(unit_prop StatusText) == "$1" ]]; }
+if [[ $(unit_prop Type) == notify ]]; then
+    wait_until 5 status_is "running 0 of 1 jobs" ||
+        fail_unit "systemctl status says '$(unit_prop StatusText)', expected 'running 0 of 1 jobs'"
+    # WatchdogSec= is set: the supervisor must keep feeding it (a starved watchdog kills it).
+    [[ $(unit_prop WatchdogUSec) != 0 ]] || fail_unit "the unit sets no watchdog"
+fi
+say "active, ready for jobs (Type=$(unit_prop Type), MainPID $(unit_prop MainPID), status '$(unit_prop StatusText)')"
 
 # ---- 7b. a job ----------------------------------------------------------------------------
 phase "b. job as a pool user, no privileges"
@@ -656,6 +664,10 @@ EOF
 submit_job drain
 wait_until 30 step_log_has drain started || fail_unit "the job drain did not start within 30 s"
 seen_ms=$(now_ms)
+if [[ $(unit_prop Type) == notify ]]; then
+    wait_until 5 status_is "running 1 of 1 jobs" ||
+        fail_unit "systemctl status says '$(unit_prop StatusText)' while a job runs"
+fi
 inside_t 120 systemctl stop "$UNIT" || fail_unit "systemctl stop failed"
 stop_ms=$(($(now_ms) - seen_ms))
 wait_result drain 20
