@@ -183,7 +183,7 @@ fn log_settings(settings: &Settings) {
     let millis = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
     info!(
         version = env!("CARGO_PKG_VERSION"),
-        url = %settings.urls.join(","),
+        url = %settings.urls.iter().map(|u| without_secret(u)).collect::<Vec<_>>().join(","),
         auth = ?settings.auth,
         worker = %settings.worker_id,
         jobs_dir = %settings.jobs_dir.display(),
@@ -207,6 +207,17 @@ fn log_settings(settings: &Settings) {
         metrics = %settings.metrics_listen.map_or_else(|| "off".to_owned(), |a| a.to_string()),
         "starting"
     );
+}
+
+/// A server URL without the user and password it may carry (`nats://u:p@host` → `nats://***@host`).
+fn without_secret(url: &str) -> String {
+    match url.split_once("://") {
+        Some((scheme, rest)) => match rest.rsplit_once('@') {
+            Some((_, host)) => format!("{scheme}://***@{host}"),
+            None => url.to_owned(),
+        },
+        None => url.to_owned(),
+    }
 }
 
 /// Keeps systemd's status line (`systemctl status`) saying how many jobs run.
@@ -310,4 +321,17 @@ pub fn base_env() -> BTreeMap<String, String> {
         std::env::var("LANG").unwrap_or_else(|_| "C.UTF-8".to_owned()),
     );
     env
+}
+
+#[cfg(test)]
+mod tests {
+    use super::without_secret;
+
+    #[test]
+    fn urls_are_logged_without_their_secrets() {
+        assert_eq!(without_secret("nats://u:p@h:4222"), "nats://***@h:4222");
+        assert_eq!(without_secret("nats://token@h"), "nats://***@h");
+        assert_eq!(without_secret("nats://h:4222"), "nats://h:4222");
+        assert_eq!(without_secret("h:4222"), "h:4222");
+    }
 }
