@@ -32,3 +32,11 @@ pub mod tree;
 pub use job::{JobId, JobRequest, JobSpec, RequestError, SpecError, Step};
 pub use manifest::{Manifest, ResultMessage, Status};
 pub use protocol::{FromRunner, StartJob, ToRunner, PROTOCOL_VERSION};
+
+/// This host's name, as results, events and locks report it (empty if it cannot be read).
+#[must_use]
+pub fn host_name() -> String {
+    nix::unistd::gethostname()
+        .map(|h| h.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}

@@ -182,7 +182,8 @@ pub fn kill_uid(uid: u32, timeout: Duration) -> Sweep {
 }
 
 /// The real uid of `pid`, from `/proc/<pid>/status` (whatever its dumpable flag says).
-fn real_uid(pid: i32) -> Option<u32> {
+#[must_use]
+pub fn real_uid(pid: i32) -> Option<u32> {
     let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     status
         .lines()
@@ -224,5 +225,47 @@ mod tests {
         assert!(count_live(None) >= 1);
         child.kill().unwrap();
         child.wait().unwrap();
+    }
+
+    #[test]
+    fn kills_every_process_of_a_uid_and_nothing_else() {
+        use std::os::unix::process::CommandExt;
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("SKIPPED: starting processes as another uid needs root");
+            return;
+        }
+        // A uid of its own (no other test uses it), with a process that left a child behind
+        // in a session of its own, as a job's leftovers would be.
+        let uid = 3_999_321;
+        let mut child = std::process::Command::new("sh")
+            .args(["-c", "setsid sleep 30 & exec sleep 30"])
+            .uid(uid)
+            .gid(uid)
+            .spawn()
+            .unwrap();
+        let mut bystander = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let of_uid = || {
+            scan()
+                .into_iter()
+                .filter(|p| !p.zombie && real_uid(p.pid) == Some(uid))
+                .count()
+        };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while of_uid() < 2 {
+            assert!(Instant::now() < deadline, "the processes did not start");
+            thread::sleep(Duration::from_millis(10));
+        }
+        let sweep = kill_uid(uid, Duration::from_secs(5));
+        assert_eq!(sweep.left, 0, "{sweep:?}");
+        assert!(sweep.reaped >= 2, "{sweep:?}");
+        assert_eq!(of_uid(), 0);
+        child.wait().unwrap();
+        // Our own process (another uid) was not touched.
+        assert_eq!(bystander.try_wait().unwrap(), None);
+        bystander.kill().unwrap();
+        bystander.wait().unwrap();
     }
 }

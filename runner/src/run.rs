@@ -153,9 +153,7 @@ impl<'a> Job<'a> {
     fn new(start: &'a StartJob, dir: PathBuf, results: PathBuf) -> Self {
         Self {
             start,
-            host: nix::unistd::gethostname()
-                .map(|h| h.to_string_lossy().into_owned())
-                .unwrap_or_default(),
+            host: nats_fs::host_name(),
             started_at: SystemTime::now(),
             started: Instant::now(),
             dir,

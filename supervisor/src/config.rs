@@ -2,6 +2,7 @@
 //! checked once at start so that a daemon that starts is a daemon that can work.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
@@ -280,7 +281,7 @@ pub struct Settings {
     pub default_timeout: Duration,
     pub concurrency: usize,
     /// The identities of `--run-as`.
-    pub pool: Pool,
+    pub pool: Arc<Pool>,
     /// The key-value bucket of running job ids, if any.
     pub lock_bucket: Option<String>,
     /// Where to serve metrics, if anywhere.
@@ -341,7 +342,10 @@ impl Settings {
             Some(path) => path.clone(),
             None => default_runner()?,
         };
-        let pool = Pool::resolve(set(args.run_as.as_ref()), set(args.run_as_group.as_ref()))?;
+        let pool = Arc::new(Pool::resolve(
+            set(args.run_as.as_ref()),
+            set(args.run_as_group.as_ref()),
+        )?);
         pool.check_concurrency(args.concurrency)?;
         let metrics_listen = match set(args.metrics_listen.as_ref()) {
             None => None,

@@ -4,9 +4,8 @@
 //!
 //! Core NATS, best effort, and never in a job's way: events go into a bounded queue that one
 //! task publishes from, in order; when the queue is full (NATS is down for long) events are
-//! dropped and counted rather than waited for.
+//! dropped and counted (`nats_fs_events_dropped_total`) rather than waited for.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::SystemTime;
 
@@ -60,7 +59,6 @@ struct Inner {
     host: String,
     worker: String,
     queue: mpsc::Sender<(String, Bytes)>,
-    dropped: AtomicU64,
 }
 
 impl Events {
@@ -88,12 +86,9 @@ impl Events {
         Self {
             inner: Some(Arc::new(Inner {
                 prefix,
-                host: nix::unistd::gethostname()
-                    .map(|h| h.to_string_lossy().into_owned())
-                    .unwrap_or_default(),
+                host: nats_fs::host_name(),
                 worker: worker.to_owned(),
                 queue,
-                dropped: AtomicU64::new(0),
             })),
             metrics: Some(metrics),
         }
@@ -107,11 +102,37 @@ impl Events {
         }
     }
 
-    /// Events dropped because the queue was full.
-    pub fn dropped(&self) -> u64 {
-        self.inner
-            .as_ref()
-            .map_or(0, |inner| inner.dropped.load(Ordering::Relaxed))
+    /// Delivery `seq` (attempt `attempt`) of job `id` ended with a final status (its result is
+    /// being published).
+    pub fn finished(
+        &self,
+        (id, seq, attempt): (&str, u64, u64),
+        status: Status,
+        exit_code: i32,
+        duration_ms: Option<u64>,
+    ) {
+        self.publish(&Published {
+            status: Some(status.as_str()),
+            exit_code: Some(exit_code),
+            duration_ms,
+            ..Published::new("finished", id, seq, attempt)
+        });
+    }
+
+    /// Queues `event` for `{prefix}.{id}`; counts it as dropped if the queue is full.
+    fn publish(&self, event: &Published<'_>) {
+        let Some(inner) = &self.inner else {
+            return;
+        };
+        let Ok(payload) = serde_json::to_vec(event) else {
+            return;
+        };
+        let subject = format!("{}.{}", inner.prefix, event.id);
+        if inner.queue.try_send((subject, payload.into())).is_err() {
+            if let Some(metrics) = &self.metrics {
+                metrics.event_dropped();
+            }
+        }
     }
 
     /// The events of delivery `seq` (attempt `attempt`) of job `id`.
@@ -241,22 +262,23 @@ impl JobEvents {
         }
     }
 
-    /// The job ended with a final status (its result is being published).
-    pub fn finished(&self, status: Status, exit_code: i32, duration_ms: Option<u64>) {
-        self.send(&Published {
-            status: Some(status.as_str()),
-            exit_code: Some(exit_code),
-            duration_ms,
-            ..self.event("finished")
-        });
+    fn event(&self, event: &'static str) -> Published<'_> {
+        Published::new(event, &self.id, self.seq, self.attempt)
     }
 
-    fn event(&self, event: &'static str) -> Published<'_> {
-        Published {
+    fn send(&self, event: &Published<'_>) {
+        self.events.publish(event);
+    }
+}
+
+impl<'a> Published<'a> {
+    /// Event `event` of delivery `seq` (attempt `attempt`) of job `id`, now.
+    fn new(event: &'static str, id: &'a str, seq: u64, attempt: u64) -> Self {
+        Self {
             event,
-            id: &self.id,
-            attempt: self.attempt,
-            seq: self.seq,
+            id,
+            attempt,
+            seq,
             time: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
             host: None,
             worker: None,
@@ -267,17 +289,42 @@ impl JobEvents {
             duration_ms: None,
         }
     }
+}
 
-    fn send(&self, event: &Published<'_>) {
-        let Some(inner) = &self.events.inner else {
-            return;
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_that_do_not_fit_the_queue_are_dropped_and_counted() {
+        let metrics = Arc::new(Metrics::new(1));
+        // A queue of two that nothing empties, as when NATS is down for long.
+        let (queue, mut pending) = mpsc::channel(2);
+        let events = Events {
+            inner: Some(Arc::new(Inner {
+                prefix: "jobs.status".to_owned(),
+                host: "h".to_owned(),
+                worker: "w".to_owned(),
+                queue,
+            })),
+            metrics: Some(metrics.clone()),
         };
-        let Ok(payload) = serde_json::to_vec(event) else {
-            return;
-        };
-        let subject = format!("{}.{}", inner.prefix, self.id);
-        if inner.queue.try_send((subject, payload.into())).is_err() {
-            inner.dropped.fetch_add(1, Ordering::Relaxed);
-        }
+        let job = events.job("j1", 7, 1);
+        job.started();
+        job.step_started(0, Some("build"));
+        job.step_finished(0, Some("build"), StepStatus::Success, Some(0), 5);
+        events.finished(("j1", 7, 1), Status::Success, 0, Some(9));
+        assert_eq!(metrics.events_dropped(), 2);
+        let (subject, payload) = pending.try_recv().unwrap();
+        assert_eq!(subject, "jobs.status.j1");
+        let first: serde_json::Value = serde_json::from_slice(&payload).unwrap();
+        assert_eq!(first["event"], "started");
+        assert_eq!(
+            (first["seq"].as_u64(), first["host"].as_str()),
+            (Some(7), Some("h"))
+        );
+        let (_, payload) = pending.try_recv().unwrap();
+        let second: serde_json::Value = serde_json::from_slice(&payload).unwrap();
+        assert_eq!(second["name"], "build");
     }
 }

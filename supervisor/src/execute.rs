@@ -38,10 +38,11 @@ use tracing::{debug, info, warn};
 
 use crate::config::Settings;
 use crate::events::JobEvents;
-use crate::identity::{Held, Identities, Identity};
+use crate::identity::{Held, Identities, Identity, Pool};
 use crate::reaper::{Exit, Reaper};
 use crate::results;
 use crate::spawn::{kill_all_as, spawn_runner};
+use crate::until;
 
 /// How many of the runner's last stderr lines are kept to explain a crash.
 const STDERR_TAIL: usize = 8;
@@ -217,7 +218,7 @@ fn prepare(
     job_dir: &Path,
     private: &[PathBuf; 2],
     identity: &Identity,
-    pool: &crate::identity::Pool,
+    pool: &Pool,
     id: &str,
 ) -> Result<Prepared, JobEnd> {
     let folder = JobFolder::open(job_dir).map_err(|e| {
@@ -388,7 +389,8 @@ async fn converse(
                     } else {
                         warn!(pid = pid.as_raw(), "the runner reported the end of the job but did not exit; killing it");
                     }
-                    killed = kill_runner(env.reaper, pid);
+                    kill_runner(env.reaper, pid);
+                    killed = true;
                 }
             }
             () = until(deadlines.stop_by), if running => {
@@ -397,7 +399,8 @@ async fn converse(
                     if talk.last.is_none() {
                         talk.forced = Some(forced);
                     }
-                    killed = kill_runner(env.reaper, pid);
+                    kill_runner(env.reaper, pid);
+                    killed = true;
                 }
             }
             exit = &mut exited, if talk.exit.is_none() => {
@@ -483,12 +486,10 @@ impl Deadlines {
 }
 
 /// Kills the runner with SIGKILL, if it has not been reaped (so its pid is still its own).
-/// Always true: once this is called, the runner is ending.
-fn kill_runner(reaper: &Reaper, pid: Pid) -> bool {
+fn kill_runner(reaper: &Reaper, pid: Pid) {
     if reaper.is_watched(pid) {
         let _ = kill(pid, Signal::SIGKILL);
     }
-    true
 }
 
 fn start_message(job: &JobRun<'_>, fds: [i32; 2], exclusive: bool) -> ToRunner {
@@ -556,7 +557,7 @@ impl Talk {
         self.tail.push_back(line);
     }
 
-    /// Takes in one event line; true when it was `Loaded` (the deadline changes).
+    /// Takes in (and logs) one event line; true when it was `Loaded` (the deadline changes).
     fn event(&mut self, line: &str) -> bool {
         let event = match serde_json::from_str::<FromRunner>(line) {
             Ok(event) => event,
@@ -565,7 +566,6 @@ impl Talk {
                 return false;
             }
         };
-        log_event(&event);
         let mut loaded = false;
         match &event {
             FromRunner::Loaded { timeout_ms, steps } => {
@@ -575,15 +575,18 @@ impl Talk {
                 self.steps_done = steps.is_empty();
                 loaded = true;
             }
-            FromRunner::Synced { duration_ms, .. } => {
-                self.events.synced(Duration::from_millis(*duration_ms));
-            }
-            FromRunner::Staged { duration_ms, .. } => {
+            FromRunner::Staged {
+                files,
+                bytes,
+                duration_ms,
+            } => {
+                info!(files, bytes, duration_ms, "staged");
                 self.stage_ms = *duration_ms;
                 self.events.staged(Duration::from_millis(*duration_ms));
                 self.running = (!self.steps.is_empty()).then(|| (0, Instant::now()));
             }
-            FromRunner::StepStarted { index, name, .. } => {
+            FromRunner::StepStarted { index, name, pid } => {
+                info!(step = index, name = name.as_deref(), pid, "step started");
                 self.running = Some((*index, Instant::now()));
                 self.events.step_started(*index, name.as_deref());
             }
@@ -600,6 +603,14 @@ impl Talk {
                 self.events
                     .step_finished(*index, name, *status, *exit_code, *duration_ms);
                 if let Some(slot) = self.records.get_mut(*index) {
+                info!(
+                    step = index,
+                    status = %status,
+                    exit_code,
+                    signal = signal.as_deref(),
+                    duration_ms,
+                    "step finished"
+                );
                     let info = &self.steps[*index];
                     *slot = Some(StepRecord {
                         index: *index,
@@ -616,7 +627,21 @@ impl Talk {
                     self.steps_done = true;
                 }
             }
-            _ => {}
+            FromRunner::Synced {
+                files,
+                bytes,
+                duration_ms,
+            } => {
+                info!(files, bytes, duration_ms, "synced artifacts");
+                self.events.synced(Duration::from_millis(*duration_ms));
+            }
+            FromRunner::Warning { message } => warn!("{message}"),
+            FromRunner::Finished { status, error, .. } => {
+                debug!(%status, error = error.as_deref(), "runner finished");
+            }
+            FromRunner::Aborted { reason } => info!("runner stopped: {reason}"),
+            FromRunner::Fault { error } => warn!("runner fault: {error}"),
+            FromRunner::Unknown => {}
         }
         if event.is_last() {
             self.steps_done = true;
@@ -690,9 +715,7 @@ impl Talk {
             exit_code: status.exit_code(1),
             attempt: job.attempt,
             worker: Some(job.settings.worker_id.clone()),
-            host: nix::unistd::gethostname()
-                .map(|h| h.to_string_lossy().into_owned())
-                .unwrap_or_default(),
+            host: nats_fs::host_name(),
             timing: Timing {
                 start: humantime::format_rfc3339_millis(self.started_at).to_string(),
                 end: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
@@ -832,58 +855,9 @@ impl Cleanup {
     }
 }
 
-fn log_event(event: &FromRunner) {
-    match event {
-        FromRunner::Loaded { timeout_ms, steps } => {
-            debug!(steps = steps.len(), timeout_ms, "job loaded");
-        }
-        FromRunner::Staged {
-            files,
-            bytes,
-            duration_ms,
-        } => info!(files, bytes, duration_ms, "staged"),
-        FromRunner::StepStarted { index, name, pid } => {
-            info!(step = index, name = name.as_deref(), pid, "step started");
-        }
-        FromRunner::StepFinished {
-            index,
-            status,
-            exit_code,
-            signal,
-            duration_ms,
-        } => info!(
-            step = index,
-            status = %status,
-            exit_code,
-            signal = signal.as_deref(),
-            duration_ms,
-            "step finished"
-        ),
-        FromRunner::Synced {
-            files,
-            bytes,
-            duration_ms,
-        } => info!(files, bytes, duration_ms, "synced artifacts"),
-        FromRunner::Warning { message } => warn!("{message}"),
-        FromRunner::Finished { status, error, .. } => {
-            debug!(%status, error = error.as_deref(), "runner finished");
-        }
-        FromRunner::Aborted { reason } => info!("runner stopped: {reason}"),
-        FromRunner::Fault { error } => warn!("runner fault: {error}"),
-        FromRunner::Unknown => {}
-    }
-}
-
 /// A final `error` with no manifest.
 fn final_error(id: &str, error: String) -> JobEnd {
     JobEnd::Final(Box::new(ResultMessage::error(id, error)))
-}
-
-async fn until(at: Option<Instant>) {
-    match at {
-        Some(at) => sleep_until(at).await,
-        None => std::future::pending().await,
-    }
 }
 
 fn millis(d: Duration) -> u64 {

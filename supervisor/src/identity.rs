@@ -15,7 +15,7 @@
 use std::collections::{BTreeSet, VecDeque};
 use std::ffi::CString;
 use std::path::Path;
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use anyhow::{anyhow, bail, Context};
 use nix::unistd::{Gid, Group, Uid, User};
@@ -46,34 +46,22 @@ impl Identity {
         }
     }
 
-    /// Whether this identity may enter (search) every folder on the way to `path`.
-    pub fn can_traverse(&self, path: &Path) -> Result<(), String> {
+    /// Whether this identity may enter (search) a folder with these owner, group and mode.
+    fn may_enter(&self, meta: &std::fs::Metadata) -> bool {
         use std::os::unix::fs::MetadataExt;
         if self.uid.is_root() {
-            return Ok(());
+            return true;
         }
-        for dir in path.ancestors() {
-            let meta = std::fs::metadata(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-            let mode = meta.mode();
-            let allowed = if meta.uid() == self.uid.as_raw() {
-                mode & 0o100 != 0
-            } else if meta.gid() == self.gid.as_raw()
-                || self.groups.iter().any(|g| g.as_raw() == meta.gid())
-            {
-                mode & 0o010 != 0
-            } else {
-                mode & 0o001 != 0
-            };
-            if !allowed {
-                return Err(format!(
-                    "{} (mode {:o}) cannot be entered by {}",
-                    dir.display(),
-                    mode & 0o7777,
-                    self.describe()
-                ));
-            }
+        let mode = meta.mode();
+        if meta.uid() == self.uid.as_raw() {
+            mode & 0o100 != 0
+        } else if meta.gid() == self.gid.as_raw()
+            || self.groups.iter().any(|g| g.as_raw() == meta.gid())
+        {
+            mode & 0o010 != 0
+        } else {
+            mode & 0o001 != 0
         }
-        Ok(())
     }
 }
 
@@ -83,9 +71,6 @@ pub struct Pool {
     identities: Vec<Identity>,
     /// Whether spawning switches to the identity (we are root and it is not).
     pub switch: bool,
-    /// Whether every identity belongs to this supervisor alone (see the module docs), so that
-    /// every process of a slot's uid belongs to the job holding it.
-    pub dedicated: bool,
 }
 
 impl Pool {
@@ -114,10 +99,15 @@ impl Pool {
                     groups: Vec::new(),
                 }],
                 switch: false,
-                dedicated: false,
             });
         }
-        let group = group.map(resolve_group).transpose()?;
+        let group = Groups {
+            pool: group.map(resolve_group).transpose()?,
+            nogroup: Group::from_name("nogroup")
+                .ok()
+                .flatten()
+                .map_or(Gid::from_raw(65_534), |g| g.gid),
+        };
         let spec = spec.unwrap_or("nobody");
         let identities = match parse_range(spec)? {
             Some((first, last)) => (first..=last)
@@ -155,11 +145,7 @@ impl Pool {
                 );
             }
         }
-        Ok(Self {
-            dedicated: switch && identities.len() > 1,
-            switch,
-            identities,
-        })
+        Ok(Self { identities, switch })
     }
 
     /// How many identities there are.
@@ -175,6 +161,37 @@ impl Pool {
     /// The identities, in the order given.
     pub fn identities(&self) -> &[Identity] {
         &self.identities
+    }
+
+    /// Whether every identity belongs to this supervisor alone (see the module docs), so that
+    /// every process of a slot's uid belongs to the job holding it.
+    pub fn dedicated(&self) -> bool {
+        self.switch && self.identities.len() > 1
+    }
+
+    /// Whether every identity may enter (search) every folder on the way to `path`; if not,
+    /// why, for the first one that may not. Each folder is looked at once, whatever the size
+    /// of the pool.
+    pub fn can_traverse(&self, path: &Path) -> Result<(), String> {
+        use std::os::unix::fs::MetadataExt;
+        let folders = path
+            .ancestors()
+            .map(|dir| {
+                let meta = std::fs::metadata(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+                Ok((dir, meta))
+            })
+            .collect::<Result<Vec<_>, String>>()?;
+        for identity in &self.identities {
+            if let Some((dir, meta)) = folders.iter().find(|(_, meta)| !identity.may_enter(meta)) {
+                return Err(format!(
+                    "{} (mode {:o}) cannot be entered by {}",
+                    dir.display(),
+                    meta.mode() & 0o7777,
+                    identity.describe()
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// Whether `uid` is one of the pool's.
@@ -257,8 +274,16 @@ fn resolve_group(spec: &str) -> anyhow::Result<Gid> {
         .ok_or_else(|| anyhow!("--run-as-group: there is no group {spec:?} on this host"))
 }
 
+/// The groups identities get: the pool's (`--run-as-group`), if given; `nogroup` for a uid
+/// without a passwd entry otherwise. Looked up once for the whole pool.
+#[derive(Debug, Clone, Copy)]
+struct Groups {
+    pool: Option<Gid>,
+    nogroup: Gid,
+}
+
 /// A user by name, or by uid (a uid need not have a passwd entry).
-fn by_name_or_uid(entry: &str, group: Option<Gid>) -> anyhow::Result<Identity> {
+fn by_name_or_uid(entry: &str, group: Groups) -> anyhow::Result<Identity> {
     if is_number(entry) {
         let uid = entry
             .parse::<u32>()
@@ -268,22 +293,16 @@ fn by_name_or_uid(entry: &str, group: Option<Gid>) -> anyhow::Result<Identity> {
     let user = User::from_name(entry)
         .with_context(|| format!("looking up --run-as user {entry:?}"))?
         .ok_or_else(|| anyhow!("--run-as: there is no user {entry:?} on this host"))?;
-    from_user(user, group)
+    from_user(user, group.pool)
 }
 
 /// A uid: its passwd entry when there is one, else just the uid with the pool's group (or
 /// `nogroup`).
-fn by_uid(uid: Uid, group: Option<Gid>) -> anyhow::Result<Identity> {
+fn by_uid(uid: Uid, group: Groups) -> anyhow::Result<Identity> {
     if let Some(user) = User::from_uid(uid).with_context(|| format!("looking up uid {uid}"))? {
-        return from_user(user, group);
+        return from_user(user, group.pool);
     }
-    let gid = match group {
-        Some(gid) => gid,
-        None => Group::from_name("nogroup")
-            .ok()
-            .flatten()
-            .map_or(Gid::from_raw(65_534), |g| g.gid),
-    };
+    let gid = group.pool.unwrap_or(group.nogroup);
     Ok(Identity {
         name: format!("uid {uid}"),
         uid,
@@ -312,13 +331,13 @@ fn from_user(user: User, group: Option<Gid>) -> anyhow::Result<Identity> {
 /// one user is lent to every slot at once.
 #[derive(Debug)]
 pub struct Identities {
-    pool: Pool,
+    pool: Arc<Pool>,
     free: Mutex<VecDeque<usize>>,
     returned: Notify,
 }
 
 impl Identities {
-    pub fn new(pool: Pool) -> Self {
+    pub fn new(pool: Arc<Pool>) -> Self {
         Self {
             free: Mutex::new((0..pool.len()).collect()),
             pool,
@@ -326,7 +345,7 @@ impl Identities {
         }
     }
 
-    pub fn pool(&self) -> &Pool {
+    pub fn pool(&self) -> &Arc<Pool> {
         &self.pool
     }
 
@@ -371,7 +390,7 @@ impl Held<'_> {
 
     /// Whether every process of this identity's uid belongs to the job holding it.
     pub fn exclusive(&self) -> bool {
-        self.index.is_some() && self.identities.pool.dedicated
+        self.index.is_some() && self.identities.pool.dedicated()
     }
 }
 
@@ -405,7 +424,7 @@ mod tests {
         }
         let pool = Pool::resolve(Some("61184-61215"), Some("65534")).unwrap();
         assert_eq!(pool.len(), 32);
-        assert!(pool.switch && pool.dedicated);
+        assert!(pool.switch && pool.dedicated());
         assert_eq!(pool.identities()[0].gid, Gid::from_raw(65534));
         assert!(Pool::resolve(Some("61184-61215"), Some("0"))
             .unwrap_err()
@@ -415,7 +434,7 @@ mod tests {
         let err = pool.check_concurrency(33).unwrap_err().to_string();
         assert!(err.contains("32 identities"), "{err}");
         let one = Pool::resolve(Some("nobody"), None).unwrap();
-        assert!(one.switch && !one.dedicated);
+        assert!(one.switch && !one.dedicated());
         assert!(one.check_concurrency(4).is_ok());
         assert!(one.shared_by_slots(4));
         assert!(Pool::resolve(Some("nobody,65534"), None)
@@ -427,6 +446,46 @@ mod tests {
         assert!(Pool::resolve(Some("nobody"), Some("no-such-group-here")).is_err());
     }
 
+    #[test]
+    fn a_folder_the_pool_cannot_enter_is_named_with_who_cannot() {
+        use std::os::unix::fs::PermissionsExt;
+        let identity = |uid, gid| Identity {
+            name: format!("uid {uid}"),
+            uid: Uid::from_raw(uid),
+            gid: Gid::from_raw(gid),
+            groups: vec![Gid::from_raw(gid)],
+        };
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("jobs");
+        std::fs::create_dir(&dir).unwrap();
+        let owner = std::os::unix::fs::MetadataExt::gid(&std::fs::metadata(&dir).unwrap());
+        // The second identity is in the folder's group; the third is not.
+        let pool = Pool {
+            identities: vec![
+                identity(3_999_001, 3_999_001),
+                identity(3_999_002, owner),
+                identity(3_999_003, 3_999_003),
+            ],
+            switch: true,
+        };
+        let mode =
+            |bits| std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(bits)).unwrap();
+        mode(0o711);
+        assert_eq!(pool.can_traverse(&dir), Ok(()));
+        mode(0o710);
+        let err = pool.can_traverse(&dir).unwrap_err();
+        assert!(
+            err.contains("mode 710") && err.contains("uid 3999001"),
+            "{err}"
+        );
+        let members = Pool {
+            identities: pool.identities[1..2].to_vec(),
+            switch: true,
+        };
+        assert_eq!(members.can_traverse(&dir), Ok(()));
+        assert!(pool.can_traverse(&dir.join("missing/x")).is_err());
+    }
+
     #[tokio::test]
     async fn identities_rotate_and_come_back() {
         let identity = |uid| Identity {
@@ -435,11 +494,10 @@ mod tests {
             gid: Gid::from_raw(uid),
             groups: vec![],
         };
-        let identities = Identities::new(Pool {
+        let identities = Identities::new(Arc::new(Pool {
             identities: vec![identity(1), identity(2)],
             switch: true,
-            dedicated: true,
-        });
+        }));
         let a = identities.acquire().await;
         let b = identities.acquire().await;
         assert_ne!(a.identity().uid, b.identity().uid);

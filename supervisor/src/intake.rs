@@ -234,7 +234,7 @@ pub async fn patiently<T, F: std::future::Future<Output = Result<T, EnsureError>
     what: &str,
     mut attempt: impl FnMut() -> F,
 ) -> anyhow::Result<Option<T>> {
-    let mut pause = Duration::from_millis(250);
+    let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(10));
     loop {
         let attempted = tokio::select! {
             attempted = attempt() => attempted,
@@ -244,15 +244,49 @@ pub async fn patiently<T, F: std::future::Future<Output = Result<T, EnsureError>
             Ok(done) => return Ok(Some(done)),
             Err(EnsureError::Config(problem)) => anyhow::bail!(problem),
             Err(EnsureError::Nats(problem)) => warn!(
-                retry_in_ms = u64::try_from(pause.as_millis()).unwrap_or(u64::MAX),
+                retry_in_ms = backoff.next_ms(),
                 "waiting for {what}: {problem}"
             ),
         }
         tokio::select! {
-            () = sleep(pause) => {}
+            () = sleep(backoff.pause()) => {}
             _ = shutdown.wait_for(|s| *s != Shutdown::Run) => return Ok(None),
         }
-        pause = (pause * 2).min(Duration::from_secs(10));
+    }
+}
+
+/// A pause between attempts that doubles after each one, up to a cap.
+#[derive(Debug, Clone, Copy)]
+struct Backoff {
+    first: Duration,
+    next: Duration,
+    max: Duration,
+}
+
+impl Backoff {
+    const fn new(first: Duration, max: Duration) -> Self {
+        Self {
+            first,
+            next: first,
+            max,
+        }
+    }
+
+    /// The pause before the next attempt, in milliseconds, for messages.
+    fn next_ms(&self) -> u64 {
+        u64::try_from(self.next.as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// The pause to take now; the next one is twice as long.
+    fn pause(&mut self) -> Duration {
+        let pause = self.next;
+        self.next = (pause * 2).min(self.max);
+        pause
+    }
+
+    /// After a success: the next failure starts over with the first pause.
+    fn reset(&mut self) {
+        self.next = self.first;
     }
 }
 
@@ -375,20 +409,19 @@ async fn subscribe(
     inbox: &str,
     shutdown: &mut watch::Receiver<Shutdown>,
 ) -> anyhow::Result<Option<async_nats::Subscriber>> {
-    let mut pause = Duration::from_millis(100);
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
     for _ in 0..10 {
         match ctx.client.subscribe(inbox.to_owned()).await {
             Ok(subscription) => return Ok(Some(subscription)),
             Err(e) => warn!(
-                retry_in_ms = u64::try_from(pause.as_millis()).unwrap_or(u64::MAX),
+                retry_in_ms = backoff.next_ms(),
                 "subscribing to the job inbox: {e}"
             ),
         }
         tokio::select! {
-            () = sleep(pause) => {}
+            () = sleep(backoff.pause()) => {}
             _ = shutdown.wait_for(|s| *s != Shutdown::Run) => return Ok(None),
         }
-        pause = (pause * 2).min(Duration::from_secs(5));
     }
     anyhow::bail!("the job inbox cannot be subscribed (is the NATS connection closed?)")
 }
@@ -537,21 +570,20 @@ impl Puller {
 /// again: cancels must keep working as long as the supervisor runs.
 pub async fn listen_for_cancels(ctx: Arc<Ctx>) {
     let prefix = format!("{}.", ctx.settings.cancel_subject);
-    let mut pause = Duration::from_millis(100);
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
     loop {
         let mut subscription = match ctx.client.subscribe(format!("{prefix}>")).await {
             Ok(subscription) => subscription,
             Err(e) => {
                 warn!(
-                    retry_in_ms = u64::try_from(pause.as_millis()).unwrap_or(u64::MAX),
+                    retry_in_ms = backoff.next_ms(),
                     "subscribing to cancel requests: {e}"
                 );
-                sleep(pause).await;
-                pause = (pause * 2).min(Duration::from_secs(5));
+                sleep(backoff.pause()).await;
                 continue;
             }
         };
-        pause = Duration::from_millis(100);
+        backoff.reset();
         while let Some(msg) = subscription.next().await {
             let Some(id) = msg.subject.strip_prefix(&prefix) else {
                 continue;
@@ -593,6 +625,18 @@ mod tests {
                 ms(2000)
             ]
         );
+    }
+
+    #[test]
+    fn backoff_doubles_to_its_cap_and_starts_over_after_a_success() {
+        use std::time::Duration;
+        let ms = Duration::from_millis;
+        let mut backoff = super::Backoff::new(ms(100), ms(500));
+        assert_eq!(backoff.next_ms(), 100);
+        let pauses: Vec<_> = (0..5).map(|_| backoff.pause()).collect();
+        assert_eq!(pauses, [ms(100), ms(200), ms(400), ms(500), ms(500)]);
+        backoff.reset();
+        assert_eq!(backoff.pause(), ms(100));
     }
 
     #[test]

@@ -27,6 +27,7 @@ use crate::lock::{Acquired, JobLock, Locks, RefreshError};
 use crate::outbox::Outbox;
 use crate::reaper::Reaper;
 use crate::settle::{decide, Ack, Decision};
+use crate::until;
 use crate::Shutdown;
 
 /// Everything a job task shares with the rest of the supervisor.
@@ -398,7 +399,7 @@ impl Lease<'_> {
                         next_progress = sent + every;
                     } else {
                         // Not confirmed: try again soon, but not in a tight loop.
-                        next_progress = Instant::now() + (every / 4).max(Duration::from_millis(100));
+                        next_progress = soon(every);
                     }
                 }
                 () = until(next_refresh), if lock.is_some() && !lease_lost => {
@@ -413,11 +414,11 @@ impl Lease<'_> {
                         }
                         Ok(Err(RefreshError::Failed(e))) => {
                             debug!("refreshing the job's lock: {e}");
-                            next_refresh = Some(Instant::now() + (every / 4).max(Duration::from_millis(100)));
+                            next_refresh = Some(soon(every));
                         }
                         Err(_) => {
                             debug!("refreshing the job's lock: no answer in time");
-                            next_refresh = Some(Instant::now() + (every / 4).max(Duration::from_millis(100)));
+                            next_refresh = Some(soon(every));
                         }
                     }
                 }
@@ -435,11 +436,10 @@ impl Lease<'_> {
     }
 }
 
-async fn until(at: Option<Instant>) {
-    match at {
-        Some(at) => sleep_until(at).await,
-        None => std::future::pending().await,
-    }
+/// When to try again after a renewal that runs every `every` did not work: soon, but not in
+/// a tight loop.
+fn soon(every: Duration) -> Instant {
+    Instant::now() + (every / 4).max(Duration::from_millis(100))
 }
 
 /// Waits for an in-flight task; pending forever when there is none.
@@ -515,7 +515,8 @@ async fn carry_out(
             ack,
             dead_letter: reason,
         } => {
-            ctx.events.job(id.as_str(), seq, delivered).finished(
+            ctx.events.finished(
+                (id.as_str(), seq, delivered),
                 result.status,
                 result.exit_code,
                 result.duration_ms,

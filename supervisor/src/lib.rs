@@ -118,7 +118,6 @@ pub async fn run(
             let sources = metrics::Sources {
                 client: client.clone(),
                 consumer: intake.consumer.clone(),
-                events: events.clone(),
             };
             Some(
                 metrics::serve(addr, metrics.clone(), sources)
@@ -299,12 +298,16 @@ fn check_surroundings(settings: &Settings) {
             "the jobs folder {} does not exist (yet)",
             settings.jobs_dir.display()
         );
-    } else if let Some(problem) = pool
-        .identities()
-        .iter()
-        .find_map(|identity| identity.can_traverse(&settings.jobs_dir).err())
-    {
+    } else if let Err(problem) = pool.can_traverse(&settings.jobs_dir) {
         warn!("runners may not reach the jobs folder: {problem}");
+    }
+}
+
+/// Sleeps until `at`; never, without one (for an optional deadline in a `select!`).
+pub(crate) async fn until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 

@@ -52,13 +52,20 @@ struct Holder {
 /// The locks of one supervisor.
 #[derive(Debug)]
 pub struct Locks {
-    store: Option<kv::Store>,
-    /// The job stream, to tell whether a holder's message is still there.
-    jobs: Option<jetstream::stream::Stream>,
-    /// How long a key lives without a refresh.
-    lifetime: Duration,
+    /// `None` without `--lock-bucket`: every id is ours to run.
+    bucket: Option<Bucket>,
     host: String,
     worker: String,
+}
+
+/// The lock bucket, and what deciding about its keys needs.
+#[derive(Debug)]
+struct Bucket {
+    store: kv::Store,
+    /// The job stream, to tell whether a holder's message is still there.
+    jobs: jetstream::stream::Stream,
+    /// How long a key lives without a refresh.
+    lifetime: Duration,
 }
 
 /// A held key.
@@ -96,15 +103,11 @@ impl Locks {
         js: &jetstream::Context,
         replicas: usize,
     ) -> Result<Self, EnsureError> {
-        let host = nix::unistd::gethostname()
-            .map(|h| h.to_string_lossy().into_owned())
-            .unwrap_or_default();
+        let host = nats_fs::host_name();
         let worker = settings.worker_id.clone();
         let Some(bucket) = settings.lock_bucket.as_deref() else {
             return Ok(Self {
-                store: None,
-                jobs: None,
-                lifetime: Duration::MAX,
+                bucket: None,
                 host,
                 worker,
             });
@@ -160,9 +163,11 @@ impl Locks {
             "one run per job id across hosts, through the lock bucket"
         );
         Ok(Self {
-            store: Some(store),
-            jobs: Some(jobs),
-            lifetime,
+            bucket: Some(Bucket {
+                store,
+                jobs,
+                lifetime,
+            }),
             host,
             worker,
         })
@@ -170,13 +175,13 @@ impl Locks {
 
     /// How often a held key must be refreshed, if there is a bucket that expires keys.
     pub fn refresh_every(&self) -> Option<Duration> {
-        self.store.as_ref()?;
-        (self.lifetime != Duration::MAX).then_some(self.lifetime / 3)
+        let lifetime = self.bucket.as_ref()?.lifetime;
+        (lifetime != Duration::MAX).then_some(lifetime / 3)
     }
 
     /// Takes the key of job `id` for delivery `seq`.
     pub async fn acquire(&self, id: &str, seq: u64, attempt: u64) -> Acquired {
-        let Some(store) = &self.store else {
+        let Some(Bucket { store, jobs, .. }) = &self.bucket else {
             return Acquired::Held(None);
         };
         let value = self.value(seq, attempt);
@@ -206,7 +211,7 @@ impl Locks {
             debug!(host = %holder.host, "taking over the lock of an earlier delivery of this message");
             true
         } else {
-            match self.still_queued(holder.seq).await {
+            match still_queued(jobs, holder.seq).await {
                 Ok(queued) => !queued,
                 Err(e) => return Acquired::Failed(format!("checking the job's lock: {e}")),
             }
@@ -231,18 +236,6 @@ impl Locks {
         }
     }
 
-    /// Whether the job message `seq` is still in the stream (not yet acked or terminated).
-    async fn still_queued(&self, seq: Option<u64>) -> Result<bool, String> {
-        let (Some(jobs), Some(seq)) = (&self.jobs, seq) else {
-            return Ok(true);
-        };
-        match jobs.get_raw_message(seq).await {
-            Ok(_) => Ok(true),
-            Err(e) if e.kind() == RawMessageErrorKind::NoMessageFound => Ok(false),
-            Err(e) => Err(e.to_string()),
-        }
-    }
-
     /// Renews a held key, so that it outlives the bucket's `max_age`.
     pub async fn refresh(
         &self,
@@ -250,7 +243,7 @@ impl Locks {
         seq: u64,
         attempt: u64,
     ) -> Result<(), RefreshError> {
-        let Some(store) = &self.store else {
+        let Some(Bucket { store, .. }) = &self.bucket else {
             return Ok(());
         };
         match store
@@ -271,7 +264,7 @@ impl Locks {
     /// Best effort, and never for long (NATS may be down): a key that stays is taken over by
     /// the message's next delivery anyway.
     pub async fn release(&self, lock: JobLock) {
-        let Some(store) = &self.store else {
+        let Some(Bucket { store, .. }) = &self.bucket else {
             return;
         };
         let deleted = store.delete_expect_revision(&lock.key, Some(lock.revision));
@@ -290,5 +283,18 @@ impl Locks {
             attempt,
         };
         serde_json::to_vec(&holder).unwrap_or_default().into()
+    }
+}
+
+/// Whether job message `seq` is still in the stream `jobs` (not yet acked or terminated); a
+/// holder that did not record its sequence is taken to be running.
+async fn still_queued(jobs: &jetstream::stream::Stream, seq: Option<u64>) -> Result<bool, String> {
+    let Some(seq) = seq else {
+        return Ok(true);
+    };
+    match jobs.get_raw_message(seq).await {
+        Ok(_) => Ok(true),
+        Err(e) if e.kind() == RawMessageErrorKind::NoMessageFound => Ok(false),
+        Err(e) => Err(e.to_string()),
     }
 }

@@ -4,8 +4,9 @@
 //! The same counters answer the NATS service API's jobs endpoint ([`crate::service`]), so an
 //! operator sees the same numbers whichever way they ask.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -55,7 +56,6 @@ pub struct Metrics {
     /// When `pending` was last read from the server.
     pending_read: Mutex<Option<Instant>>,
     events_dropped: Counter,
-    reported_drops: AtomicU64,
 }
 
 impl Metrics {
@@ -144,7 +144,6 @@ impl Metrics {
             free_slots,
             pending,
             pending_read: Mutex::new(None),
-            reported_drops: AtomicU64::new(0),
         };
         for status in STATUSES {
             // Every status from the start, at 0: a rate over a series that appears late is wrong.
@@ -161,9 +160,15 @@ impl Metrics {
         }
     }
 
-    /// Jobs finished so far with `status`.
-    pub fn finished_count(&self, status: Status) -> u64 {
-        self.jobs_finished.get_or_create(&label(status)).get()
+    /// Jobs finished so far, by status.
+    pub fn finished_counts(&self) -> HashMap<&'static str, u64> {
+        STATUSES
+            .into_iter()
+            .map(|status| {
+                let count = self.jobs_finished.get_or_create(&label(status)).get();
+                (status.as_str(), count)
+            })
+            .collect()
     }
 
     pub fn staged(&self, duration: Duration) {
@@ -205,6 +210,17 @@ impl Metrics {
         self.host_faults.get()
     }
 
+    /// A job event was dropped: too many were waiting to be published.
+    pub fn event_dropped(&self) {
+        self.events_dropped.inc();
+    }
+
+    /// Job events dropped so far.
+    #[cfg(test)]
+    pub(crate) fn events_dropped(&self) -> u64 {
+        self.events_dropped.get()
+    }
+
     /// The registry in the Prometheus text format, after bringing the numbers that are read
     /// rather than counted up to date.
     async fn render(&self, sources: &Sources) -> String {
@@ -213,11 +229,6 @@ impl Metrics {
         let counted = self.reconnects.get();
         if reconnects > counted {
             self.reconnects.inc_by(reconnects - counted);
-        }
-        let dropped = sources.events.dropped();
-        let reported = self.reported_drops.swap(dropped, Ordering::Relaxed);
-        if dropped > reported {
-            self.events_dropped.inc_by(dropped - reported);
         }
         self.refresh_pending(&sources.consumer).await;
         let mut text = String::new();
@@ -270,7 +281,6 @@ fn label(status: Status) -> StatusLabel {
 pub struct Sources {
     pub client: async_nats::Client,
     pub consumer: PullConsumer,
-    pub events: crate::events::Events,
 }
 
 /// Serves `/metrics` and `/healthz` on `addr` until the task is dropped. Binding is done

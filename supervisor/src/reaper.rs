@@ -6,11 +6,10 @@
 //! that no one else will ever wait for. So one `waitpid(-1)` loop, run on every SIGCHLD (and
 //! every few seconds, in case one was coalesced away), collects every child that has ended;
 //! the exit status of a child started through [`Reaper::spawn`] goes to whoever waits for it,
-//! anything else is counted and forgotten. This is why runners are not tokio children: tokio
+//! anything else is forgotten. This is why runners are not tokio children: tokio
 //! waits for its own pids and would find them gone.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -44,7 +43,6 @@ impl Exit {
 #[derive(Debug, Default)]
 pub struct Reaper {
     waiting: Mutex<HashMap<i32, oneshot::Sender<Exit>>>,
-    orphans: AtomicU64,
 }
 
 impl Reaper {
@@ -87,11 +85,6 @@ impl Reaper {
         self.lock().contains_key(&pid.as_raw())
     }
 
-    /// Orphans reaped so far (steps left behind by runners that did not finish cleanly).
-    pub fn orphans(&self) -> u64 {
-        self.orphans.load(Ordering::Relaxed)
-    }
-
     /// Collects every child that has ended.
     pub fn reap(&self) {
         // Held throughout, so that a child being started is registered before it is reaped.
@@ -111,7 +104,6 @@ impl Reaper {
             if let Some(waiter) = waiting.remove(&pid.as_raw()) {
                 let _ = waiter.send(exit);
             } else {
-                self.orphans.fetch_add(1, Ordering::Relaxed);
                 debug!(pid = pid.as_raw(), "reaped an orphaned process");
             }
         }

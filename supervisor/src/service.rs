@@ -10,7 +10,6 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use futures_util::StreamExt;
-use nats_fs::Status;
 use serde::Serialize;
 use tracing::{debug, info};
 
@@ -65,9 +64,7 @@ pub fn subject_token(host: &str) -> String {
 pub async fn start(ctx: Arc<Ctx>) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     use async_nats::service::ServiceExt;
     let settings = &ctx.settings;
-    let host = nix::unistd::gethostname()
-        .map(|h| h.to_string_lossy().into_owned())
-        .unwrap_or_default();
+    let host = nats_fs::host_name();
     let metadata = HashMap::from([
         ("worker".to_owned(), settings.worker_id.clone()),
         ("host".to_owned(), host.clone()),
@@ -115,23 +112,13 @@ pub async fn start(ctx: Arc<Ctx>) -> anyhow::Result<tokio::task::JoinHandle<()>>
 
 fn jobs_reply(ctx: &Ctx, host: &str) -> JobsReply {
     let metrics = &ctx.metrics;
-    let finished = [
-        Status::Success,
-        Status::Failed,
-        Status::Timeout,
-        Status::Cancelled,
-        Status::Error,
-    ]
-    .into_iter()
-    .map(|status| (status.as_str(), metrics.finished_count(status)))
-    .collect();
     JobsReply {
         worker: ctx.settings.worker_id.clone(),
         host: host.to_owned(),
         concurrency: ctx.settings.concurrency,
         running: ctx.running.states(),
         counters: Counters {
-            finished,
+            finished: metrics.finished_counts(),
             redeliveries: metrics.redeliveries(),
             dead_letters: metrics.dead_letters(),
             host_faults: metrics.host_faults(),

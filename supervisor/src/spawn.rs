@@ -54,14 +54,7 @@ pub fn spawn_runner(
     command
         .arg("--pipe")
         .env_clear()
-        .env(
-            "PATH",
-            std::env::var("PATH").unwrap_or_else(|_| DEFAULT_PATH.to_owned()),
-        )
-        .env(
-            "LANG",
-            std::env::var("LANG").unwrap_or_else(|_| "C.UTF-8".to_owned()),
-        )
+        .envs(crate::base_env())
         .current_dir("/")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())

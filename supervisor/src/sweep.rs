@@ -84,15 +84,13 @@ pub fn ensure_workspaces_dir(dir: &Path, pool: &Pool) -> anyhow::Result<()> {
             meta.uid()
         );
     }
-    for identity in pool.identities() {
-        if let Err(problem) = identity.can_traverse(dir) {
-            bail!(
-                "runners run as {} and must reach their workspaces under {}, but {problem}; \
-                 give that folder mode 0711 (or choose another --workspaces-dir)",
-                identity.describe(),
-                dir.display()
-            );
-        }
+    if let Err(problem) = pool.can_traverse(dir) {
+        bail!(
+            "runners run as {} and must reach their workspaces under {}, but {problem}; \
+             give that folder mode 0711 (or choose another --workspaces-dir)",
+            pool.describe(),
+            dir.display()
+        );
     }
     Ok(())
 }

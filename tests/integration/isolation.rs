@@ -17,15 +17,9 @@ use serde_json::json;
 
 use crate::support::{
     bin, children_of, eventually, is_root, no_process_with, open_dir, processes_of_uids,
-    processes_with, run_with_timeout, setup, skip, sleeper, uid_block, within, Jobs, Nats, Server,
-    Setup, Supervisor, SOON,
+    processes_with, run_with_timeout, setup, skip, sleeper, uid_block, uid_pool, within, Jobs,
+    Nats, Server, Setup, Supervisor, SOON,
 };
-
-/// A uid range of 16 for one supervisor: `(first, "first-last")`.
-fn pool() -> (u32, String) {
-    let first = uid_block();
-    (first, format!("{first}-{}", first + 15))
-}
 
 /// Writes a shell script readable by every uid; returns its path.
 fn script(dir: &Path, name: &str, body: &str) -> PathBuf {
@@ -44,7 +38,7 @@ async fn two_running_jobs_cannot_touch_each_other() {
     if !is_root() {
         return skip("isolation between identities needs root");
     }
-    let (first, run_as) = pool();
+    let (first, run_as) = uid_pool();
     let Setup {
         server: _server,
         jobs,
@@ -124,7 +118,8 @@ async fn two_running_jobs_cannot_touch_each_other() {
         .collect();
     names.sort();
     assert_eq!(names, ["mine.txt", "out", "result.json", "step_0.log"]);
-    // Both ran as identities of the pool, not the same one.
+    // Nothing of either job is left running under the pool's uids. (That the two ran as
+    // different identities is what made `signal-step` and `ptrace-*` fail above.)
     assert!(processes_of_uids(first, 16).is_empty());
     drop(supervisor);
 }
@@ -261,7 +256,7 @@ async fn a_step_that_stops_its_runner_still_times_out() {
     if !is_root() {
         return skip("ending a job by its identity needs root");
     }
-    let (first, run_as) = pool();
+    let (first, run_as) = uid_pool();
     // Kill grace 2s (the harness default).
     let Setup {
         server: _server,
@@ -303,7 +298,7 @@ async fn a_cancel_ends_a_job_whose_runner_is_stopped_once() {
     if !is_root() {
         return skip("ending a job by its identity needs root");
     }
-    let (first, run_as) = pool();
+    let (first, run_as) = uid_pool();
     let Setup {
         server: _server,
         jobs,

@@ -396,6 +396,7 @@ async fn prometheus_metrics_and_health() {
         "nats_fs_redeliveries_total",
         "nats_fs_host_faults_total",
         "nats_fs_nats_reconnects_total",
+        "nats_fs_events_dropped_total",
     ] {
         assert_eq!(sample(&body, series), Some(0.0), "{series}");
     }

@@ -565,7 +565,6 @@ fn a_missing_workspaces_folder_is_created_and_a_pipe_gets_no_colours() {
 
 #[test]
 fn a_second_ctrl_c_while_staging_cancels_the_job() {
-    use std::io::BufRead;
     let jobs = Jobs::new();
     let dir = jobs.add("big", &json!({"steps": ["echo never"]}));
     // Enough files that staging takes a while.
@@ -590,19 +589,11 @@ fn a_second_ctrl_c_while_staging_cancels_the_job() {
     let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap());
     let mut seen = String::new();
     // The job is loaded (signals are handled from here on); staging comes next.
-    while !seen.contains("step(s), timeout") {
-        let mut line = String::new();
-        assert!(stderr.read_line(&mut line).unwrap() > 0, "{seen}");
-        seen.push_str(&line);
-    }
+    read_until(&mut stderr, &mut seen, "step(s), timeout");
     // Two separate presses: the second once the first was taken (signals sent together may
     // arrive as one).
     kill(pid, Signal::SIGINT).unwrap();
-    while !seen.contains("press Ctrl-C again") {
-        let mut line = String::new();
-        assert!(stderr.read_line(&mut line).unwrap() > 0, "{seen}");
-        seen.push_str(&line);
-    }
+    read_until(&mut stderr, &mut seen, "press Ctrl-C again");
     kill(pid, Signal::SIGINT).unwrap();
     let mut rest = String::new();
     std::io::Read::read_to_string(&mut stderr, &mut rest).unwrap();
@@ -614,4 +605,16 @@ fn a_second_ctrl_c_while_staging_cancels_the_job() {
     // Stopped while staging: no step ran.
     assert!(!all.contains("step started"), "{all}");
     assert_eq!(jobs.manifest("big").steps[0].status, StepStatus::Skipped);
+}
+
+/// Reads lines from `from` into `seen` until one holds `needle`; fails at the end of input.
+fn read_until(from: &mut impl std::io::BufRead, seen: &mut String, needle: &str) {
+    while !seen.contains(needle) {
+        let mut line = String::new();
+        assert!(
+            from.read_line(&mut line).unwrap() > 0,
+            "no {needle:?} in:\n{seen}"
+        );
+        seen.push_str(&line);
+    }
 }

@@ -191,18 +191,8 @@ pub fn children_of(pid: i32) -> Vec<(i32, char)> {
 pub fn processes_of_uids(first: u32, count: u32) -> Vec<i32> {
     pids()
         .filter(|pid| {
-            let uid = fs::read_to_string(format!("/proc/{pid}/status"))
-                .ok()
-                .and_then(|status| {
-                    status
-                        .lines()
-                        .find_map(|l| l.strip_prefix("Uid:"))?
-                        .split_whitespace()
-                        .next()?
-                        .parse::<u32>()
-                        .ok()
-                });
-            uid.is_some_and(|uid| (first..first + count).contains(&uid)) && alive(*pid)
+            nats_fs::reap::real_uid(*pid).is_some_and(|uid| (first..first + count).contains(&uid))
+                && alive(*pid)
         })
         .collect()
 }
@@ -287,10 +277,10 @@ pub fn reserved_port() -> u16 {
 }
 
 /// A range of 16 uids no other supervisor of any test process uses, for `--run-as` (no passwd
-/// entries needed), as `first-last`.
-pub fn uid_pool() -> String {
+/// entries needed): its first uid, and `first-last`.
+pub fn uid_pool() -> (u32, String) {
     let first = uid_block();
-    format!("{first}-{}", first + 15)
+    (first, format!("{first}-{}", first + 15))
 }
 
 /// The first of 16 uids of a fresh block.
@@ -595,7 +585,7 @@ impl Supervisor {
         if is_root() && !args.contains(&"--run-as") {
             // A pool of its own per supervisor: two supervisors sharing uids would kill each
             // other's jobs (every process of a finished job's uid is killed).
-            command.arg("--run-as").arg(uid_pool());
+            command.arg("--run-as").arg(uid_pool().1);
         }
         command
             .arg("--url")
