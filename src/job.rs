@@ -14,6 +14,8 @@ use std::time::Duration;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::{Map, Value};
 
+use crate::limits::Limits;
+
 /// The longest job id accepted, in bytes.
 pub const MAX_ID_LEN: usize = 128;
 
@@ -102,6 +104,9 @@ pub struct Step {
     pub timeout: Option<Duration>,
     /// Variables added to the step's environment, after the job's.
     pub env: BTreeMap<String, String>,
+    /// End the step as `timeout` when it prints nothing for this long (the job's
+    /// `idleTimeout`, or the operator's, applies otherwise).
+    pub idle_timeout: Option<Duration>,
 }
 
 impl Step {
@@ -113,6 +118,7 @@ impl Step {
             name: None,
             timeout: None,
             env: BTreeMap::new(),
+            idle_timeout: None,
         }
     }
 
@@ -124,11 +130,11 @@ impl Step {
                 Ok(Self::shell(run.clone()))
             }
             Value::Object(fields) => {
-                let allowed = ["run", "name", "timeout", "env"];
+                let allowed = ["run", "name", "timeout", "idleTimeout", "env"];
                 if let Some(unknown) = fields.keys().find(|k| !allowed.contains(&k.as_str())) {
                     return Err(SpecError::invalid(
                         format!("{at}.{unknown}"),
-                        "is not a step field (a step has run, name, timeout and env)",
+                        "is not a step field (a step has run, name, timeout, idleTimeout and env)",
                     ));
                 }
                 let run = match fields.get("run") {
@@ -155,12 +161,14 @@ impl Step {
                     }
                 };
                 let timeout = optional_duration(fields, "timeout", at)?;
+                let idle_timeout = optional_duration(fields, "idleTimeout", at)?;
                 let env = optional_env(fields, at)?;
                 Ok(Self {
                     run,
                     name,
                     timeout,
                     env,
+                    idle_timeout,
                 })
             }
             other => Err(SpecError::invalid(
@@ -184,6 +192,9 @@ impl Serialize for Step {
         }
         if let Some(timeout) = self.timeout {
             map.serialize_entry("timeout", &timeout.as_secs_f64())?;
+        }
+        if let Some(idle) = self.idle_timeout {
+            map.serialize_entry("idleTimeout", &idle.as_secs_f64())?;
         }
         if !self.env.is_empty() {
             map.serialize_entry("env", &self.env)?;
@@ -226,6 +237,10 @@ pub struct JobSpec {
     pub timeout: Option<Duration>,
     /// Variables added to every step's environment.
     pub env: BTreeMap<String, String>,
+    /// What the job asks for; the operator's ceilings still apply ([`Limits::within`]).
+    pub limits: Limits,
+    /// End a step as `timeout` when it prints nothing for this long.
+    pub idle_timeout: Option<Duration>,
 }
 
 impl JobSpec {
@@ -250,11 +265,15 @@ impl JobSpec {
             None => Vec::new(),
         };
         let timeout = optional_duration(&fields, "timeout", "job")?;
+        let idle_timeout = optional_duration(&fields, "idleTimeout", "job")?;
         let env = optional_env(&fields, "job")?;
+        let limits = crate::limits::optional_limits(&fields)?;
         Ok(Self {
             steps,
             timeout,
             env,
+            limits,
+            idle_timeout,
         })
     }
 }
@@ -344,7 +363,7 @@ pub enum SpecError {
 }
 
 impl SpecError {
-    fn invalid(at: impl Into<String>, problem: impl Into<String>) -> Self {
+    pub(crate) fn invalid(at: impl Into<String>, problem: impl Into<String>) -> Self {
         Self::Invalid {
             at: at.into(),
             problem: problem.into(),
@@ -476,7 +495,7 @@ fn check_command(run: &str, at: &str) -> Result<(), SpecError> {
 }
 
 /// JSON's name for the kind of a value, for error messages.
-fn kind_of(value: &Value) -> &'static str {
+pub(crate) fn kind_of(value: &Value) -> &'static str {
     match value {
         Value::Null => "null",
         Value::Bool(_) => "a boolean",
@@ -681,6 +700,28 @@ mod tests {
     }
 
     #[test]
+    fn job_json_limits_and_idle_timeouts() {
+        let spec = JobSpec::parse(
+            br#"{"steps": [{"run": "make", "idleTimeout": "10m"}], "idleTimeout": 30,
+                 "limits": {"memory": "1GiB", "processes": 50}}"#,
+            true,
+        )
+        .unwrap();
+        assert_eq!(spec.idle_timeout, Some(Duration::from_secs(30)));
+        assert_eq!(spec.steps[0].idle_timeout, Some(Duration::from_secs(600)));
+        assert_eq!(spec.limits.memory, Some(1 << 30));
+        assert_eq!(spec.limits.processes, Some(50));
+        let err = JobSpec::parse(br#"{"steps": ["x"], "limits": {"memory": "x"}}"#, true)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("limits.memory"), "{err}");
+        let err = JobSpec::parse(br#"{"steps": ["x"], "idleTimeout": "never"}"#, true)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("job.idleTimeout"), "{err}");
+    }
+
+    #[test]
     fn job_json_steps_optional_when_request_has_them() {
         let spec = JobSpec::parse(br#"{"timeout": 5}"#, false).unwrap();
         assert!(spec.steps.is_empty());
@@ -735,6 +776,7 @@ mod tests {
             name: Some("build".into()),
             timeout: Some(Duration::from_millis(1500)),
             env: BTreeMap::from([("A".into(), "1".into())]),
+            idle_timeout: Some(Duration::from_secs(600)),
         };
         let text = serde_json::to_string(&step).unwrap();
         let back: Step = serde_json::from_str(&text).unwrap();

@@ -14,6 +14,7 @@
 //! - `generate` (feature `generate`): the binaries' manual pages and shell completions.
 //! - [`folder`]: opening a job folder and `results/` without following symlinks; `job.json`.
 //! - [`job`]: the request (`{"id", "steps"?}`), `job.json`, steps, ids and durations, validated.
+//! - [`limits`]: a job's resource limits, as asked for and as the operator allows.
 //! - [`manifest`]: `results/result.json`, the result message, statuses and their exit codes.
 //! - [`protocol`]: the supervisor⇄runner pipe messages (versioned JSON lines).
 //! - [`tree`]: file-tree helpers both processes need (removing a tree a job may have locked).
@@ -24,6 +25,7 @@ pub mod folder;
 #[cfg(feature = "generate")]
 pub mod generate;
 pub mod job;
+pub mod limits;
 pub mod manifest;
 pub mod protocol;
 pub mod reap;

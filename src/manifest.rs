@@ -12,6 +12,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::limits::Limits;
+
 /// The folder, inside a job folder, that receives logs, artifacts and the manifest.
 pub const RESULTS_DIR: &str = "results";
 /// The manifest's file name inside `results/`.
@@ -70,6 +72,98 @@ impl std::fmt::Display for Status {
     }
 }
 
+/// Why a job that did not succeed ended, for machines (`reason` in `result.json` and the
+/// result message); `error` says the same for people.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Reason {
+    /// A step exited with a non-zero code.
+    Exit,
+    /// A step was killed by a signal no limit of ours sent.
+    Signal,
+    /// The job's or a step's `timeout`.
+    Timeout,
+    /// A step printed nothing for its `idleTimeout`.
+    Idle,
+    /// A cancel request.
+    Cancelled,
+    /// The job's processes together passed `limits.memory`.
+    Memory,
+    /// The job wrote more than `limits.output` into `results/`, or filled the drive doing so.
+    Output,
+    /// A step failed while the job had as many processes as `limits.processes` allows.
+    Processes,
+    /// A process passed `limits.cpuTime` (SIGXCPU).
+    CpuTime,
+    /// A process passed `limits.fileSize` (SIGXFSZ).
+    FileSize,
+    /// The job cannot run as given: its folder, `job.json` or steps.
+    Invalid,
+    /// The host could not run it (its last delivery ended in a fault of the host).
+    Host,
+    /// A reason from a newer version.
+    #[serde(other)]
+    Other,
+}
+
+impl Reason {
+    /// The reason as written in JSON.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Exit => "exit",
+            Self::Signal => "signal",
+            Self::Timeout => "timeout",
+            Self::Idle => "idle",
+            Self::Cancelled => "cancelled",
+            Self::Memory => "memory",
+            Self::Output => "output",
+            Self::Processes => "processes",
+            Self::CpuTime => "cpuTime",
+            Self::FileSize => "fileSize",
+            Self::Invalid => "invalid",
+            Self::Host => "host",
+            Self::Other => "other",
+        }
+    }
+}
+
+impl std::fmt::Display for Reason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What a step (or, summed, a job) used, from `getrusage` of its reaped processes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Resources {
+    /// CPU time in user mode, of every process that ended.
+    pub cpu_user_ms: u64,
+    /// CPU time in the kernel on their behalf.
+    pub cpu_system_ms: u64,
+    /// The peak resident memory of the largest single process, in bytes.
+    pub peak_rss_bytes: u64,
+    /// How many processes the step started (its shell included), as far as the runner saw
+    /// them: see the README's "Limits and accounting".
+    pub processes: u64,
+}
+
+impl Resources {
+    /// The job's total: CPU and processes summed, the peak the largest.
+    #[must_use]
+    pub fn total<'a>(steps: impl IntoIterator<Item = &'a Resources>) -> Resources {
+        steps
+            .into_iter()
+            .fold(Resources::default(), |sum, step| Resources {
+                cpu_user_ms: sum.cpu_user_ms + step.cpu_user_ms,
+                cpu_system_ms: sum.cpu_system_ms + step.cpu_system_ms,
+                peak_rss_bytes: sum.peak_rss_bytes.max(step.peak_rss_bytes),
+                processes: sum.processes + step.processes,
+            })
+    }
+}
+
 /// How one step ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -118,6 +212,15 @@ pub struct Manifest {
     pub steps: Vec<StepRecord>,
     pub artifacts: Vec<Artifact>,
     pub error: Option<String>,
+    /// Why the job did not succeed, for machines; absent on success.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<Reason>,
+    /// The limits the job ran under (its own, within the operator's ceilings).
+    #[serde(default, skip_serializing_if = "Limits::is_empty")]
+    pub limits: Limits,
+    /// What the steps used together; absent when no step ran.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<Resources>,
     /// The JetStream stream sequence of the job message this run answered; lets a redelivery
     /// recognise that this attempt already finished. Absent for standalone runs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -156,6 +259,9 @@ pub struct StepRecord {
     pub duration_ms: u64,
     /// The log's file name inside `results/`; null when skipped.
     pub log: Option<String>,
+    /// What the step used; absent when it did not run (or its runner could not tell).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<Resources>,
 }
 
 /// A file (or symlink) the steps created or modified, copied to `results/<path>`.
@@ -246,6 +352,9 @@ pub struct ResultMessage {
     pub attempt: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// Why the job did not succeed, for machines (see [`Reason`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<Reason>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub duration_ms: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -263,13 +372,14 @@ impl ResultMessage {
             manifest_file: Some(MANIFEST_PATH.to_owned()),
             attempt: Some(manifest.attempt),
             error: manifest.error.clone(),
+            reason: manifest.reason,
             duration_ms: Some(manifest.timing.duration_ms),
             worker: manifest.worker.clone(),
         }
     }
 
     /// A final `error` result for a job that has no manifest (bad request, missing folder,
-    /// deliveries exhausted).
+    /// deliveries exhausted), with the reason `invalid` (see [`ResultMessage::because`]).
     #[must_use]
     pub fn error(id: &str, error: impl Into<String>) -> Self {
         Self {
@@ -279,8 +389,18 @@ impl ResultMessage {
             manifest_file: None,
             attempt: None,
             error: Some(error.into()),
+            reason: Some(Reason::Invalid),
             duration_ms: None,
             worker: None,
+        }
+    }
+
+    /// The same message with another reason.
+    #[must_use]
+    pub fn because(self, reason: Reason) -> Self {
+        Self {
+            reason: Some(reason),
+            ..self
         }
     }
 }
@@ -313,9 +433,13 @@ mod tests {
                 signal: None,
                 duration_ms: 6,
                 log: Some("step_0.log".into()),
+                resources: None,
             }],
             artifacts: vec![],
             error: None,
+            reason: None,
+            limits: Limits::default(),
+            resources: None,
             stream_sequence: Some(7),
             warnings: vec![],
         }

@@ -15,7 +15,8 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use crate::job::{JobId, Step};
-use crate::manifest::{Status, StepStatus};
+use crate::limits::Limits;
+use crate::manifest::{Reason, Status, StepStatus};
 
 /// Bumped when a message changes meaning; the runner refuses a start of another version.
 pub const PROTOCOL_VERSION: u32 = 2;
@@ -31,6 +32,11 @@ pub enum ToRunner {
         /// Final (`cancelled`, manifest written) or not (the job will be redelivered).
         mode: CancelMode,
     },
+    /// The job passed a limit that the supervisor watches (`memory`): kill its processes at
+    /// once and end it `failed` with this reason and error, artifacts synced and manifest
+    /// written. A runner that does not know this message ignores it, and the supervisor ends
+    /// the job itself when the runner has not ended it in time.
+    Exceeded { reason: Reason, error: String },
     /// A message from a newer supervisor; ignored.
     #[serde(other)]
     Unknown,
@@ -90,6 +96,17 @@ pub struct StartJob {
     pub base_env: BTreeMap<String, String>,
     /// Variables the operator passes through (`--pass-env`), applied last.
     pub pass_env: BTreeMap<String, String>,
+    /// The operator's limits: ceilings, and defaults for a job that asks for nothing. The
+    /// supervisor has already made them the runner's own hard rlimits; the runner applies the
+    /// job's lower values to the steps.
+    #[serde(default)]
+    pub ceilings: Limits,
+    /// The longest timeout a job may set (`--max-timeout`), in milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_timeout_ms: Option<u64>,
+    /// The idle timeout of a step whose job sets none (`--idle-timeout`), in milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_timeout_ms: Option<u64>,
     /// The worker id, for the manifest.
     pub worker: Option<String>,
 }
@@ -104,6 +121,10 @@ pub enum FromRunner {
     Loaded {
         timeout_ms: u64,
         steps: Vec<StepInfo>,
+        /// The limits the job runs under: its own within the ceilings. The supervisor watches
+        /// `memory` (never above its own ceiling, whatever this says).
+        #[serde(default)]
+        limits: Limits,
     },
     /// The job folder is copied into the workspace.
     Staged {
@@ -138,6 +159,9 @@ pub enum FromRunner {
         status: Status,
         exit_code: i32,
         error: Option<String>,
+        /// Why the job did not succeed, for machines.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<Reason>,
         manifest: bool,
         duration_ms: u64,
     },
@@ -210,6 +234,12 @@ mod tests {
             base_env: BTreeMap::from([("PATH".into(), "/bin".into())]),
             pass_env: BTreeMap::new(),
             worker: Some("w".into()),
+            ceilings: Limits {
+                memory: Some(1 << 30),
+                ..Limits::default()
+            },
+            max_timeout_ms: Some(60_000),
+            idle_timeout_ms: None,
         }));
         let line = serde_json::to_string(&start).unwrap();
         assert!(

@@ -244,7 +244,7 @@ async fn listen_to_supervisor(
         match serde_json::from_str::<ToRunner>(&line) {
             Ok(ToRunner::Cancel { mode }) => handle.request(Stop::from_mode(mode)),
             Ok(ToRunner::Start(_)) => warn!("ignoring a second start message"),
-            Ok(ToRunner::Unknown) => {}
+            Ok(ToRunner::Unknown | ToRunner::Exceeded { .. }) => {}
             Err(e) => warn!("ignoring an unreadable message from the supervisor: {e}"),
         }
     }
@@ -378,6 +378,9 @@ async fn run_once(job: &Standalone, signals: &mut Signals) -> anyhow::Result<(Ou
         base_env: base_env(),
         pass_env: job.pass_env.clone(),
         worker: None,
+        ceilings: nats_fs::limits::Limits::default(),
+        max_timeout_ms: None,
+        idle_timeout_ms: None,
     };
     let (handle, mut stop) = control::channel();
     let mut human = Human;

@@ -33,7 +33,9 @@ pub(crate) struct Human;
 impl Report for Human {
     fn event(&mut self, event: &FromRunner) {
         match event {
-            FromRunner::Loaded { timeout_ms, steps } => info!(
+            FromRunner::Loaded {
+                timeout_ms, steps, ..
+            } => info!(
                 "{} step(s), timeout {}",
                 steps.len(),
                 humantime::format_duration(std::time::Duration::from_millis(*timeout_ms))

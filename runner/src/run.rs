@@ -80,6 +80,7 @@ impl Outcome {
                 status: *status,
                 exit_code: *exit_code,
                 error: error.clone(),
+                reason: None,
                 manifest: manifest.is_some(),
                 duration_ms: *duration_ms,
             },
@@ -182,6 +183,7 @@ impl<'a> Job<'a> {
             .timeout
             .unwrap_or(Duration::from_millis(self.start.default_timeout_ms));
         report.event(&FromRunner::Loaded {
+            limits: nats_fs::limits::Limits::default(),
             timeout_ms: ms(timeout),
             steps: spec
                 .steps
@@ -454,6 +456,7 @@ impl<'a> Job<'a> {
             signal: finished.signal_name(),
             duration_ms,
             log: Some(log_name),
+            resources: None,
         };
         Ok((record, verdict))
     }
@@ -526,6 +529,9 @@ impl<'a> Job<'a> {
             steps,
             artifacts,
             error: error.clone(),
+            reason: None,
+            limits: nats_fs::limits::Limits::default(),
+            resources: None,
             stream_sequence: self.start.stream_sequence,
             warnings: self.warnings.clone(),
         };
@@ -621,6 +627,7 @@ fn skipped(index: usize, step: &Step) -> StepRecord {
         signal: None,
         duration_ms: 0,
         log: None,
+        resources: None,
     }
 }
 

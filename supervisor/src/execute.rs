@@ -515,6 +515,9 @@ fn start_message(job: &JobRun<'_>, fds: [i32; 2], exclusive: bool) -> ToRunner {
             .filter_map(|name| std::env::var(name).ok().map(|value| (name.clone(), value)))
             .collect(),
         worker: Some(settings.worker_id.clone()),
+        ceilings: nats_fs::limits::Limits::default(),
+        max_timeout_ms: None,
+        idle_timeout_ms: None,
     }))
 }
 
@@ -568,7 +571,10 @@ impl Talk {
         };
         let mut loaded = false;
         match &event {
-            FromRunner::Loaded { timeout_ms, steps } => {
+            FromRunner::Loaded {
+                timeout_ms, steps, ..
+            } => {
+                debug!(steps = steps.len(), timeout_ms, "job loaded");
                 self.timeout = Duration::from_millis(*timeout_ms);
                 self.steps.clone_from(steps);
                 self.records = vec![None; steps.len()];
@@ -597,12 +603,6 @@ impl Talk {
                 signal,
                 duration_ms,
             } => {
-                self.running = (*status == StepStatus::Success && index + 1 < self.steps.len())
-                    .then(|| (index + 1, Instant::now()));
-                let name = self.steps.get(*index).and_then(|s| s.name.as_deref());
-                self.events
-                    .step_finished(*index, name, *status, *exit_code, *duration_ms);
-                if let Some(slot) = self.records.get_mut(*index) {
                 info!(
                     step = index,
                     status = %status,
@@ -611,6 +611,12 @@ impl Talk {
                     duration_ms,
                     "step finished"
                 );
+                self.running = (*status == StepStatus::Success && index + 1 < self.steps.len())
+                    .then(|| (index + 1, Instant::now()));
+                let name = self.steps.get(*index).and_then(|s| s.name.as_deref());
+                self.events
+                    .step_finished(*index, name, *status, *exit_code, *duration_ms);
+                if let Some(slot) = self.records.get_mut(*index) {
                     let info = &self.steps[*index];
                     *slot = Some(StepRecord {
                         index: *index,
@@ -621,6 +627,7 @@ impl Talk {
                         signal: signal.clone(),
                         duration_ms: *duration_ms,
                         log: Some(format!("step_{index}.log")),
+                        resources: None,
                     });
                 }
                 if *status != StepStatus::Success || index + 1 >= self.steps.len() {
@@ -696,6 +703,7 @@ impl Talk {
                     signal: running.map(|_| "SIGKILL".to_owned()),
                     duration_ms: running.map_or(0, |(_, at)| millis(at.elapsed())),
                     log: running.map(|_| format!("step_{index}.log")),
+                    resources: None,
                 }
             })
             .collect();
@@ -726,6 +734,13 @@ impl Talk {
             steps,
             artifacts: Vec::new(),
             error: Some(error),
+            reason: Some(if status == Status::Timeout {
+                nats_fs::manifest::Reason::Timeout
+            } else {
+                nats_fs::manifest::Reason::Cancelled
+            }),
+            limits: nats_fs::limits::Limits::default(),
+            resources: None,
             stream_sequence: job.stream_sequence,
             warnings: vec![
                 "artifacts were not synced: the job was ended by the supervisor".to_owned(),
@@ -756,9 +771,11 @@ impl Talk {
                 status,
                 exit_code,
                 error,
+                reason,
                 manifest,
                 duration_ms,
             }) => JobEnd::Final(Box::new(ResultMessage {
+                reason,
                 id: id.to_owned(),
                 status,
                 exit_code,

@@ -419,9 +419,13 @@ async fn a_redelivery_of_a_finished_job_republishes_instead_of_running_again() {
             signal: None,
             duration_ms: 1000,
             log: Some("step_0.log".into()),
+            resources: None,
         }],
         artifacts: vec![],
         error: Some("step 0 exited with code 3".into()),
+        reason: Some(nats_fs::manifest::Reason::Exit),
+        limits: nats_fs::limits::Limits::default(),
+        resources: None,
         stream_sequence: Some(seq),
         warnings: vec![],
     };
