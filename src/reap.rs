@@ -27,6 +27,8 @@ struct Proc {
     pgrp: i32,
     /// Dead, waiting to be reaped.
     zombie: bool,
+    /// Resident set size, in pages.
+    rss_pages: u64,
 }
 
 /// Every process visible in `/proc`. One that exits during the scan is simply missed.
@@ -52,12 +54,63 @@ fn parse_stat(pid: i32, stat: &str) -> Option<Proc> {
     let state = fields.next()?;
     let parent = fields.next()?.parse().ok()?;
     let group = fields.next()?.parse().ok()?;
+    // Field 24 of proc(5), counting from 1 with the state as field 3.
+    let rss_pages = fields.nth(18).and_then(|f| f.parse().ok()).unwrap_or(0);
     Some(Proc {
         pid,
         ppid: parent,
         pgrp: group,
         zombie: state == "Z",
+        rss_pages,
     })
+}
+
+/// What the processes of a tree use right now ([`tree_usage`]).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct TreeUsage {
+    /// Live processes in the tree, its root included.
+    pub processes: usize,
+    /// Their resident memory, summed (pages shared between them count once per process).
+    pub rss_bytes: u64,
+    /// The resident memory of the largest of them.
+    pub largest_rss_bytes: u64,
+}
+
+/// The live processes descending from `root` (and `root` itself): how many, and their resident
+/// memory, from one scan of `/proc`. A process that re-parents during the scan may be missed
+/// once; a runner is a child subreaper, so nothing a job starts leaves its tree while the
+/// runner lives.
+#[must_use]
+pub fn tree_usage(root: Pid) -> TreeUsage {
+    let procs = scan();
+    let mut children: std::collections::HashMap<i32, Vec<&Proc>> = std::collections::HashMap::new();
+    for p in &procs {
+        children.entry(p.ppid).or_default().push(p);
+    }
+    let page = page_size();
+    let mut usage = TreeUsage::default();
+    let mut pending: Vec<&Proc> = procs.iter().filter(|p| p.pid == root.as_raw()).collect();
+    // A pid has one parent, so the links form a tree and each process is met once.
+    while let Some(p) = pending.pop() {
+        if let Some(below) = children.get(&p.pid) {
+            pending.extend(below.iter().copied());
+        }
+        if !p.zombie {
+            let rss = p.rss_pages * page;
+            usage.processes += 1;
+            usage.rss_bytes += rss;
+            usage.largest_rss_bytes = usage.largest_rss_bytes.max(rss);
+        }
+    }
+    usage
+}
+
+fn page_size() -> u64 {
+    nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
+        .ok()
+        .flatten()
+        .and_then(|n| u64::try_from(n).ok())
+        .unwrap_or(4096)
 }
 
 /// How many live processes are this process's children or members of `group`: what a step
@@ -196,6 +249,30 @@ pub fn real_uid(pid: i32) -> Option<u32> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn tree_usage_counts_a_tree_and_its_memory() {
+        use std::os::unix::process::CommandExt;
+        let mut child = std::process::Command::new("/bin/sh")
+            .args(["-c", "sleep 30 & sleep 30 & wait"])
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        let pid = Pid::from_raw(i32::try_from(child.id()).unwrap());
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let usage = loop {
+            let usage = tree_usage(pid);
+            if usage.processes == 3 || Instant::now() > deadline {
+                break usage;
+            }
+            thread::yield_now();
+        };
+        killpg(pid, Signal::SIGKILL).unwrap();
+        let _ = child.wait();
+        assert_eq!(usage.processes, 3, "{usage:?}");
+        assert!(usage.rss_bytes >= usage.largest_rss_bytes && usage.largest_rss_bytes > 0);
+        assert_eq!(tree_usage(Pid::from_raw(i32::MAX)), TreeUsage::default());
+    }
     use super::*;
 
     #[test]
