@@ -9,6 +9,7 @@ use anyhow::{bail, Context};
 use clap::{Parser, ValueEnum};
 use nats_fs::generate::Generate;
 use nats_fs::job::{check_env_name, parse_default_timeout, parse_duration};
+use nats_fs::limits::{parse_size, Limits};
 
 use crate::identity::Pool;
 
@@ -173,6 +174,59 @@ pub struct Args {
     #[arg(long, env = "NATS_FS_KILL_GRACE", default_value = "10s", value_parser = parse_duration)]
     pub kill_grace: Duration,
 
+    /// Processes (and threads) a job's identity may have at once (`RLIMIT_NPROC`): the ceiling
+    /// for a job's `limits.processes`, and its value for a job that sets none [default: no
+    /// limit].
+    #[arg(long, env = "NATS_FS_MAX_PROCESSES", value_name = "N")]
+    pub max_processes: Option<String>,
+
+    /// Open files per process of a job (`RLIMIT_NOFILE`): ceiling and default of
+    /// `limits.openFiles` [default: no limit].
+    #[arg(long, env = "NATS_FS_MAX_OPEN_FILES", value_name = "N")]
+    pub max_open_files: Option<String>,
+
+    /// Largest file a job's process may write, such as "2GiB" (`RLIMIT_FSIZE`): ceiling and
+    /// default of `limits.fileSize` [default: no limit].
+    #[arg(long, env = "NATS_FS_MAX_FILE_SIZE", value_name = "SIZE")]
+    pub max_file_size: Option<String>,
+
+    /// CPU time per process of a job, such as "1h" (`RLIMIT_CPU`): ceiling and default of
+    /// `limits.cpuTime` [default: no limit].
+    #[arg(long, env = "NATS_FS_MAX_CPU_TIME", value_name = "DURATION")]
+    pub max_cpu_time: Option<String>,
+
+    /// Resident memory of all of a job's processes together, such as "4GiB"; the supervisor
+    /// ends a job that passes it (reason memory): ceiling and default of `limits.memory`
+    /// [default: no limit].
+    #[arg(long, env = "NATS_FS_MAX_MEMORY", value_name = "SIZE")]
+    pub max_memory: Option<String>,
+
+    /// Bytes a job may write into results/ (logs and artifacts), such as "10GiB": ceiling and
+    /// default of `limits.output` [default: no limit].
+    #[arg(long, env = "NATS_FS_MAX_OUTPUT", value_name = "SIZE")]
+    pub max_output: Option<String>,
+
+    /// The longest timeout a job may set in its job.json ("2h"); a job asking for more runs
+    /// with this. At least --timeout [default: no ceiling].
+    #[arg(long, env = "NATS_FS_MAX_TIMEOUT", value_name = "DURATION")]
+    pub max_timeout: Option<String>,
+
+    /// End a step as timeout (reason idle) when it prints nothing for this long, if its job
+    /// sets no idleTimeout [default: off].
+    #[arg(long, env = "NATS_FS_IDLE_TIMEOUT", value_name = "DURATION")]
+    pub idle_timeout: Option<String>,
+
+    /// Free space kept on the workspaces drive: a job is only started when its folder fits
+    /// with this much to spare, otherwise it is handed back for another host ("0": no
+    /// reserve).
+    #[arg(
+        long,
+        env = "NATS_FS_MIN_FREE_SPACE",
+        default_value = "1GiB",
+        value_name = "SIZE"
+    )]
+    pub min_free_space: String,
+
     /// Comma-separated names of variables passed from this environment to the steps.
     #[arg(
         long,
@@ -292,6 +346,17 @@ pub struct Settings {
     pub kill_grace: Duration,
     pub pass_env: Vec<String>,
     pub runner: PathBuf,
+    /// The operator's limits (`--max-*`): ceilings of a job's own, and its values when it
+    /// sets none. `None` is no limit.
+    pub ceilings: Limits,
+    /// Said once at start: ceilings lowered to what this process can give its runners.
+    pub limit_warnings: Vec<String>,
+    /// The longest timeout a job may set (`--max-timeout`).
+    pub max_timeout: Option<Duration>,
+    /// A step's idle timeout when its job sets none (`--idle-timeout`).
+    pub idle_timeout: Option<Duration>,
+    /// Bytes kept free on the workspaces drive (`--min-free-space`); 0 for no reserve.
+    pub min_free_space: u64,
 }
 
 impl Settings {
@@ -355,6 +420,8 @@ impl Settings {
                 )
             })?),
         };
+        let limits = LimitArgs::from_args(args)?;
+        let (ceilings, limit_warnings) = crate::spawn::clamp_to_hard_limits(limits.ceilings);
         let lock_bucket = match args.lock_bucket.trim() {
             "" => None,
             bucket => {
@@ -385,6 +452,11 @@ impl Settings {
             kill_grace: args.kill_grace,
             pass_env,
             runner,
+            ceilings,
+            limit_warnings,
+            max_timeout: limits.max_timeout,
+            idle_timeout: limits.idle_timeout,
+            min_free_space: limits.min_free_space,
         })
     }
 
@@ -393,6 +465,105 @@ impl Settings {
         format!("{}.{id}", self.output_subject)
     }
 }
+
+/// The containment options, checked.
+struct LimitArgs {
+    ceilings: Limits,
+    max_timeout: Option<Duration>,
+    idle_timeout: Option<Duration>,
+    min_free_space: u64,
+}
+
+impl LimitArgs {
+    /// Reads `--max-*`, `--idle-timeout` and `--min-free-space`; an empty value (an
+    /// environment file's `NATS_FS_MAX_MEMORY=`) is "not set".
+    fn from_args(args: &Args) -> anyhow::Result<Self> {
+        let count = |what: &str, value: Option<&String>| -> anyhow::Result<Option<u64>> {
+            set(value)
+                .map(|v| match v.parse::<u64>() {
+                    Ok(n) if n > 0 => Ok(n),
+                    _ => bail!("{what} {v:?} is not a whole number of at least 1"),
+                })
+                .transpose()
+        };
+        let size = |what: &str, value: Option<&String>| -> anyhow::Result<Option<u64>> {
+            set(value)
+                .map(|v| parse_size(v).map_err(|problem| anyhow::anyhow!("{what} {problem}")))
+                .transpose()
+        };
+        let duration = |what: &str, value: Option<&String>| -> anyhow::Result<Option<Duration>> {
+            set(value)
+                .map(|v| match parse_duration(v) {
+                    Ok(d) if d.is_zero() => bail!("{what} must be longer than zero"),
+                    Ok(d) => Ok(d),
+                    Err(problem) => bail!("{what} {problem}"),
+                })
+                .transpose()
+        };
+        let cpu = duration(
+            "--max-cpu-time (NATS_FS_MAX_CPU_TIME)",
+            args.max_cpu_time.as_ref(),
+        )?;
+        let ceilings = Limits {
+            processes: count(
+                "--max-processes (NATS_FS_MAX_PROCESSES)",
+                args.max_processes.as_ref(),
+            )?,
+            open_files: count(
+                "--max-open-files (NATS_FS_MAX_OPEN_FILES)",
+                args.max_open_files.as_ref(),
+            )?,
+            file_size: size(
+                "--max-file-size (NATS_FS_MAX_FILE_SIZE)",
+                args.max_file_size.as_ref(),
+            )?,
+            // RLIMIT_CPU counts whole seconds; a part of one is rounded up.
+            cpu_time: cpu.map(|d| d.as_secs() + u64::from(d.subsec_nanos() > 0)),
+            memory: size(
+                "--max-memory (NATS_FS_MAX_MEMORY)",
+                args.max_memory.as_ref(),
+            )?,
+            output: size(
+                "--max-output (NATS_FS_MAX_OUTPUT)",
+                args.max_output.as_ref(),
+            )?,
+        };
+        let max_timeout = duration(
+            "--max-timeout (NATS_FS_MAX_TIMEOUT)",
+            args.max_timeout.as_ref(),
+        )?;
+        if let Some(max) = max_timeout {
+            if max < args.timeout {
+                bail!(
+                    "--max-timeout (NATS_FS_MAX_TIMEOUT) {} is shorter than --timeout (JOB_TIMEOUT) {}: \
+                     the timeout of a job that sets none must be within the ceiling",
+                    humantime::format_duration(max),
+                    humantime::format_duration(args.timeout)
+                );
+            }
+        }
+        let idle_timeout = duration(
+            "--idle-timeout (NATS_FS_IDLE_TIMEOUT)",
+            args.idle_timeout.as_ref(),
+        )?;
+        let min_free_space = match args.min_free_space.trim() {
+            "" => DEFAULT_MIN_FREE_SPACE,
+            "0" => 0,
+            v => parse_size(v).map_err(|problem| {
+                anyhow::anyhow!("--min-free-space (NATS_FS_MIN_FREE_SPACE) {problem}")
+            })?,
+        };
+        Ok(Self {
+            ceilings,
+            max_timeout,
+            idle_timeout,
+            min_free_space,
+        })
+    }
+}
+
+/// `--min-free-space` when it is set empty.
+const DEFAULT_MIN_FREE_SPACE: u64 = 1 << 30;
 
 /// Checks the subject options; returns the dead-letter subject and the status subject (each
 /// `None` when disabled by an empty value).
@@ -574,5 +745,107 @@ mod tests {
             .unwrap()
             .dead_letter_subject
             .is_none());
+    }
+
+    #[test]
+    fn limits_default_to_none_and_read_as_people_write_them() {
+        let s = parse(&[]).unwrap();
+        assert!(s.ceilings.is_empty());
+        assert_eq!((s.max_timeout, s.idle_timeout), (None, None));
+        assert_eq!(s.min_free_space, 1 << 30);
+        let s = parse(&[
+            "--max-processes",
+            "50",
+            "--max-open-files",
+            "256",
+            "--max-file-size",
+            "2GiB",
+            "--max-cpu-time",
+            "1m 0.5s",
+            "--max-memory",
+            "512 MiB",
+            "--max-output",
+            "1000000",
+            "--max-timeout",
+            "2h",
+            "--idle-timeout",
+            "90s",
+            "--min-free-space",
+            "0",
+        ])
+        .unwrap();
+        assert_eq!(
+            s.ceilings,
+            Limits {
+                processes: Some(50),
+                open_files: Some(256),
+                file_size: Some(2 << 30),
+                cpu_time: Some(61),
+                memory: Some(512 << 20),
+                output: Some(1_000_000),
+            }
+        );
+        assert_eq!(s.max_timeout, Some(Duration::from_secs(7200)));
+        assert_eq!(s.idle_timeout, Some(Duration::from_secs(90)));
+        assert_eq!(s.min_free_space, 0);
+        // Empty values (an environment file's `NATS_FS_MAX_MEMORY=`) mean "not set".
+        let s = parse(&[
+            "--max-memory",
+            "",
+            "--max-timeout",
+            " ",
+            "--min-free-space",
+            "",
+        ])
+        .unwrap();
+        assert_eq!((s.ceilings.memory, s.max_timeout), (None, None));
+        assert_eq!(s.min_free_space, 1 << 30);
+    }
+
+    #[test]
+    fn bad_limits_are_named() {
+        let cases: &[(&[&str], &str)] = &[
+            (&["--max-memory", "lots"], "--max-memory (NATS_FS_MAX_MEMORY) \"lots\" is not a size"),
+            (&["--max-memory", "0"], "--max-memory"),
+            (&["--max-processes", "0"], "--max-processes"),
+            (&["--max-processes", "many"], "--max-processes"),
+            (&["--max-open-files=-1"], "--max-open-files"),
+            (&["--max-file-size", "2 parsecs"], "--max-file-size"),
+            (&["--max-output", "x"], "--max-output"),
+            (&["--max-cpu-time", "soon"], "--max-cpu-time"),
+            (&["--max-cpu-time", "0s"], "--max-cpu-time"),
+            (&["--idle-timeout", "0"], "--idle-timeout"),
+            (&["--min-free-space", "plenty"], "--min-free-space"),
+            (
+                &["--max-timeout", "1m", "--timeout", "30m"],
+                "--max-timeout (NATS_FS_MAX_TIMEOUT) 1m is shorter than --timeout (JOB_TIMEOUT) 30m",
+            ),
+        ];
+        for (argv, want) in cases {
+            let err = parse(argv).unwrap_err().to_string();
+            assert!(err.contains(want), "{argv:?}: {err}");
+        }
+        // The ceiling may equal the default timeout.
+        assert!(parse(&["--max-timeout", "30m"]).is_ok());
+    }
+
+    #[test]
+    fn limit_options_are_in_the_help() {
+        let help = <Args as clap::CommandFactory>::command()
+            .render_long_help()
+            .to_string();
+        for name in [
+            "NATS_FS_MAX_PROCESSES",
+            "NATS_FS_MAX_OPEN_FILES",
+            "NATS_FS_MAX_FILE_SIZE",
+            "NATS_FS_MAX_CPU_TIME",
+            "NATS_FS_MAX_MEMORY",
+            "NATS_FS_MAX_OUTPUT",
+            "NATS_FS_MAX_TIMEOUT",
+            "NATS_FS_IDLE_TIMEOUT",
+            "NATS_FS_MIN_FREE_SPACE",
+        ] {
+            assert!(help.contains(name), "{name} missing from --help");
+        }
     }
 }

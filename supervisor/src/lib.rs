@@ -20,6 +20,7 @@
 //! - `lock`: one run per job id at a time, across hosts (a key-value lease).
 //! - `execute`: one run through a runner: folders, spawn, pipe conversation, deadlines,
 //!   cleanup.
+//! - `memory`: the memory watch of a running job (`limits.memory`).
 //! - `results`: `results/` lent to a job's identity and taken back; believable manifests.
 //! - `settle`: the pure decision of how a message is settled.
 //! - `outbox`: results and dead letters, delivered so that they are not lost.
@@ -43,6 +44,7 @@ pub mod intake;
 pub mod job_task;
 pub mod lock;
 pub mod logging;
+pub mod memory;
 pub mod metrics;
 pub mod notify;
 pub mod outbox;
@@ -92,6 +94,7 @@ pub async fn run(
     nix::sys::prctl::set_child_subreaper(true).context("becoming a child subreaper")?;
     let reaper = Reaper::start().context("listening for SIGCHLD")?;
     let _lock = sweep::prepare_workspaces(&settings.workspaces_dir, &settings.pool)?;
+    spawn::lower_own_oom_score();
     check_surroundings(&settings);
     log_settings(&settings);
     let client = intake::connect(&settings).await?;
@@ -204,6 +207,10 @@ fn log_settings(settings: &Settings) {
         pass_env = %settings.pass_env.join(","),
         runner = %settings.runner.display(),
         metrics = %settings.metrics_listen.map_or_else(|| "off".to_owned(), |a| a.to_string()),
+        limits = %settings.ceilings,
+        max_timeout = %settings.max_timeout.map_or_else(|| "none".to_owned(), |d| humantime::format_duration(d).to_string()),
+        idle_timeout = %settings.idle_timeout.map_or_else(|| "off".to_owned(), |d| humantime::format_duration(d).to_string()),
+        min_free_space = %nats_fs::limits::size(settings.min_free_space),
         "starting"
     );
 }
@@ -283,6 +290,9 @@ fn check_surroundings(settings: &Settings) {
             pool.describe(),
             settings.concurrency
         );
+    }
+    for warning in &settings.limit_warnings {
+        warn!("{warning}");
     }
     if !pool.switch && nix::unistd::geteuid().is_root() {
         warn!("jobs run as root: --run-as names root");

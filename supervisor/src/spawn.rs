@@ -9,6 +9,11 @@
 //! reach a job; its descriptors are exactly its three pipes plus the job folder and `results/`
 //! that the supervisor opened for it.
 //!
+//! Containment starts here too: each runner is given the operator's ceilings as hard rlimits
+//! (`--max-processes`, `--max-open-files`, `--max-file-size`, `--max-cpu-time`; no core dumps)
+//! and an `oom_score_adj` of 1000, both while it is still root, so neither the runner nor its
+//! steps can take them back ([`RunnerLimits`]).
+//!
 //! Runners are plain `std` children, not tokio's: [`crate::reaper`] reaps every child of the
 //! supervisor, runners and orphaned steps alike, with one `waitpid(-1)` loop.
 #![allow(unsafe_code)] // pre_exec and fork; each block carries its SAFETY argument.
@@ -21,6 +26,8 @@ use std::process::{Command, Stdio};
 
 use std::time::{Duration, Instant};
 
+use nats_fs::limits::{Kind, Limits};
+use nix::sys::resource::{getrlimit, setrlimit, Resource};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::{fork, getpid, getppid, ForkResult, Pid, Uid};
 use tokio::net::unix::pipe;
@@ -31,6 +38,147 @@ use crate::reaper::{Exit, Reaper};
 
 /// `PATH` for runners and steps when the supervisor has none.
 pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// What every runner's `oom_score_adj` is set to: the kernel's OOM killer picks the largest
+/// job's processes first, and never the supervisor (see [`lower_own_oom_score`]).
+pub const RUNNER_OOM_SCORE_ADJ: i32 = 1000;
+/// The same value as the bytes written to `/proc/self/oom_score_adj`.
+const RUNNER_OOM_SCORE_ADJ_TEXT: &[u8] = b"1000";
+/// What the supervisor sets its own `oom_score_adj` to, when it may (`CAP_SYS_RESOURCE`).
+pub const SUPERVISOR_OOM_SCORE_ADJ: i32 = -900;
+
+/// The hard rlimits a runner starts with: the operator's ceilings, as values computed before
+/// the fork (the child may only make plain system calls).
+///
+/// Soft and hard are both set to the ceiling, before the privilege drop: once the runner runs
+/// as the job's identity it cannot raise them again, and neither can its steps; the runner
+/// lowers the soft limits of the steps to the job's own values. `RLIMIT_CORE` is always 0: a
+/// crashing step must not fill the disk with cores (or hand its memory to whoever reads them).
+///
+/// `RLIMIT_NPROC` counts every process of the real uid, not a process tree. With one identity
+/// per slot (a `--run-as` list or range) that is exactly one job's processes; with one identity
+/// shared by every slot (such as the default `nobody`) it counts the processes of all the jobs
+/// running as it (and of anything else of that user) together.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RunnerLimits {
+    set: [(Option<Resource>, u64); 4],
+}
+
+impl RunnerLimits {
+    /// The rlimits for `ceilings` (already clamped by [`clamp_to_hard_limits`]).
+    #[must_use]
+    pub fn new(ceilings: &Limits) -> Self {
+        let mut set = [(None, 0); 4];
+        for (slot, (kind, resource)) in set.iter_mut().zip(RLIMITS) {
+            if let Some(value) = ceilings.get(kind) {
+                *slot = (Some(resource), value);
+            }
+        }
+        Self { set }
+    }
+
+    /// Applies them to the calling process. Async-signal-safe: `setrlimit` only.
+    fn apply(&self) -> nix::Result<()> {
+        for (resource, value) in self.set {
+            if let Some(resource) = resource {
+                setrlimit(resource, value, value)?;
+            }
+        }
+        setrlimit(Resource::RLIMIT_CORE, 0, 0)
+    }
+}
+
+/// The limits that are rlimits of every process, and their resources.
+const RLIMITS: [(Kind, Resource); 4] = [
+    (Kind::Processes, Resource::RLIMIT_NPROC),
+    (Kind::OpenFiles, Resource::RLIMIT_NOFILE),
+    (Kind::FileSize, Resource::RLIMIT_FSIZE),
+    (Kind::CpuTime, Resource::RLIMIT_CPU),
+];
+
+/// Lowers each rlimit ceiling that this process could not give a runner to what it can: its
+/// own hard limit when it may not raise it (no `CAP_SYS_RESOURCE`: not root, or root under a
+/// systemd unit that keeps few capabilities), and the kernel's `nr_open` for open files. Returns
+/// the ceilings that are used, and a warning for each one lowered.
+#[must_use]
+pub fn clamp_to_hard_limits(mut ceilings: Limits) -> (Limits, Vec<String>) {
+    let may_raise = has_cap_sys_resource();
+    let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok());
+    let mut warnings = Vec::new();
+    for (kind, resource) in RLIMITS {
+        let Some(wanted) = ceilings.get(kind) else {
+            continue;
+        };
+        let mut most = u64::MAX;
+        if !may_raise {
+            if let Ok((_, hard)) = getrlimit(resource) {
+                most = most.min(hard);
+            }
+        }
+        if kind == Kind::OpenFiles {
+            most = most.min(nr_open.unwrap_or(u64::MAX));
+        }
+        if wanted > most {
+            warnings.push(format!(
+                "--max-{} {} is more than this process may give its runners ({}); jobs run with {}",
+                kind_flag(kind),
+                kind.show(wanted),
+                if may_raise {
+                    "the kernel's nr_open"
+                } else {
+                    "its own hard limit, without CAP_SYS_RESOURCE"
+                },
+                kind.show(most)
+            ));
+            ceilings.set(kind, Some(most));
+        }
+    }
+    (ceilings, warnings)
+}
+
+fn kind_flag(kind: Kind) -> &'static str {
+    match kind {
+        Kind::Processes => "processes",
+        Kind::OpenFiles => "open-files",
+        Kind::FileSize => "file-size",
+        Kind::CpuTime => "cpu-time",
+        Kind::Memory => "memory",
+        Kind::Output => "output",
+    }
+}
+
+/// Whether this process may raise hard rlimits and lower `oom_score_adj`: `CAP_SYS_RESOURCE`
+/// (bit 24) in its effective set.
+fn has_cap_sys_resource() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            let hex = status.lines().find_map(|l| l.strip_prefix("CapEff:"))?;
+            u64::from_str_radix(hex.trim(), 16).ok()
+        })
+        .is_some_and(|caps| caps & (1 << 24) != 0)
+}
+
+/// Makes the supervisor the last process the kernel's OOM killer picks
+/// ([`SUPERVISOR_OOM_SCORE_ADJ`]), so that memory pressure ends a job, never the daemon that
+/// reports it. Needs `CAP_SYS_RESOURCE`; without it the score stays as it is (said at debug
+/// level: an unprivileged supervisor is a supported set-up).
+pub fn lower_own_oom_score() {
+    match std::fs::write(
+        "/proc/self/oom_score_adj",
+        SUPERVISOR_OOM_SCORE_ADJ.to_string(),
+    ) {
+        Ok(()) => tracing::debug!(
+            oom_score_adj = SUPERVISOR_OOM_SCORE_ADJ,
+            "lowered this process's OOM score"
+        ),
+        Err(e) => tracing::debug!(
+            "keeping this process's OOM score: setting oom_score_adj to {SUPERVISOR_OOM_SCORE_ADJ}: {e}"
+        ),
+    }
+}
 
 /// A started runner: its pid (not yet reaped: see [`crate::reaper`]) and its pipes.
 #[derive(Debug)]
@@ -49,6 +197,7 @@ pub fn spawn_runner(
     identity: &Identity,
     switch: bool,
     keep: [RawFd; 2],
+    limits: RunnerLimits,
 ) -> io::Result<Spawned> {
     let mut command = Command::new(runner);
     command
@@ -66,12 +215,30 @@ pub fn spawn_runner(
     let (uid, gid, groups) = (identity.uid, identity.gid, identity.groups.clone());
     let parent = getpid();
     // SAFETY: the closure runs in the forked child before exec, where only async-signal-safe
-    // calls are allowed. It calls nothing but setgroups, setgid, setuid, prctl, getppid,
-    // close_range and fcntl — direct system calls — on values computed before the fork
-    // (`groups` is only read), and turns errors into io::Error with from_raw_os_error, which
-    // does not allocate.
+    // calls are allowed. It calls nothing but setrlimit, open, write, close, setgroups,
+    // setgid, setuid, prctl, getppid, close_range and fcntl — direct system calls — on values
+    // computed before the fork (`groups` and `limits` are only read; the path is a static C
+    // string), and turns errors into io::Error with from_raw_os_error, which does not allocate.
     unsafe {
         command.pre_exec(move || {
+            // While still root: a process may lower its hard limits but not raise them.
+            limits.apply()?;
+            // Also while still root (`CAP_SYS_RESOURCE`): the kernel then records 1000 as the
+            // lowest score this process and its children may set, so neither the runner nor a
+            // step can make itself less likely to be picked by the OOM killer. Best effort: a
+            // system without /proc/self/oom_score_adj still runs jobs.
+            let fd = nix::libc::open(
+                c"/proc/self/oom_score_adj".as_ptr(),
+                nix::libc::O_WRONLY | nix::libc::O_CLOEXEC,
+            );
+            if fd >= 0 {
+                nix::libc::write(
+                    fd,
+                    RUNNER_OOM_SCORE_ADJ_TEXT.as_ptr().cast(),
+                    RUNNER_OOM_SCORE_ADJ_TEXT.len(),
+                );
+                nix::libc::close(fd);
+            }
             if switch {
                 // Order matters: groups and gid while we still may, uid last.
                 nix::unistd::setgroups(&groups)?;
