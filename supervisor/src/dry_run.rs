@@ -81,6 +81,7 @@ pub async fn run(
         JobEnd::Final(result) => (**result).clone(),
         JobEnd::Aborted(why) | JobEnd::Fault(why) | JobEnd::Busy(why) => {
             ResultMessage::error(request.id.as_str(), why.clone())
+                .because(nats_fs::manifest::Reason::Host)
         }
     };
     println!("{}", serde_json::to_string(&result)?);

@@ -22,9 +22,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use nats_fs::folder::JobFolder;
+use nats_fs::folder::{fd_path, JobFolder};
 use nats_fs::job::JobRequest;
-use nats_fs::manifest::{Manifest, ResultMessage, StepRecord, StepStatus, Timing};
+use nats_fs::limits::{size, Limits};
+use nats_fs::manifest::{Manifest, Reason, ResultMessage, StepRecord, StepStatus, Timing};
 use nats_fs::protocol::{CancelMode, FromRunner, StartJob, StepInfo, ToRunner, PROTOCOL_VERSION};
 use nats_fs::reap;
 use nats_fs::Status;
@@ -39,9 +40,10 @@ use tracing::{debug, info, warn};
 use crate::config::Settings;
 use crate::events::JobEvents;
 use crate::identity::{Held, Identities, Identity, Pool};
+use crate::memory::{self, MemoryWatch};
 use crate::reaper::{Exit, Reaper};
 use crate::results;
-use crate::spawn::{kill_all_as, spawn_runner};
+use crate::spawn::{kill_all_as, spawn_runner, RunnerLimits};
 use crate::until;
 
 /// How many of the runner's last stderr lines are kept to explain a crash.
@@ -145,8 +147,14 @@ pub async fn execute<'a>(
         let (job_dir, private) = (job.job_dir(), leftovers.private.clone());
         let (identity, pool) = (identity.clone(), env.identities.pool().clone());
         let id = job.request.id.to_string();
-        tokio::task::spawn_blocking(move || prepare(&job_dir, &private, &identity, &pool, &id))
-            .await
+        let room = Room {
+            workspaces: job.settings.workspaces_dir.clone(),
+            reserve: job.settings.min_free_space,
+        };
+        tokio::task::spawn_blocking(move || {
+            prepare(&job_dir, &private, &identity, &pool, &id, &room)
+        })
+        .await
     };
     let prepared = match prepared {
         Ok(Ok(prepared)) => prepared,
@@ -211,15 +219,23 @@ struct Prepared {
     owner: (Uid, Gid),
 }
 
+/// Where a job is staged, and how much of that drive must stay free (`--min-free-space`).
+#[derive(Debug)]
+struct Room {
+    workspaces: PathBuf,
+    reserve: u64,
+}
+
 /// Opens the job folder and `results/` (through descriptors, never following a symlink:
-/// nothing can re-point them for the runner afterwards), creates the workspace and lends
-/// `results/` to the identity.
+/// nothing can re-point them for the runner afterwards), checks that its copy fits on the
+/// workspaces drive, creates the workspace and lends `results/` to the identity.
 fn prepare(
     job_dir: &Path,
     private: &[PathBuf; 2],
     identity: &Identity,
     pool: &Pool,
     id: &str,
+    room: &Room,
 ) -> Result<Prepared, JobEnd> {
     let folder = JobFolder::open(job_dir).map_err(|e| {
         if e.is_final() {
@@ -228,6 +244,7 @@ fn prepare(
             JobEnd::Fault(e.to_string())
         }
     })?;
+    preflight(&folder, room, id)?;
     let owner = results::owner_after(&folder, pool).map_err(|e| {
         JobEnd::Fault(format!(
             "inspecting the job folder {}: {e}",
@@ -253,6 +270,75 @@ fn prepare(
     Ok(Prepared { folder, owner })
 }
 
+/// Hands the job back (a fault of this host: another host may have room) when the workspaces
+/// drive has less free space than the reserve, or than the job folder's copy plus the
+/// reserve. A full drive would otherwise fail the job half-way through staging, or starve the
+/// other jobs staged on it.
+fn preflight(folder: &JobFolder, room: &Room, id: &str) -> Result<(), JobEnd> {
+    let drive = room.workspaces.display();
+    let free = match nix::sys::statvfs::statvfs(&room.workspaces) {
+        Ok(stat) => stat.blocks_available().saturating_mul(stat.fragment_size()),
+        Err(e) => {
+            return Err(JobEnd::Fault(format!(
+                "checking the free space of the workspaces drive {drive}: {e}"
+            )))
+        }
+    };
+    let refuse = |needed: Option<u64>| {
+        let message = match needed {
+            None => format!(
+                "the workspaces drive {drive} has {} free, less than the {} reserve (--min-free-space)",
+                size(free),
+                size(room.reserve)
+            ),
+            Some(needed) => format!(
+                "the workspaces drive {drive} has {} free; job {id} needs {} plus the {} reserve (--min-free-space)",
+                size(free),
+                size(needed),
+                size(room.reserve)
+            ),
+        };
+        warn!(
+            free_bytes = free,
+            needed_bytes = needed,
+            reserve_bytes = room.reserve,
+            "not enough room to stage the job here; handing it back for another host: {message}"
+        );
+        JobEnd::Fault(message)
+    };
+    if free < room.reserve {
+        return Err(refuse(None));
+    }
+    let needed = folder_size(&fd_path(&folder.dir), true);
+    if free < needed.saturating_add(room.reserve) {
+        return Err(refuse(Some(needed)));
+    }
+    Ok(())
+}
+
+/// The bytes of the regular files below `dir` (what staging copies), leaving out a top-level
+/// `results/` and never following a symlink. What cannot be read counts nothing: the runner
+/// reports it when it stages.
+fn folder_size(dir: &Path, top: bool) -> u64 {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return 0;
+    };
+    let mut total = 0u64;
+    for entry in entries.flatten() {
+        if top && entry.file_name() == nats_fs::manifest::RESULTS_DIR {
+            continue;
+        }
+        // `DirEntry::metadata` does not follow a symlink.
+        let Ok(meta) = entry.metadata() else { continue };
+        if meta.is_dir() {
+            total = total.saturating_add(folder_size(&entry.path(), false));
+        } else if meta.is_file() {
+            total = total.saturating_add(meta.len());
+        }
+    }
+    total
+}
+
 /// A fresh, private folder owned by the identity (removing a stale one first).
 fn create_private(folder: &Path, identity: &Identity, switch: bool) -> io::Result<()> {
     nats_fs::tree::remove_tree(folder)?;
@@ -269,8 +355,11 @@ fn create_private(folder: &Path, identity: &Identity, switch: bool) -> io::Resul
 }
 
 /// Why the supervisor ended a job itself.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 enum Forced {
+    /// The job passed a limit the supervisor watches (memory), and its runner did not end it
+    /// at once when told: the reason and the error of the `Exceeded` message.
+    Limit(Reason, String),
     /// The job's timeout (plus grace and slack) passed with steps still running.
     Timeout,
     /// A cancel request was not carried out in time.
@@ -291,6 +380,9 @@ struct Talk {
     forced: Option<Forced>,
     /// The job's timeout, as the runner reported it (or the default).
     timeout: Duration,
+    /// The limits the job runs under: the ceilings until the runner reports the job's own,
+    /// and never a memory limit above the ceiling.
+    limits: Limits,
     /// The steps, as the runner reported them.
     steps: Vec<StepInfo>,
     /// What happened to each step so far.
@@ -312,6 +404,9 @@ struct Talk {
 
 /// Spawns the runner and talks to it until it has exited and its pipes are closed, applying
 /// stop requests from `control` and enforcing the deadlines.
+// One `select!` over everything a run can meet: each arm is short, and splitting the loop
+// would only scatter its state.
+#[allow(clippy::too_many_lines)]
 async fn converse(
     job: &JobRun<'_>,
     env: Env<'_>,
@@ -320,11 +415,17 @@ async fn converse(
     control: &mut mpsc::Receiver<CancelMode>,
 ) -> Talk {
     let settings = job.settings;
-    let mut talk = Talk::new(settings.default_timeout, job.events.clone());
+    let mut talk = Talk::new(
+        settings.default_timeout,
+        settings.ceilings,
+        job.events.clone(),
+    );
     let keep = [folder.dir.as_raw_fd(), folder.results.as_raw_fd()];
     let switch = env.identities.pool().switch;
+    let rlimits = RunnerLimits::new(&settings.ceilings);
     let started = env.reaper.spawn(|| {
-        spawn_runner(&settings.runner, identity, switch, keep).map(|spawned| (spawned.pid, spawned))
+        spawn_runner(&settings.runner, identity, switch, keep, rlimits)
+            .map(|spawned| (spawned.pid, spawned))
     });
     let (spawned, mut exited) = match started {
         Ok(started) => started,
@@ -348,6 +449,11 @@ async fn converse(
     let (mut events_open, mut errors_open, mut control_open) = (true, true, true);
     let mut deadlines = Deadlines::new(talk.started, talk.timeout, settings.kill_grace);
     let mut pipes_by: Option<Instant> = None;
+    // Only a job with a memory limit is sampled at all.
+    let mut watch = talk
+        .limits
+        .memory
+        .map(|limit| MemoryWatch::start(pid, limit));
     // Set once the runner has been sent SIGKILL: its exit is all that is left to wait for.
     let mut killed = false;
     loop {
@@ -360,6 +466,9 @@ async fn converse(
                 Ok(Some(line)) => {
                     if talk.event(&line) {
                         deadlines.set_timeout(talk.started, talk.timeout);
+                        if talk.limits.memory != watch.as_ref().map(MemoryWatch::limit) {
+                            watch = talk.limits.memory.map(|limit| MemoryWatch::start(pid, limit));
+                        }
                     }
                 }
                 Ok(None) | Err(_) => events_open = false,
@@ -377,6 +486,10 @@ async fn converse(
                 }
                 None => control_open = false,
             },
+            over = memory::over(&mut watch), if running && talk.forced.is_none() => {
+                watch = None;
+                end_over_memory(&over, pid, &mut stdin, &mut deadlines).await;
+            }
             () = sleep_until(deadlines.timeout_at), if running => {
                 if deadlines.timeout_passed(talk.steps_done) {
                     if talk.last.is_none() {
@@ -404,6 +517,8 @@ async fn converse(
                 }
             }
             exit = &mut exited, if talk.exit.is_none() => {
+                // Its pid may be reused from now on: stop sampling that tree.
+                watch = None;
                 talk.exit = Some(exit.unwrap_or(Exit::Signal(Signal::SIGKILL as i32)));
                 stdin = None;
                 pipes_by = Some(Instant::now() + PIPES_AFTER_EXIT);
@@ -415,6 +530,33 @@ async fn converse(
         }
     }
     talk
+}
+
+/// The job's processes passed its memory limit: tell the runner to end the job at once, and
+/// give it no grace ([`Deadlines::limit_exceeded`]).
+async fn end_over_memory(
+    over: &memory::Over,
+    pid: Pid,
+    stdin: &mut Option<pipe::Sender>,
+    deadlines: &mut Deadlines,
+) {
+    let error = over.error();
+    warn!(
+        pid = pid.as_raw(),
+        rss_bytes = over.usage.rss_bytes,
+        limit_bytes = over.limit,
+        processes = over.usage.processes,
+        largest_rss_bytes = over.usage.largest_rss_bytes,
+        "{error}; ending the job"
+    );
+    let exceeded = ToRunner::Exceeded {
+        reason: Reason::Memory,
+        error: error.clone(),
+    };
+    if let Err(e) = send(stdin, &exceeded).await {
+        debug!("telling the runner the job is over its memory limit: {e}");
+    }
+    deadlines.limit_exceeded(Reason::Memory, error);
 }
 
 /// The supervisor's own deadlines for a run: the job's timeout, and a stop request's.
@@ -429,6 +571,8 @@ struct Deadlines {
     stop_extended: bool,
     /// Whether a stop request was a cancel (final) rather than a hand-back.
     cancel: bool,
+    /// A limit the job passed (the runner was told to end it at once).
+    exceeded: Option<(Reason, String)>,
 }
 
 impl Deadlines {
@@ -440,6 +584,7 @@ impl Deadlines {
             stop_by: None,
             stop_extended: false,
             cancel: false,
+            exceeded: None,
         }
     }
 
@@ -456,6 +601,14 @@ impl Deadlines {
             self.grace
         };
         let by = Instant::now() + grace + DEADLINE_SLACK;
+        self.stop_by = Some(self.stop_by.map_or(by, |at| at.min(by)));
+    }
+
+    /// The job passed a limit: the runner must end it at once, without a grace period (as
+    /// after a second shutdown signal).
+    fn limit_exceeded(&mut self, reason: Reason, error: String) {
+        self.exceeded.get_or_insert((reason, error));
+        let by = Instant::now() + DEADLINE_SLACK;
         self.stop_by = Some(self.stop_by.map_or(by, |at| at.min(by)));
     }
 
@@ -477,7 +630,9 @@ impl Deadlines {
             self.stop_by = self.stop_by.map(|at| at + FINISHING_ALLOWANCE);
             return None;
         }
-        Some(if self.cancel {
+        Some(if let Some((reason, error)) = &self.exceeded {
+            Forced::Limit(*reason, error.clone())
+        } else if self.cancel {
             Forced::Cancelled
         } else {
             Forced::Aborted
@@ -515,9 +670,9 @@ fn start_message(job: &JobRun<'_>, fds: [i32; 2], exclusive: bool) -> ToRunner {
             .filter_map(|name| std::env::var(name).ok().map(|value| (name.clone(), value)))
             .collect(),
         worker: Some(settings.worker_id.clone()),
-        ceilings: nats_fs::limits::Limits::default(),
-        max_timeout_ms: None,
-        idle_timeout_ms: None,
+        ceilings: settings.ceilings,
+        max_timeout_ms: settings.max_timeout.map(millis),
+        idle_timeout_ms: settings.idle_timeout.map(millis),
     }))
 }
 
@@ -532,8 +687,9 @@ async fn send(stdin: &mut Option<pipe::Sender>, message: &ToRunner) -> io::Resul
 }
 
 impl Talk {
-    fn new(default_timeout: Duration, events: JobEvents) -> Self {
+    fn new(default_timeout: Duration, ceilings: Limits, events: JobEvents) -> Self {
         Self {
+            limits: ceilings,
             started_at: SystemTime::now(),
             started: Instant::now(),
             last: None,
@@ -572,9 +728,13 @@ impl Talk {
         let mut loaded = false;
         match &event {
             FromRunner::Loaded {
-                timeout_ms, steps, ..
+                timeout_ms,
+                steps,
+                limits,
             } => {
-                debug!(steps = steps.len(), timeout_ms, "job loaded");
+                debug!(steps = steps.len(), timeout_ms, %limits, "job loaded");
+                let memory = memory::enforced(limits.memory, self.limits.memory);
+                self.limits = Limits { memory, ..*limits };
                 self.timeout = Duration::from_millis(*timeout_ms);
                 self.steps.clone_from(steps);
                 self.records = vec![None; steps.len()];
@@ -671,15 +831,11 @@ impl Talk {
     /// The manifest of a job the supervisor ended as `timeout` or `cancelled`: every step the
     /// runner reported, the one it was running ended by the supervisor, the rest skipped.
     fn forced_manifest(&self, job: &JobRun<'_>) -> Option<Manifest> {
-        let status = match self.forced? {
-            Forced::Timeout => Status::Timeout,
-            Forced::Cancelled => Status::Cancelled,
+        let (status, step_status, reason) = match self.forced.as_ref()? {
+            Forced::Timeout => (Status::Timeout, StepStatus::Timeout, Reason::Timeout),
+            Forced::Cancelled => (Status::Cancelled, StepStatus::Cancelled, Reason::Cancelled),
+            Forced::Limit(reason, _) => (Status::Failed, StepStatus::Failed, *reason),
             Forced::Aborted => return None,
-        };
-        let step_status = if status == Status::Timeout {
-            StepStatus::Timeout
-        } else {
-            StepStatus::Cancelled
         };
         let steps = self
             .steps
@@ -707,8 +863,12 @@ impl Talk {
                 }
             })
             .collect();
-        let error = match status {
-            Status::Timeout => format!(
+        let error = match (self.forced.as_ref()?, status) {
+            (Forced::Limit(_, error), _) => format!(
+                "{error}; its runner did not end the job at once, so the supervisor killed every \
+                 process of the job"
+            ),
+            (_, Status::Timeout) => format!(
                 "the job timed out after {} and its runner did not end it (stopped or unresponsive): \
                  the supervisor killed every process of the job",
                 humantime::format_duration(self.timeout)
@@ -720,7 +880,8 @@ impl Talk {
         Some(Manifest {
             job_id: job.request.id.to_string(),
             status,
-            exit_code: status.exit_code(1),
+            // Killed: 128 + SIGKILL, as a step killed by a signal.
+            exit_code: status.exit_code(128 + Signal::SIGKILL as i32),
             attempt: job.attempt,
             worker: Some(job.settings.worker_id.clone()),
             host: nats_fs::host_name(),
@@ -734,12 +895,8 @@ impl Talk {
             steps,
             artifacts: Vec::new(),
             error: Some(error),
-            reason: Some(if status == Status::Timeout {
-                nats_fs::manifest::Reason::Timeout
-            } else {
-                nats_fs::manifest::Reason::Cancelled
-            }),
-            limits: nats_fs::limits::Limits::default(),
+            reason: Some(reason),
+            limits: self.limits,
             resources: None,
             stream_sequence: job.stream_sequence,
             warnings: vec![
@@ -760,7 +917,7 @@ impl Talk {
                 ..ResultMessage::from_manifest(&manifest)
             }));
         }
-        if self.forced == Some(Forced::Aborted) {
+        if matches!(self.forced, Some(Forced::Aborted)) {
             return JobEnd::Aborted(
                 "stopped by the supervisor (the runner did not stop in time); it will run again"
                     .to_owned(),
@@ -879,4 +1036,47 @@ fn final_error(id: &str, error: String) -> JobEnd {
 
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_passed_limit_stops_without_grace_and_ends_the_job_with_its_reason() {
+        let start = Instant::now();
+        let mut deadlines = Deadlines::new(start, Duration::from_secs(60), Duration::from_secs(10));
+        deadlines.limit_exceeded(Reason::Memory, "too much".into());
+        let by = deadlines.stop_by.expect("a stop deadline");
+        assert!(by <= Instant::now() + DEADLINE_SLACK, "no grace period");
+        // A runner still busy with steps at the deadline: the supervisor ends the job.
+        assert_eq!(
+            deadlines.stop_passed(false),
+            Some(Forced::Limit(Reason::Memory, "too much".into()))
+        );
+        // A runner done with the steps gets the finishing allowance once.
+        let mut deadlines = Deadlines::new(start, Duration::from_secs(60), Duration::from_secs(10));
+        deadlines.stop_requested(CancelMode::Cancel);
+        deadlines.limit_exceeded(Reason::Memory, "too much".into());
+        assert_eq!(deadlines.stop_passed(true), None);
+        assert!(matches!(
+            deadlines.stop_passed(true),
+            Some(Forced::Limit(Reason::Memory, _))
+        ));
+    }
+
+    #[test]
+    fn a_folder_is_sized_without_results_and_without_following_links() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join("job.json"), [0u8; 100]).unwrap();
+        fs::create_dir_all(dir.path().join("src/deep")).unwrap();
+        fs::write(dir.path().join("src/deep/a"), [0u8; 1000]).unwrap();
+        fs::create_dir(dir.path().join("results")).unwrap();
+        fs::write(dir.path().join("results/old.log"), vec![0u8; 50_000]).unwrap();
+        std::os::unix::fs::symlink("/usr", dir.path().join("usr")).unwrap();
+        fs::create_dir(dir.path().join("src/results")).unwrap();
+        fs::write(dir.path().join("src/results/kept"), [0u8; 10]).unwrap();
+        let folder = JobFolder::open(dir.path()).unwrap();
+        assert_eq!(folder_size(&fd_path(&folder.dir), true), 1110);
+    }
 }

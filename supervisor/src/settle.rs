@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use nats_fs::manifest::Reason;
 use nats_fs::{ResultMessage, Status};
 
 use crate::execute::JobEnd;
@@ -87,10 +88,14 @@ pub fn decide(
         JobEnd::Aborted(why) | JobEnd::Fault(why) | JobEnd::Busy(why) => {
             let error = format!("gave up after {delivered} of {max_deliver} deliveries; the last one ended with: {why}");
             Decision::Publish {
-                result: Box::new(ResultMessage {
-                    attempt: Some(delivered),
-                    ..ResultMessage::error(id, error.clone())
-                }),
+                // The job itself may be fine: this host (or the hosts it met) could not run it.
+                result: Box::new(
+                    ResultMessage {
+                        attempt: Some(delivered),
+                        ..ResultMessage::error(id, error.clone())
+                    }
+                    .because(Reason::Host),
+                ),
                 ack: Ack::Term,
                 dead_letter: Some(error),
             }
@@ -167,6 +172,7 @@ mod tests {
                 dead_letter,
             } => {
                 assert_eq!(result.status, Status::Error);
+                assert_eq!(result.reason, Some(Reason::Host));
                 assert_eq!(ack, Ack::Term);
                 assert!(result.error.unwrap().contains("disk"));
                 assert!(dead_letter.is_some());
