@@ -82,13 +82,34 @@ pub struct TreeUsage {
 /// runner lives.
 #[must_use]
 pub fn tree_usage(root: Pid) -> TreeUsage {
+    tree_members(root)
+        .iter()
+        .fold(TreeUsage::default(), |usage, member| TreeUsage {
+            processes: usage.processes + 1,
+            rss_bytes: usage.rss_bytes + member.rss_bytes,
+            largest_rss_bytes: usage.largest_rss_bytes.max(member.rss_bytes),
+        })
+}
+
+/// One live process of a tree ([`tree_members`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Member {
+    pub pid: i32,
+    /// Its resident memory now, in bytes.
+    pub rss_bytes: u64,
+}
+
+/// The live processes descending from `root` (and `root` itself), from one scan of `/proc`:
+/// what [`tree_usage`] sums, by pid, so that a caller can tell processes apart across scans.
+#[must_use]
+pub fn tree_members(root: Pid) -> Vec<Member> {
     let procs = scan();
     let mut children: std::collections::HashMap<i32, Vec<&Proc>> = std::collections::HashMap::new();
     for p in &procs {
         children.entry(p.ppid).or_default().push(p);
     }
     let page = page_size();
-    let mut usage = TreeUsage::default();
+    let mut members = Vec::new();
     let mut pending: Vec<&Proc> = procs.iter().filter(|p| p.pid == root.as_raw()).collect();
     // A pid has one parent, so the links form a tree and each process is met once.
     while let Some(p) = pending.pop() {
@@ -96,13 +117,13 @@ pub fn tree_usage(root: Pid) -> TreeUsage {
             pending.extend(below.iter().copied());
         }
         if !p.zombie {
-            let rss = p.rss_pages * page;
-            usage.processes += 1;
-            usage.rss_bytes += rss;
-            usage.largest_rss_bytes = usage.largest_rss_bytes.max(rss);
+            members.push(Member {
+                pid: p.pid,
+                rss_bytes: p.rss_pages * page,
+            });
         }
     }
-    usage
+    members
 }
 
 fn page_size() -> u64 {
@@ -117,12 +138,19 @@ fn page_size() -> u64 {
 /// left running after its shell exited.
 #[must_use]
 pub fn count_live(group: Option<Pid>) -> usize {
+    live_pids(group).len()
+}
+
+/// The pids [`count_live`] counts.
+#[must_use]
+pub fn live_pids(group: Option<Pid>) -> Vec<i32> {
     let me = getpid().as_raw();
     let group = group.map(Pid::as_raw);
     scan()
         .iter()
         .filter(|p| !p.zombie && (p.ppid == me || Some(p.pgrp) == group))
-        .count()
+        .map(|p| p.pid)
+        .collect()
 }
 
 /// The name of signal `n` (`"SIGKILL"`), or `"signal n"` for one nix does not know.

@@ -3,21 +3,34 @@
 //!
 //! A request only ever gets stronger: a final cancel beats an abort (the user asked for the job
 //! to end, so it must not be redelivered), and "now" (skip the grace period) sticks once set.
+//! A limit the supervisor watches (`memory`) arrives as an [`Exceeded`] stop: the step is
+//! killed at once, the job ends `failed` with that reason, and, unlike "now", syncing still
+//! runs, so that what the job produced so far is kept.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+use nats_fs::manifest::Reason;
 use nats_fs::protocol::CancelMode;
 use tokio::sync::watch;
 
 /// What a stop request asks for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub(crate) struct Stop {
     /// The job ends `cancelled` with a manifest (true), or leaves nothing final so it can be
     /// redelivered (false).
     pub(crate) cancel: bool,
     /// Kill at once instead of TERM, grace, KILL; also interrupts staging and syncing.
     pub(crate) now: bool,
+    /// The job passed a limit the supervisor watches; the first one reported wins.
+    pub(crate) exceeded: Option<Exceeded>,
+}
+
+/// A limit passed, as the supervisor reported it (`ToRunner::Exceeded`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Exceeded {
+    pub(crate) reason: Reason,
+    pub(crate) error: String,
 }
 
 impl Stop {
@@ -25,17 +38,27 @@ impl Stop {
         match mode {
             CancelMode::Cancel => Self {
                 cancel: true,
-                now: false,
+                ..Self::default()
             },
-            CancelMode::Abort => Self {
-                cancel: false,
-                now: false,
-            },
+            CancelMode::Abort => Self::default(),
             CancelMode::AbortNow => Self {
-                cancel: false,
                 now: true,
+                ..Self::default()
             },
         }
+    }
+
+    /// A stop for a limit the supervisor saw passed.
+    pub(crate) fn exceeded(reason: Reason, error: String) -> Self {
+        Self {
+            exceeded: Some(Exceeded { reason, error }),
+            ..Self::default()
+        }
+    }
+
+    /// Whether the step is killed without a grace period.
+    pub(crate) fn kills_now(&self) -> bool {
+        self.now || self.exceeded.is_some()
     }
 }
 
@@ -73,11 +96,12 @@ impl StopHandle {
             self.interrupt.store(true, Ordering::Relaxed);
         }
         self.tx.send_modify(|current| {
-            *current = Some(match *current {
+            *current = Some(match current.take() {
                 None => stop,
                 Some(old) => Stop {
                     cancel: old.cancel || stop.cancel,
                     now: old.now || stop.now,
+                    exceeded: old.exceeded.or(stop.exceeded),
                 },
             });
         });
@@ -92,7 +116,7 @@ impl StopHandle {
 impl StopWatch {
     /// The request so far, if any.
     pub(crate) fn current(&self) -> Option<Stop> {
-        *self.rx.borrow()
+        self.rx.borrow().clone()
     }
 
     /// Set once an immediate stop is requested; polled by staging and syncing.
@@ -103,21 +127,19 @@ impl StopWatch {
     /// Waits for a request (returns at once if one was made).
     pub(crate) async fn requested(&mut self) -> Stop {
         match self.rx.wait_for(Option::is_some).await {
-            Ok(stop) => stop.unwrap_or(Stop {
-                cancel: false,
-                now: false,
-            }),
+            Ok(stop) => stop.clone().unwrap_or_default(),
             Err(_) => std::future::pending().await,
         }
     }
 
-    /// Waits for an immediate-stop request.
+    /// Waits for a request that kills without a grace period ([`Stop::kills_now`]).
     pub(crate) async fn requested_now(&mut self) -> Stop {
-        match self.rx.wait_for(|s| s.is_some_and(|s| s.now)).await {
-            Ok(stop) => stop.unwrap_or(Stop {
-                cancel: false,
-                now: true,
-            }),
+        match self
+            .rx
+            .wait_for(|s| s.as_ref().is_some_and(Stop::kills_now))
+            .await
+        {
+            Ok(stop) => stop.clone().unwrap_or_default(),
             Err(_) => std::future::pending().await,
         }
     }
@@ -137,9 +159,21 @@ mod tests {
             watch.current(),
             Some(Stop {
                 cancel: true,
-                now: true
+                now: true,
+                exceeded: None,
             })
         );
         assert!(watch.interrupt().load(Ordering::Relaxed));
+    }
+
+    #[test]
+    fn an_exceeded_limit_kills_now_but_does_not_interrupt_syncing() {
+        let (handle, watch) = channel();
+        handle.request(Stop::exceeded(Reason::Memory, "too big".into()));
+        handle.request(Stop::exceeded(Reason::Output, "later".into()));
+        let stop = watch.current().unwrap();
+        assert!(stop.kills_now() && !stop.now && !stop.cancel);
+        assert_eq!(stop.exceeded.unwrap().reason, Reason::Memory);
+        assert!(!watch.interrupt().load(Ordering::Relaxed));
     }
 }

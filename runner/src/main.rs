@@ -14,20 +14,33 @@
 //! read its memory, environment or descriptors through `/proc`; and mark every inherited
 //! descriptor close-on-exec, so a step gets exactly stdin, stdout and stderr.
 //!
+//! The job's limits (`limits` in `job.json`, within the operator's ceilings) apply to the steps
+//! only: the runner keeps the supervisor's ceilings for itself, and ignores SIGXFSZ and
+//! SIGXCPU (its own writes fail with EFBIG instead of killing it; the steps get the default
+//! actions back at `exec`).
+//!
 //! # Layout
 //! - `run`: one run of a job, start to end, ending in an `Outcome`.
+//! - `grant`: the job's limits and timeouts under the operator's settings.
 //! - `stage` / `sync`: copying the folder in, and new or changed files back out.
-//! - `step`: one step's process group, deadline, kill sequence and leftover sweep.
-//! - `control`: stop requests (cancel, abort, now) from the pipe or signals.
+//! - `step`: one step's process group, deadline, watched limits, kill sequence and sweep.
+//! - `rlimit`: the step's rlimits, set between fork and exec.
+//! - `usage`: reaping the shell with `wait4`, and what the step's processes used.
+//! - `output`: the output quota and a drive that fills up.
+//! - `control`: stop requests (cancel, abort, now, an exceeded limit) from the pipe or signals.
 //! - `report`: events as JSON lines (pipe) or log lines (standalone).
 //! - `watch`: `--watch`, re-running on changes.
 
 mod control;
+mod grant;
+mod output;
 mod report;
+mod rlimit;
 mod run;
 mod stage;
 mod step;
 mod sync;
+mod usage;
 mod watch;
 
 use std::collections::BTreeMap;
@@ -141,6 +154,10 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_USAGE);
         }
     };
+    if let Err(e) = runtime.block_on(async { survive_rlimit_signals() }) {
+        eprintln!("nats-fs-runner: listening for SIGXFSZ and SIGXCPU: {e}");
+        return ExitCode::from(EXIT_USAGE);
+    }
     if cli.pipe {
         return runtime.block_on(pipe_mode());
     }
@@ -177,6 +194,32 @@ fn init_tracing(pipe: bool) {
             .with(filter)
             .init();
     }
+}
+
+/// Installs handlers for SIGXFSZ and SIGXCPU, whose default action would kill the runner when
+/// its own writes pass `RLIMIT_FSIZE` or its CPU time passes the soft `RLIMIT_CPU`: with a
+/// handler, a write that is too large fails with EFBIG (an error the run reports), and the
+/// CPU warning is logged. Handlers are reset at `exec`, so steps keep the default actions.
+/// Registered once; tokio keeps a handler installed for the life of the process.
+fn survive_rlimit_signals() -> std::io::Result<()> {
+    for (kind, what) in [
+        (
+            SignalKind::from_raw(nix::libc::SIGXFSZ),
+            "the runner wrote past its own file size limit (SIGXFSZ)",
+        ),
+        (
+            SignalKind::from_raw(nix::libc::SIGXCPU),
+            "the runner passed its own CPU time limit (SIGXCPU)",
+        ),
+    ] {
+        let mut received = signal(kind)?;
+        tokio::spawn(async move {
+            while received.recv().await.is_some() {
+                warn!("{what}");
+            }
+        });
+    }
+    Ok(())
 }
 
 /// Driven by the supervisor: start message in, events out.
@@ -243,8 +286,11 @@ async fn listen_to_supervisor(
     while let Some(Ok(line)) = lines.recv().await {
         match serde_json::from_str::<ToRunner>(&line) {
             Ok(ToRunner::Cancel { mode }) => handle.request(Stop::from_mode(mode)),
+            Ok(ToRunner::Exceeded { reason, error }) => {
+                handle.request(Stop::exceeded(reason, error));
+            }
             Ok(ToRunner::Start(_)) => warn!("ignoring a second start message"),
-            Ok(ToRunner::Unknown | ToRunner::Exceeded { .. }) => {}
+            Ok(ToRunner::Unknown) => {}
             Err(e) => warn!("ignoring an unreadable message from the supervisor: {e}"),
         }
     }
@@ -261,7 +307,7 @@ async fn on_signals(handle: StopHandle, first: Stop, then: Stop) {
     handle.request(first);
     loop {
         signals.recv().await;
-        handle.request(then);
+        handle.request(then.clone());
     }
 }
 
@@ -394,7 +440,7 @@ async fn run_once(job: &Standalone, signals: &mut Signals) -> anyhow::Result<(Ou
                 if !now {
                     warn!("stopping the job (press Ctrl-C again to kill it at once)");
                 }
-                handle.request(Stop { cancel: true, now });
+                handle.request(Stop { cancel: true, now, exceeded: None });
             }
         }
     };
@@ -435,9 +481,13 @@ fn print_result(id: &JobId, outcome: &Outcome) {
             ..
         } => ResultMessage::from_manifest(manifest),
         Outcome::Finished {
-            error, duration_ms, ..
+            error,
+            reason,
+            duration_ms,
+            ..
         } => ResultMessage {
             duration_ms: Some(*duration_ms),
+            reason: *reason,
             ..ResultMessage::error(id.as_str(), error.clone().unwrap_or_default())
         },
         Outcome::Aborted { reason } => ResultMessage::error(id.as_str(), reason.clone()),

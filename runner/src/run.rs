@@ -9,7 +9,11 @@
 //!
 //! How a job ended is data ([`Outcome`]), never an `Err`: the job's own problems end as a status
 //! with a manifest; problems of the host (disk, permissions, shared drive) end as
-//! [`Outcome::Fault`] so the supervisor retries the job later instead of failing it.
+//! [`Outcome::Fault`] so the supervisor retries the job later instead of failing it. A drive
+//! that the job's own output filled is the job's problem ([`crate::output`]).
+//!
+//! Every end but success carries a [`Reason`] for machines: `exit`, `signal`, `timeout`,
+//! `idle`, `cancelled`, `memory`, `output`, `processes`, `cpuTime`, `fileSize`, `invalid`.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -21,18 +25,28 @@ use std::time::{Duration, SystemTime};
 
 use nats_fs::folder::{read_job_json, FolderError, JobFileError};
 use nats_fs::job::{JobSpec, Step};
+use nats_fs::limits::{size, Kind, Limits};
 use nats_fs::manifest::{
-    Artifact, Manifest, StepRecord, StepStatus, Timing, MANIFEST_FILE, RESULTS_DIR,
+    Artifact, Manifest, Reason, Resources, StepRecord, StepStatus, Timing, MANIFEST_FILE,
+    RESULTS_DIR,
 };
 use nats_fs::protocol::{FromRunner, StartJob, StepInfo, PROTOCOL_VERSION};
 use nats_fs::Status;
+use nix::sys::signal::Signal;
 use tokio::time::Instant;
 
 use crate::control::StopWatch;
+use crate::grant::{self, Grant};
+use crate::output;
 use crate::report::Report;
+use crate::rlimit::StepRlimits;
 use crate::stage::{self, Staged};
-use crate::step::{self, Ending, StepCommand};
+use crate::step::{self, Ending, StepCommand, Watched};
 use crate::sync::{self, Synced};
+
+/// A step that fails with this many processes (or fewer) short of `limits.processes` failed
+/// because of it, as far as anyone can tell: fork's EAGAIN leaves no other trace.
+const NEAR_PROCESS_LIMIT: u64 = 2;
 
 /// How a run ended.
 #[derive(Debug)]
@@ -42,6 +56,8 @@ pub(crate) enum Outcome {
         status: Status,
         exit_code: i32,
         error: Option<String>,
+        /// Why it did not succeed; `None` on success.
+        reason: Option<Reason>,
         manifest: Option<Box<Manifest>>,
         duration_ms: u64,
     },
@@ -59,6 +75,7 @@ impl Outcome {
                 status: Status::Error,
                 exit_code: Status::Error.exit_code(1),
                 error: Some(e.to_string()),
+                reason: Some(Reason::Invalid),
                 manifest: None,
                 duration_ms: 0,
             }
@@ -74,13 +91,14 @@ impl Outcome {
                 status,
                 exit_code,
                 error,
+                reason,
                 manifest,
                 duration_ms,
             } => FromRunner::Finished {
                 status: *status,
                 exit_code: *exit_code,
                 error: error.clone(),
-                reason: None,
+                reason: *reason,
                 manifest: manifest.is_some(),
                 duration_ms: *duration_ms,
             },
@@ -148,6 +166,39 @@ struct Job<'a> {
     warnings: Vec<String>,
     stage_ms: u64,
     sync_ms: u64,
+    /// The limits the job runs under (none until `job.json` is read).
+    limits: Limits,
+    /// The names of the logs created so far, in `results/`.
+    logs: Vec<String>,
+}
+
+/// How a run ends, for the manifest.
+#[derive(Debug)]
+struct End {
+    status: Status,
+    exit_code: i32,
+    error: Option<String>,
+    reason: Option<Reason>,
+}
+
+impl End {
+    /// An end in `status` with the exit code of the table.
+    fn of(status: Status, error: Option<String>, reason: Option<Reason>) -> Self {
+        Self {
+            status,
+            exit_code: status.exit_code(1),
+            error,
+            reason,
+        }
+    }
+}
+
+/// What every step of a job shares.
+struct Terms<'a> {
+    spec: &'a JobSpec,
+    grant: &'a Grant,
+    rlimits: StepRlimits,
+    job_deadline: Option<Instant>,
 }
 
 impl<'a> Job<'a> {
@@ -163,6 +214,8 @@ impl<'a> Job<'a> {
             warnings: Vec::new(),
             stage_ms: 0,
             sync_ms: 0,
+            limits: Limits::default(),
+            logs: Vec::new(),
         }
     }
 
@@ -176,15 +229,18 @@ impl<'a> Job<'a> {
         let spec = match self.load_spec() {
             Ok(spec) => spec,
             Err(problem) => {
-                return self.finish(Status::Error, Vec::new(), Vec::new(), Some(problem));
+                return self.finish(
+                    Vec::new(),
+                    Vec::new(),
+                    End::of(Status::Error, Some(problem), Some(Reason::Invalid)),
+                );
             }
         };
-        let timeout = spec
-            .timeout
-            .unwrap_or(Duration::from_millis(self.start.default_timeout_ms));
+        let grant = grant::grant(&spec, self.start);
+        self.limits = grant.limits;
         report.event(&FromRunner::Loaded {
-            limits: nats_fs::limits::Limits::default(),
-            timeout_ms: ms(timeout),
+            limits: grant.limits,
+            timeout_ms: ms(grant.timeout),
             steps: spec
                 .steps
                 .iter()
@@ -194,6 +250,11 @@ impl<'a> Job<'a> {
                 })
                 .collect(),
         });
+        for warning in &grant.warnings {
+            self.warn(report, warning.clone());
+        }
+        let rlimits = StepRlimits::new(&grant.limits, &self.start.ceilings)
+            .map_err(|e| fault(format!("reading the runner's own rlimits: {e}")))?;
         let interrupt = stop.interrupt();
 
         let clock = Instant::now();
@@ -211,44 +272,14 @@ impl<'a> Job<'a> {
             self.warn(report, message.clone());
         }
 
-        let job_deadline = self.started.checked_add(timeout);
-        let mut records = Vec::with_capacity(spec.steps.len());
-        let mut verdict = Verdict::Success;
-        for (index, step) in spec.steps.iter().enumerate() {
-            if verdict != Verdict::Success {
-                records.push(skipped(index, step));
-                continue;
-            }
-            if let Some(requested) = stop.current() {
-                verdict = Verdict::Stopped {
-                    cancel: requested.cancel,
-                };
-                records.push(skipped(index, step));
-                continue;
-            }
-            let (record, step_verdict) = self
-                .run_step(index, step, &spec, job_deadline, timeout, report, stop)
-                .await?;
-            records.push(record);
-            verdict = step_verdict;
-        }
-
-        let (status, failed_code, error) = match verdict {
-            Verdict::Success => (Status::Success, 0, None),
-            Verdict::Failed { code, what } => (Status::Failed, code, Some(what)),
-            Verdict::TimedOut { what } => (Status::Timeout, 0, Some(what)),
-            Verdict::Stopped { cancel: true } => (
-                Status::Cancelled,
-                0,
-                Some("cancelled by request".to_owned()),
-            ),
-            Verdict::Stopped { cancel: false } => {
-                return Err(Outcome::Aborted {
-                    reason: "stopped by the supervisor before it finished; it will run again"
-                        .to_owned(),
-                })
-            }
+        let terms = Terms {
+            spec: &spec,
+            grant: &grant,
+            rlimits,
+            job_deadline: self.started.checked_add(grant.timeout),
         };
+        let (records, verdict) = self.run_steps(&terms, report, stop).await?;
+        let end = verdict.end()?;
 
         let clock = Instant::now();
         let synced = self.sync(&staged, interrupt).await?;
@@ -261,13 +292,89 @@ impl<'a> Job<'a> {
         for message in &synced.skipped {
             self.warn(report, message.clone());
         }
-        self.finish_with_code(
-            status,
-            status.exit_code(failed_code),
-            records,
-            synced.artifacts,
-            error,
-        )
+        let end = self.judge_sync(&synced, end, report)?;
+        self.finish(records, synced.artifacts, end)
+    }
+
+    /// Runs the steps in order until one does not succeed; the rest are skipped.
+    async fn run_steps(
+        &mut self,
+        terms: &Terms<'_>,
+        report: &mut dyn Report,
+        stop: &mut StopWatch,
+    ) -> Result<(Vec<StepRecord>, Verdict), Outcome> {
+        let steps = &terms.spec.steps;
+        let mut records = Vec::with_capacity(steps.len());
+        let mut verdict = Verdict::Success;
+        for (index, step) in steps.iter().enumerate() {
+            if verdict != Verdict::Success {
+                records.push(skipped(index, step));
+                continue;
+            }
+            if let Some(requested) = stop.current() {
+                verdict = match requested.exceeded {
+                    Some(exceeded) => Verdict::Failed {
+                        code: 1,
+                        what: exceeded.error,
+                        reason: exceeded.reason,
+                    },
+                    None => Verdict::Stopped {
+                        cancel: requested.cancel,
+                    },
+                };
+                records.push(skipped(index, step));
+                continue;
+            }
+            let (record, step_verdict) = self.run_step(index, step, terms, report, stop).await?;
+            records.push(record);
+            verdict = step_verdict;
+        }
+        Ok((records, verdict))
+    }
+
+    /// The end after syncing: artifacts refused by the output quota, or a drive that filled up
+    /// while copying, fail a job that had succeeded (and are warnings for one that had not).
+    fn judge_sync(
+        &mut self,
+        synced: &Synced,
+        end: End,
+        report: &mut dyn Report,
+    ) -> Result<End, Outcome> {
+        let mut problem = None;
+        if let (Some((path, bytes)), Some(quota)) = (synced.refused.first(), self.limits.output) {
+            let more = match synced.refused.len() {
+                1 => String::new(),
+                n => format!(" (nor {} more)", n - 1),
+            };
+            problem = Some(format!(
+                "artifact {path} ({}) would pass the job's output limit of {}: it was not copied{more}",
+                size(*bytes),
+                size(quota)
+            ));
+        }
+        if let Some(path) = &synced.no_space {
+            let used = output::bytes_in(&self.results);
+            if used < output::JOB_FILLED_DRIVE {
+                return Err(fault(format!(
+                    "the drive holding {} is full (copying artifact {path}); the job has only {} there, so it will be retried",
+                    self.shown_results.display(),
+                    size(used)
+                )));
+            }
+            output::make_room(&self.results, &self.logs);
+            problem = Some(format!(
+                "copying artifact {path} filled the drive holding results/ (the job's output there: {}); it was not copied",
+                size(used)
+            ));
+        }
+        let Some(problem) = problem else {
+            return Ok(end);
+        };
+        if end.status != Status::Success {
+            self.warn(report, problem);
+            return Ok(end);
+        }
+        Ok(End::of(Status::Failed, Some(problem), Some(Reason::Output)))
     }
 
     /// Empties `results/`: nothing of an earlier run may be mistaken for this run's output.
@@ -302,10 +409,13 @@ impl<'a> Job<'a> {
             .map(|(index, step)| skipped(index, step))
             .collect();
         self.finish(
-            Status::Cancelled,
             steps,
             Vec::new(),
-            Some("cancelled by request".to_owned()),
+            End::of(
+                Status::Cancelled,
+                Some("cancelled by request".to_owned()),
+                Some(Reason::Cancelled),
+            ),
         )
     }
 
@@ -353,8 +463,10 @@ impl<'a> Job<'a> {
         let workspace = self.start.workspace.clone();
         let results = self.results.clone();
         let snapshot = staged.snapshot.clone();
+        let quota = self.limits.output;
         let synced = tokio::task::spawn_blocking(move || {
-            sync::sync(&workspace, &results, &snapshot, &interrupt)
+            let left = quota.map(|quota| quota.saturating_sub(output::bytes_in(&results)));
+            sync::sync(&workspace, &results, &snapshot, &interrupt, left)
         })
         .await
         .map_err(|e| fault(format!("syncing: {e}")))?;
@@ -369,31 +481,36 @@ impl<'a> Job<'a> {
     }
 
     /// Runs step `index` and says how the job goes on.
-    #[allow(clippy::too_many_arguments)]
     async fn run_step(
         &mut self,
         index: usize,
         step: &Step,
-        spec: &JobSpec,
-        job_deadline: Option<Instant>,
-        job_timeout: Duration,
+        terms: &Terms<'_>,
         report: &mut dyn Report,
         stops: &mut StopWatch,
     ) -> Result<(StepRecord, Verdict), Outcome> {
         let log_name = format!("step_{index}.log");
-        let log = open_log(&self.results.join(&log_name)).map_err(|e| {
+        let log_path = self.results.join(&log_name);
+        let log = open_log(&log_path).map_err(|e| {
             fault(format!(
                 "creating {}: {e}",
                 self.shown_results.join(&log_name).display()
             ))
         })?;
+        self.logs.push(log_name.clone());
+        // What this step's log may grow to: the quota less what the job has in results/.
+        let log_quota = self
+            .limits
+            .output
+            .map(|quota| quota.saturating_sub(output::bytes_in(&self.results)));
+        let idle = terms.grant.idle_timeout(step);
         let began = Instant::now();
         let step_deadline = step.timeout.and_then(|t| began.checked_add(t));
-        let deadline = match (step_deadline, job_deadline) {
+        let deadline = match (step_deadline, terms.job_deadline) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
-        let env = self.step_env(spec, step);
+        let env = self.step_env(terms.spec, step);
         let running = step::spawn(StepCommand {
             run: &step.run,
             cwd: &self.start.workspace,
@@ -401,6 +518,12 @@ impl<'a> Job<'a> {
             log,
             deadline,
             grace: Duration::from_millis(self.start.kill_grace_ms),
+            rlimits: terms.rlimits,
+            watched: Watched {
+                idle,
+                log_quota,
+                processes: self.limits.processes.is_some(),
+            },
         })
         .map_err(|e| fault(format!("starting /bin/sh for step {index}: {e}")))?;
         report.event(&FromRunner::StepStarted {
@@ -414,6 +537,54 @@ impl<'a> Job<'a> {
             .map_err(|e| fault(format!("waiting for step {index}: {e}")))?;
         let duration_ms = ms(began.elapsed());
         let label = step_label(index, step);
+        if let (Ending::OutputExceeded, Some(keep), Some(quota)) =
+            (&finished.ending, log_quota, self.limits.output)
+        {
+            // Every writer of the log is dead now: cut it back to the quota, and say so in it.
+            if let Err(e) = output::cut_log(&log_path, keep, &output::quota_marker(quota)) {
+                self.warn(
+                    report,
+                    format!("cutting {log_name} at the output limit: {e}"),
+                );
+            }
+        }
+        self.warn_leftovers(report, &label, &finished);
+        let code = finished.exit_code();
+        let (status, verdict) = judge(
+            &finished,
+            &Judging {
+                label: &label,
+                step_timeout: step.timeout,
+                step_deadline_first: step_deadline == deadline,
+                job_timeout: terms.grant.timeout,
+                idle,
+                limits: &self.limits,
+            },
+        );
+        let verdict = self.judge_output(verdict, &label)?;
+        report.event(&FromRunner::StepFinished {
+            index,
+            status,
+            exit_code: Some(code),
+            signal: finished.signal_name(),
+            duration_ms,
+        });
+        let record = StepRecord {
+            index,
+            name: step.name.clone(),
+            command: step.run.clone(),
+            status,
+            exit_code: Some(code),
+            signal: finished.signal_name(),
+            duration_ms,
+            log: Some(log_name),
+            resources: Some(finished.resources),
+        };
+        Ok((record, verdict))
+    }
+
+    /// Warns about processes a step left behind.
+    fn warn_leftovers(&mut self, report: &mut dyn Report, label: &str, finished: &step::Finished) {
         if finished.leftovers > 0 {
             self.warn(
                 report,
@@ -432,33 +603,58 @@ impl<'a> Job<'a> {
                 ),
             );
         }
-        let code = finished.exit_code();
-        let (status, verdict) = judge(
-            &finished,
-            &label,
-            step.timeout,
-            step_deadline == deadline,
-            job_timeout,
-        );
-        report.event(&FromRunner::StepFinished {
-            index,
-            status,
-            exit_code: Some(code),
-            signal: finished.signal_name(),
-            duration_ms,
-        });
-        let record = StepRecord {
-            index,
-            name: step.name.clone(),
-            command: step.run.clone(),
-            status,
-            exit_code: Some(code),
-            signal: finished.signal_name(),
-            duration_ms,
-            log: Some(log_name),
-            resources: None,
+    }
+
+    /// What the job has in `results/` after a step: under an output limit, files the step
+    /// wrote there directly count, and passing the limit fails the job. A step that failed
+    /// on a full drive failed because of the job's own output if the job has enough there
+    /// (then the largest log is cut to make room for the manifest), and because of the host
+    /// otherwise (a fault: the job is retried).
+    fn judge_output(&self, verdict: Verdict, label: &str) -> Result<Verdict, Outcome> {
+        if let (Verdict::Success, Some(quota)) = (&verdict, self.limits.output) {
+            let used = output::bytes_in(&self.results);
+            if used > quota {
+                return Ok(Verdict::Failed {
+                    code: 1,
+                    what: format!(
+                        "the job has {} in results/ after {label}, more than its output limit of {} (files a step writes there directly count too)",
+                        size(used),
+                        size(quota)
+                    ),
+                    reason: Reason::Output,
+                });
+            }
+        }
+        let Verdict::Failed {
+            code,
+            reason: Reason::Exit | Reason::Signal,
+            ..
+        } = verdict
+        else {
+            return Ok(verdict);
         };
-        Ok((record, verdict))
+        let Some(free) = output::free_space(&self.results).filter(|f| *f < output::NEARLY_FULL)
+        else {
+            return Ok(verdict);
+        };
+        let used = output::bytes_in(&self.results);
+        if used < output::JOB_FILLED_DRIVE {
+            return Err(fault(format!(
+                "{label} failed with the drive holding {} full ({} free), and the job has only {} there: the host is the cause, the job will be retried",
+                self.shown_results.display(),
+                size(free),
+                size(used)
+            )));
+        }
+        output::make_room(&self.results, &self.logs);
+        Ok(Verdict::Failed {
+            code,
+            what: format!(
+                "{label} failed after the job's output ({}) filled the drive holding results/",
+                size(used)
+            ),
+            reason: Reason::Output,
+        })
     }
 
     /// The step's environment, in the order of SPEC §4.2: base, job variables, the job's and
@@ -492,30 +688,21 @@ impl<'a> Job<'a> {
         self.warnings.push(message);
     }
 
+    /// Writes the manifest, last, and ends the run. On a full drive the job's own output (if
+    /// it has enough in `results/`) gives way: the largest log loses its tail, and a job that
+    /// had succeeded fails `output`.
     fn finish(
         &self,
-        status: Status,
         steps: Vec<StepRecord>,
         artifacts: Vec<Artifact>,
-        error: Option<String>,
-    ) -> Result<Outcome, Outcome> {
-        self.finish_with_code(status, status.exit_code(1), steps, artifacts, error)
-    }
-
-    /// Writes the manifest, last, and ends the run.
-    fn finish_with_code(
-        &self,
-        status: Status,
-        exit_code: i32,
-        steps: Vec<StepRecord>,
-        artifacts: Vec<Artifact>,
-        error: Option<String>,
+        end: End,
     ) -> Result<Outcome, Outcome> {
         let duration_ms = ms(self.started.elapsed());
-        let manifest = Manifest {
+        let ran: Vec<&Resources> = steps.iter().filter_map(|s| s.resources.as_ref()).collect();
+        let mut manifest = Manifest {
             job_id: self.start.id.to_string(),
-            status,
-            exit_code,
+            status: end.status,
+            exit_code: end.exit_code,
             attempt: self.start.attempt,
             worker: self.start.worker.clone(),
             host: self.host.clone(),
@@ -526,25 +713,51 @@ impl<'a> Job<'a> {
                 stage_ms: self.stage_ms,
                 sync_ms: self.sync_ms,
             },
+            resources: (!ran.is_empty()).then(|| Resources::total(ran)),
             steps,
             artifacts,
-            error: error.clone(),
-            reason: None,
-            limits: nats_fs::limits::Limits::default(),
-            resources: None,
+            error: end.error,
+            reason: end.reason,
+            limits: self.limits,
             stream_sequence: self.start.stream_sequence,
             warnings: self.warnings.clone(),
         };
-        manifest.write_atomic(&self.results).map_err(|e| {
+        let written = match manifest.write_atomic(&self.results) {
+            Err(e) if output::is_no_space(&e) => {
+                let used = output::bytes_in(&self.results);
+                if used < output::JOB_FILLED_DRIVE
+                    || output::make_room(&self.results, &self.logs).is_none()
+                {
+                    Err(e)
+                } else {
+                    let what = format!(
+                        "the job's output ({}) filled the drive holding results/; the end of its largest log was cut to make room for result.json",
+                        size(used)
+                    );
+                    if manifest.status == Status::Success {
+                        manifest.status = Status::Failed;
+                        manifest.exit_code = Status::Failed.exit_code(1);
+                        manifest.error = Some(what);
+                        manifest.reason = Some(Reason::Output);
+                    } else {
+                        manifest.warnings.push(what);
+                    }
+                    manifest.write_atomic(&self.results)
+                }
+            }
+            other => other,
+        };
+        written.map_err(|e| {
             fault(format!(
                 "writing {}: {e}",
                 self.shown_results.join(MANIFEST_FILE).display()
             ))
         })?;
         Ok(Outcome::Finished {
-            status,
-            exit_code,
-            error,
+            status: manifest.status,
+            exit_code: manifest.exit_code,
+            error: manifest.error.clone(),
+            reason: manifest.reason,
             manifest: Some(Box::new(manifest)),
             duration_ms,
         })
@@ -569,33 +782,74 @@ fn open_log(path: &Path) -> io::Result<fs::File> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Verdict {
     Success,
-    Failed { code: i32, what: String },
-    TimedOut { what: String },
-    Stopped { cancel: bool },
+    Failed {
+        code: i32,
+        what: String,
+        reason: Reason,
+    },
+    TimedOut {
+        what: String,
+        reason: Reason,
+    },
+    Stopped {
+        cancel: bool,
+    },
 }
 
-/// The step's status and how the job goes on, from how the step ended. `step_deadline_first`
-/// says whether the step's own deadline (not the job's) was the one that applied.
-fn judge(
-    finished: &step::Finished,
-    label: &str,
+impl Verdict {
+    /// How the job ends after its steps; `Err` for a stop that hands the job back.
+    fn end(self) -> Result<End, Outcome> {
+        Ok(match self {
+            Self::Success => End::of(Status::Success, None, None),
+            Self::Failed { code, what, reason } => End {
+                status: Status::Failed,
+                exit_code: Status::Failed.exit_code(code),
+                error: Some(what),
+                reason: Some(reason),
+            },
+            Self::TimedOut { what, reason } => End::of(Status::Timeout, Some(what), Some(reason)),
+            Self::Stopped { cancel: true } => End::of(
+                Status::Cancelled,
+                Some("cancelled by request".to_owned()),
+                Some(Reason::Cancelled),
+            ),
+            Self::Stopped { cancel: false } => {
+                return Err(Outcome::Aborted {
+                    reason: "stopped by the supervisor before it finished; it will run again"
+                        .to_owned(),
+                })
+            }
+        })
+    }
+}
+
+/// What [`judge`] needs to know besides how the step ended.
+struct Judging<'a> {
+    label: &'a str,
     step_timeout: Option<Duration>,
+    /// Whether the step's own deadline (not the job's) was the one that applied.
     step_deadline_first: bool,
     job_timeout: Duration,
-) -> (StepStatus, Verdict) {
+    idle: Option<Duration>,
+    limits: &'a Limits,
+}
+
+/// The step's status and how the job goes on, from how the step ended.
+fn judge(finished: &step::Finished, at: &Judging<'_>) -> (StepStatus, Verdict) {
+    let label = at.label;
     let code = finished.exit_code();
-    match finished.ending {
+    match &finished.ending {
         Ending::Exited if code == 0 => (StepStatus::Success, Verdict::Success),
         Ending::Exited => {
-            let what = match finished.signal_name() {
-                Some(signal) => format!("{label} was killed by {signal}"),
-                None => format!("{label} exited with code {code}"),
-            };
-            (StepStatus::Failed, Verdict::Failed { code, what })
+            let (what, reason) = failure(finished, at);
+            (
+                StepStatus::Failed,
+                Verdict::Failed { code, what, reason },
+            )
         }
         Ending::TimedOut => {
-            let what = match step_timeout {
-                Some(timeout) if step_deadline_first => {
+            let what = match at.step_timeout {
+                Some(timeout) if at.step_deadline_first => {
                     format!(
                         "{label} timed out after {}",
                         humantime::format_duration(timeout)
@@ -603,18 +857,115 @@ fn judge(
                 }
                 _ => format!(
                     "the job timed out after {} during {label}",
-                    humantime::format_duration(job_timeout)
+                    humantime::format_duration(at.job_timeout)
                 ),
             };
-            (StepStatus::Timeout, Verdict::TimedOut { what })
+            (
+                StepStatus::Timeout,
+                Verdict::TimedOut {
+                    what,
+                    reason: Reason::Timeout,
+                },
+            )
         }
-        Ending::Stopped(requested) => (
-            StepStatus::Cancelled,
-            Verdict::Stopped {
-                cancel: requested.cancel,
+        Ending::Idle => (
+            StepStatus::Timeout,
+            Verdict::TimedOut {
+                what: format!(
+                    "{label} printed nothing for {}",
+                    humantime::format_duration(at.idle.unwrap_or_default())
+                ),
+                reason: Reason::Idle,
             },
         ),
+        Ending::OutputExceeded => (
+            StepStatus::Failed,
+            Verdict::Failed {
+                code,
+                what: format!(
+                    "{label} wrote more into results/ than the job's output limit of {} allows; it was stopped",
+                    size(at.limits.output.unwrap_or_default())
+                ),
+                reason: Reason::Output,
+            },
+        ),
+        Ending::Stopped(requested) => match &requested.exceeded {
+            Some(exceeded) => (
+                StepStatus::Failed,
+                Verdict::Failed {
+                    code,
+                    what: exceeded.error.clone(),
+                    reason: exceeded.reason,
+                },
+            ),
+            None => (
+                StepStatus::Cancelled,
+                Verdict::Stopped {
+                    cancel: requested.cancel,
+                },
+            ),
+        },
     }
+}
+
+/// Why a step that ended by itself failed. A signal of an rlimit (SIGXCPU, SIGXFSZ) names its
+/// limit — also when it killed the shell's last command, which makes the shell exit with
+/// 128+n, as long as that limit is set. A failure with the job's processes at (or within
+/// [`NEAR_PROCESS_LIMIT`] of) `limits.processes` is put down to that limit.
+fn failure(finished: &step::Finished, at: &Judging<'_>) -> (String, Reason) {
+    let label = at.label;
+    let limits = at.limits;
+    let own_signal = finished.signal_name().is_some();
+    let how = match finished.signal_name() {
+        Some(signal) => format!("was killed by {signal}"),
+        None => format!("exited with code {}", finished.exit_code()),
+    };
+    let limit_signal = |signal: Signal, kind: Kind| {
+        finished.killed_by() == Some(signal as i32) && (own_signal || limits.get(kind).is_some())
+    };
+    if limit_signal(Signal::SIGXCPU, Kind::CpuTime) {
+        return (
+            format!(
+                "{label} used more CPU time than limits.cpuTime allows ({}) and was killed by SIGXCPU",
+                show(limits, Kind::CpuTime)
+            ),
+            Reason::CpuTime,
+        );
+    }
+    if limit_signal(Signal::SIGXFSZ, Kind::FileSize) {
+        return (
+            format!(
+                "{label} wrote a file larger than limits.fileSize allows ({}) and was killed by SIGXFSZ",
+                show(limits, Kind::FileSize)
+            ),
+            Reason::FileSize,
+        );
+    }
+    if let Some(limit) = limits.processes {
+        if finished.peak_processes + NEAR_PROCESS_LIMIT >= limit {
+            return (
+                format!(
+                    "{label} {how} while the job had {} processes, at its limit of {limit} (limits.processes): it could not start more",
+                    finished.peak_processes
+                ),
+                Reason::Processes,
+            );
+        }
+    }
+    let reason = if own_signal {
+        Reason::Signal
+    } else {
+        Reason::Exit
+    };
+    (format!("{label} {how}"), reason)
+}
+
+/// A limit's value as people read it, or "unknown" when the job has none of its kind (the
+/// signal came from a limit the runner did not set).
+fn show(limits: &Limits, kind: Kind) -> String {
+    limits
+        .get(kind)
+        .map_or_else(|| "unknown".to_owned(), |value| kind.show(value))
 }
 
 fn skipped(index: usize, step: &Step) -> StepRecord {

@@ -1,5 +1,5 @@
 //! Running one step (SPEC §4.2–4.3): `/bin/sh -c`, its own process group, a clean environment,
-//! stdin from `/dev/null`, stdout and stderr both onto the step's log file.
+//! stdin from `/dev/null`, stdout and stderr both onto the step's log file, the job's rlimits.
 //!
 //! The log file *is* the step's stdout and stderr — one open file description in append mode,
 //! shared by both — so output lands in `results/step_N.log` the moment it is written, in
@@ -7,39 +7,87 @@
 //! stream closes before the other, and the runner's memory does not depend on how much a step
 //! prints.
 //!
+//! While the step runs, and only when a limit needs it, a poll looks at the log's size (one
+//! `fstat`) — for `idleTimeout` (the log stopped growing) and `limits.output` (it grew past what
+//! is left of the quota) — and at the job's processes (one `/proc` scan), for
+//! `limits.processes` and for accounting. A step with none of these is not polled at all.
+//!
 //! Ending a step: when the shell exits, everything else the step started is killed (SIGKILL)
 //! and reaped — its process group, plus anything that left the group with `setsid`, which the
-//! runner finds as its own children because it is a child subreaper. On a timeout or a stop
-//! request the group gets SIGTERM first and SIGKILL after the kill grace.
+//! runner finds as its own children because it is a child subreaper. On a timeout, an idle
+//! timeout or a stop request the group gets SIGTERM first and SIGKILL after the kill grace; on
+//! a passed output quota or a limit the supervisor reports, SIGKILL at once.
+//!
+//! The shell is reaped with our own `wait4` (driven by SIGCHLD), not tokio's: `wait4` also
+//! returns what the shell and the processes it waited for used ([`usage`](crate::usage)).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::fs::File;
 use std::io;
-use std::os::unix::process::ExitStatusExt;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::Path;
-use std::process::{ExitStatus, Stdio};
+use std::process::{Command, ExitStatus, Stdio};
 use std::time::Duration;
 
+use nats_fs::manifest::Resources;
 use nats_fs::reap;
-use nix::sys::signal::{killpg, Signal};
-use nix::unistd::Pid;
-use tokio::process::{Child, Command};
-use tokio::time::{sleep, sleep_until, Instant};
+use nix::sys::signal::{killpg, Signal as Sig};
+use nix::unistd::{getpid, Pid};
+use tokio::signal::unix::{signal, Signal, SignalKind};
+use tokio::time::{interval, sleep, sleep_until, Instant, Interval, MissedTickBehavior};
 
 use crate::control::{Stop, StopWatch};
+use crate::rlimit::StepRlimits;
+use crate::usage::{self, Usage};
 
 /// How long to keep killing leftovers that refuse to die (stuck in the kernel) before giving up.
 const SWEEP_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often the log is looked at for an idle timeout or the process count.
+const POLL: Duration = Duration::from_millis(100);
+/// How often it is looked at under an output quota: a step printing fast passes the quota by
+/// at most what it writes in this time before it is killed (and the log is cut back anyway).
+const POLL_OUTPUT: Duration = Duration::from_millis(50);
+/// How often the processes are counted for accounting alone, when the poll runs anyway.
+const SCAN_FOR_ACCOUNTING: Duration = Duration::from_millis(500);
 
 /// What ended a step.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Ending {
     /// The shell exited on its own.
     Exited,
     /// The step's or the job's deadline passed.
     TimedOut,
+    /// The log did not grow for the idle timeout.
+    Idle,
+    /// The log grew past what was left of the job's output quota.
+    OutputExceeded,
     /// A stop request arrived.
     Stopped(Stop),
+}
+
+/// What the poll watches while the step runs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Watched {
+    /// End the step when its log does not grow for this long.
+    pub(crate) idle: Option<Duration>,
+    /// Kill the step at once when its log grows past this many bytes.
+    pub(crate) log_quota: Option<u64>,
+    /// Count the job's processes on every poll (`limits.processes`).
+    pub(crate) processes: bool,
+}
+
+impl Watched {
+    fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
+
+    fn interval(&self) -> Duration {
+        if self.log_quota.is_some() {
+            POLL_OUTPUT
+        } else {
+            POLL
+        }
+    }
 }
 
 /// A finished step.
@@ -51,6 +99,11 @@ pub(crate) struct Finished {
     pub(crate) leftovers: usize,
     /// Leftovers that could not be reaped in time.
     pub(crate) stuck: usize,
+    /// What the step used.
+    pub(crate) resources: Resources,
+    /// The most processes of the job (the runner included, as `RLIMIT_NPROC` counts it) seen at
+    /// once, when [`Watched::processes`] asked for them to be counted; 0 otherwise.
+    pub(crate) peak_processes: u64,
 }
 
 impl Finished {
@@ -65,6 +118,14 @@ impl Finished {
     pub(crate) fn signal_name(&self) -> Option<String> {
         self.status.signal().map(reap::signal_name)
     }
+
+    /// The signal that ended the step: the one that killed the shell, or the one that killed
+    /// the command the shell ran last (a shell exits with 128+n for it).
+    pub(crate) fn killed_by(&self) -> Option<i32> {
+        self.status
+            .signal()
+            .or_else(|| self.status.code().filter(|c| *c > 128).map(|c| c - 128))
+    }
 }
 
 /// One step, ready to start.
@@ -76,12 +137,23 @@ pub(crate) struct StepCommand<'a> {
     pub(crate) log: File,
     pub(crate) deadline: Option<Instant>,
     pub(crate) grace: Duration,
+    pub(crate) rlimits: StepRlimits,
+    pub(crate) watched: Watched,
 }
 
 /// Starts the step's shell; `Err` means it could not be started at all.
 pub(crate) fn spawn(step: StepCommand<'_>) -> io::Result<Running> {
+    // Before the fork, so that the SIGCHLD of a shell that exits at once is not missed.
+    let sigchld = signal(SignalKind::child())?;
+    let watched_log = if step.watched.is_empty() {
+        None
+    } else {
+        Some(step.log.try_clone()?)
+    };
     let err = step.log.try_clone()?;
-    let child = Command::new("/bin/sh")
+    let before = Usage::children();
+    let mut command = Command::new("/bin/sh");
+    command
         .arg("-c")
         .arg(step.run)
         .current_dir(step.cwd)
@@ -92,27 +164,57 @@ pub(crate) fn spawn(step: StepCommand<'_>) -> io::Result<Running> {
         .stderr(err)
         // A group of its own: signals for the step reach all of it and nothing else, and a
         // terminal's Ctrl-C aimed at the runner does not reach it directly.
-        .process_group(0)
-        .spawn()?;
-    let pid = child
-        .id()
-        .and_then(|id| i32::try_from(id).ok())
-        .ok_or_else(|| io::Error::other("the step's shell has no pid"))?;
+        .process_group(0);
+    step.rlimits.apply(&mut command);
+    // std's Child neither waits nor kills when dropped: the shell is ours to reap.
+    let child = command.spawn()?;
+    let pid = i32::try_from(child.id())
+        .map_err(|_| io::Error::other("the step's shell has an impossible pid"))?;
     Ok(Running {
-        child,
         group: Pid::from_raw(pid),
+        sigchld,
         deadline: step.deadline,
         grace: step.grace,
+        watched: step.watched,
+        log: watched_log,
+        before,
+        seen: HashSet::from([pid]),
+        peak_rss: 0,
+        peak_processes: 0,
     })
 }
 
 /// A started step.
 #[derive(Debug)]
 pub(crate) struct Running {
-    child: Child,
     group: Pid,
+    sigchld: Signal,
     deadline: Option<Instant>,
     grace: Duration,
+    watched: Watched,
+    /// The log, for `fstat`, when something watches it.
+    log: Option<File>,
+    /// The runner's children's usage when the step started.
+    before: Usage,
+    /// Every process of the step seen so far, the shell included.
+    seen: HashSet<i32>,
+    peak_rss: u64,
+    peak_processes: u64,
+}
+
+/// What woke the step's wait.
+enum Event {
+    Exited(io::Result<(ExitStatus, Usage)>),
+    Deadline,
+    Stop(Stop),
+    Poll,
+}
+
+/// The poll's memory of the log.
+struct LogState {
+    size: u64,
+    grew_at: Instant,
+    scanned_at: Option<Instant>,
 }
 
 impl Running {
@@ -121,63 +223,179 @@ impl Running {
         self.group.as_raw().unsigned_abs()
     }
 
-    /// Waits for the step to end, enforcing its deadline and stop requests, then kills and
-    /// reaps everything the step left behind.
+    /// Waits for the step to end, enforcing its deadline, its watched limits and stop
+    /// requests, then kills and reaps everything the step left behind.
     pub(crate) async fn wait(mut self, stop: &mut StopWatch) -> io::Result<Finished> {
-        let ending = tokio::select! {
-            status = self.child.wait() => {
-                return Ok(self.sweep(Ending::Exited, status?));
-            }
-            () = until(self.deadline) => Ending::TimedOut,
-            stop = stop.requested() => Ending::Stopped(stop),
+        let mut poll = (!self.watched.is_empty()).then(|| {
+            let mut poll = interval(self.watched.interval());
+            poll.set_missed_tick_behavior(MissedTickBehavior::Delay);
+            poll
+        });
+        let mut state = LogState {
+            size: 0,
+            grew_at: Instant::now(),
+            scanned_at: None,
         };
-        let now = matches!(ending, Ending::Stopped(s) if s.now);
-        let status = self.terminate(now, stop).await?;
-        Ok(self.sweep(ending, status))
+        let ending = loop {
+            let event = tokio::select! {
+                exited = exited(self.group, &mut self.sigchld) => Event::Exited(exited),
+                () = until(self.deadline) => Event::Deadline,
+                stop = stop.requested() => Event::Stop(stop),
+                () = tick(poll.as_mut()) => Event::Poll,
+            };
+            match event {
+                Event::Exited(exited) => {
+                    let (status, usage) = exited?;
+                    return Ok(self.finish(Ending::Exited, status, usage));
+                }
+                Event::Deadline => break Ending::TimedOut,
+                Event::Stop(stop) => break Ending::Stopped(stop),
+                Event::Poll => {
+                    if let Some(ending) = self.look(&mut state) {
+                        break ending;
+                    }
+                }
+            }
+        };
+        let now = match &ending {
+            Ending::OutputExceeded => true,
+            Ending::Stopped(stop) => stop.kills_now(),
+            _ => false,
+        };
+        let (status, usage) = self.terminate(now, stop).await?;
+        Ok(self.finish(ending, status, usage))
+    }
+
+    /// One look at the log and, when due, the processes; the ending, if a limit was passed.
+    fn look(&mut self, state: &mut LogState) -> Option<Ending> {
+        let now = Instant::now();
+        let scan_due = self.watched.processes
+            || state
+                .scanned_at
+                .is_none_or(|at| now.duration_since(at) >= SCAN_FOR_ACCOUNTING);
+        if scan_due {
+            state.scanned_at = Some(now);
+            self.scan();
+        }
+        let size = self.log.as_ref()?.metadata().map(|m| m.len()).ok()?;
+        if self.watched.log_quota.is_some_and(|quota| size > quota) {
+            // At once, without a grace period: every moment costs more of the drive.
+            let _ = killpg(self.group, Sig::SIGKILL);
+            return Some(Ending::OutputExceeded);
+        }
+        if size != state.size {
+            state.size = size;
+            state.grew_at = now;
+        } else if self
+            .watched
+            .idle
+            .is_some_and(|idle| now.duration_since(state.grew_at) >= idle)
+        {
+            return Some(Ending::Idle);
+        }
+        None
+    }
+
+    /// Counts the job's live processes and remembers the step's.
+    fn scan(&mut self) {
+        let me = getpid();
+        let members = reap::tree_members(me);
+        self.peak_processes = self.peak_processes.max(members.len() as u64);
+        for member in members.iter().filter(|m| m.pid != me.as_raw()) {
+            self.seen.insert(member.pid);
+            self.peak_rss = self.peak_rss.max(member.rss_bytes);
+        }
     }
 
     /// SIGTERM to the group, then SIGKILL after the grace period, or at once when `now` (or
     /// when an immediate stop arrives during the grace period).
-    async fn terminate(&mut self, now: bool, stop: &mut StopWatch) -> io::Result<ExitStatus> {
+    async fn terminate(
+        &mut self,
+        now: bool,
+        stop: &mut StopWatch,
+    ) -> io::Result<(ExitStatus, Usage)> {
         if !now {
-            let _ = killpg(self.group, Signal::SIGTERM);
+            let _ = killpg(self.group, Sig::SIGTERM);
             tokio::select! {
-                status = self.child.wait() => return status,
+                exited = exited(self.group, &mut self.sigchld) => return exited,
                 () = sleep(self.grace) => {}
                 _ = stop.requested_now() => {}
             }
         }
-        let _ = killpg(self.group, Signal::SIGKILL);
-        self.child.wait().await
+        let _ = killpg(self.group, Sig::SIGKILL);
+        exited(self.group, &mut self.sigchld).await
     }
 
-    /// Kills and reaps whatever the step left running. The shell has been reaped by tokio at
-    /// this point, so every remaining child of the runner is a leftover of this step.
-    fn sweep(&self, ending: Ending, status: ExitStatus) -> Finished {
-        // Whatever of the step outlived its shell descends from it and was re-parented to us
-        // (we are a subreaper), or still has such a parent: no child means nothing is left.
-        if !reap::has_children() {
-            return Finished {
-                ending,
-                status,
-                leftovers: 0,
-                stuck: 0,
-            };
-        }
-        // Counted before the kill, and only when the shell ended by itself: after a timeout
-        // or a stop request the group was killed on purpose.
-        let leftovers = if ending == Ending::Exited {
-            reap::count_live(Some(self.group))
-        } else {
-            0
+    /// Kills and reaps whatever the step left running, and adds up what the step used. The
+    /// shell has been reaped at this point, so every remaining child of the runner is a
+    /// leftover of this step.
+    fn finish(mut self, ending: Ending, status: ExitStatus, shell: Usage) -> Finished {
+        let (leftovers, stuck) = self.sweep(&ending);
+        // After the sweep: the leftovers' CPU time counts once they are reaped.
+        let spent = Usage::children().since(self.before);
+        let resources = Resources {
+            cpu_user_ms: spent.user_ms,
+            cpu_system_ms: spent.system_ms,
+            peak_rss_bytes: shell
+                .max_rss_bytes
+                .max(spent.max_rss_bytes)
+                .max(self.peak_rss),
+            processes: self.seen.len() as u64,
         };
-        let swept = reap::kill_children(|_| false, Some(self.group), SWEEP_TIMEOUT);
         Finished {
             ending,
             status,
             leftovers,
-            stuck: swept.left,
+            stuck,
+            resources,
+            peak_processes: self.peak_processes,
         }
+    }
+
+    /// Kills and reaps the leftovers: how many there were (only when the shell ended by itself:
+    /// after a timeout or a stop request the group was killed on purpose) and how many would
+    /// not die.
+    fn sweep(&mut self, ending: &Ending) -> (usize, usize) {
+        // Whatever of the step outlived its shell descends from it and was re-parented to us
+        // (we are a subreaper), or still has such a parent: no child means nothing is left.
+        if !reap::has_children() {
+            return (0, 0);
+        }
+        let live = reap::live_pids(Some(self.group));
+        if self.watched.processes {
+            // The runner itself counts against RLIMIT_NPROC too.
+            self.peak_processes = self.peak_processes.max(live.len() as u64 + 1);
+        }
+        self.seen.extend(&live);
+        let leftovers = if *ending == Ending::Exited {
+            live.len()
+        } else {
+            0
+        };
+        let swept = reap::kill_children(|_| false, Some(self.group), SWEEP_TIMEOUT);
+        (leftovers, swept.left)
+    }
+}
+
+/// Waits for the shell to end and reaps it (and only it: see [`reap`]).
+async fn exited(pid: Pid, sigchld: &mut Signal) -> io::Result<(ExitStatus, Usage)> {
+    loop {
+        if let Some(done) = usage::try_wait(pid)? {
+            return Ok(done);
+        }
+        // Any child's end wakes this; the loop checks whether it was the shell's.
+        if sigchld.recv().await.is_none() {
+            return Err(io::Error::other("the SIGCHLD listener ended"));
+        }
+    }
+}
+
+async fn tick(poll: Option<&mut Interval>) {
+    match poll {
+        Some(poll) => {
+            poll.tick().await;
+        }
+        None => std::future::pending().await,
     }
 }
 

@@ -5,6 +5,10 @@
 //! Symlinks are recreated as links and never followed, and nothing is written outside
 //! `results/`: an entry in the way inside `results/` (a file where a folder is needed, or a link
 //! a step planted there) is removed rather than written through.
+//!
+//! Under an output quota, a file that would pass what is left of it is not copied (a copy that
+//! grows past it is removed), and a copy that fills the drive is removed and ends the sync:
+//! no partial artifact stays in `results/` ([`crate::output`] says what counts).
 
 use std::fs::{self, OpenOptions};
 use std::io::{self, Read, Write};
@@ -15,6 +19,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use nats_fs::manifest::Artifact;
 use sha2::{Digest, Sha256};
 
+use crate::output::is_no_space;
 use crate::stage::{finish_copy, Snapshot};
 
 /// What one sync copied.
@@ -25,6 +30,10 @@ pub(crate) struct Synced {
     /// Entries that could not be synced and did not fail the job (a FIFO a step made, a file
     /// a step made unreadable), with why.
     pub(crate) skipped: Vec<String>,
+    /// Files not copied because they would pass the output quota: path and size.
+    pub(crate) refused: Vec<(String, u64)>,
+    /// The file whose copy found the drive full; syncing stopped there.
+    pub(crate) no_space: Option<String>,
 }
 
 /// A sync failure: writing to `results/` failed, which is a fault of the host or drive.
@@ -48,17 +57,19 @@ fn io_err<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(io::Error) ->
     }
 }
 
-/// Copies what the steps created or modified from `workspace` to `results`.
+/// Copies what the steps created or modified from `workspace` to `results`, at most
+/// `quota_left` bytes of it when given.
 pub(crate) fn sync(
     workspace: &Path,
     results: &Path,
     staged: &Snapshot,
     interrupt: &AtomicBool,
+    quota_left: Option<u64>,
 ) -> Result<Synced, SyncError> {
     let mut synced = Synced::default();
     let root = fs::symlink_metadata(workspace).map_err(io_err("inspecting", workspace))?;
     let mut pending = vec![(PathBuf::new(), root.ino())];
-    while let Some((rel, folder)) = pending.pop() {
+    'walk: while let Some((rel, folder)) = pending.pop() {
         let dir = workspace.join(&rel);
         let entries = match fs::read_dir(&dir) {
             Ok(entries) => entries,
@@ -95,6 +106,11 @@ pub(crate) fn sync(
                 ));
                 continue;
             }
+            let left = quota_left.map(|left| left.saturating_sub(synced.bytes));
+            if file_type.is_file() && left.is_some_and(|left| meta.len() > left) {
+                synced.refused.push((display(&rel_path), meta.len()));
+                continue;
+            }
             let from = entry.path();
             let to = prepare_target(results, &rel_path)?;
             if file_type.is_symlink() {
@@ -108,7 +124,7 @@ pub(crate) fn sync(
                 });
                 continue;
             }
-            match copy_hashed(&from, &to) {
+            match copy_hashed(&from, &to, left.unwrap_or(u64::MAX)) {
                 Ok((size, sha256)) => {
                     synced.bytes += size;
                     synced.artifacts.push(Artifact {
@@ -124,7 +140,18 @@ pub(crate) fn sync(
                         .skipped
                         .push(format!("not synced {}: {e}", display(&rel_path)));
                 }
-                Err(CopyError::Write(e)) => return Err(io_err("writing", &to)(e)),
+                Err(CopyError::TooBig(size)) => {
+                    let _ = fs::remove_file(&to);
+                    synced.refused.push((display(&rel_path), size));
+                }
+                Err(CopyError::Write(e)) => {
+                    let _ = fs::remove_file(&to);
+                    if is_no_space(&e) {
+                        synced.no_space = Some(display(&rel_path));
+                        break 'walk;
+                    }
+                    return Err(io_err("writing", &to)(e));
+                }
             }
         }
     }
@@ -169,10 +196,13 @@ fn prepare_target(results: &Path, rel: &Path) -> Result<PathBuf, SyncError> {
 enum CopyError {
     Read(io::Error),
     Write(io::Error),
+    /// The file grew past `max` while being copied; how far it got.
+    TooBig(u64),
 }
 
 /// Copies one file while hashing it: one pass over the data, memory bounded by the buffer.
-fn copy_hashed(from: &Path, to: &Path) -> Result<(u64, String), CopyError> {
+/// A file longer than `max` bytes is not copied whole ([`CopyError::TooBig`]).
+fn copy_hashed(from: &Path, to: &Path, max: u64) -> Result<(u64, String), CopyError> {
     // Without blocking: a FIFO where a file was listed must not hang the sync.
     let mut source = OpenOptions::new()
         .read(true)
@@ -200,9 +230,12 @@ fn copy_hashed(from: &Path, to: &Path) -> Result<(u64, String), CopyError> {
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(CopyError::Read(e)),
         };
+        size += n as u64;
+        if size > max {
+            return Err(CopyError::TooBig(size));
+        }
         hasher.update(&buf[..n]);
         target.write_all(&buf[..n]).map_err(CopyError::Write)?;
-        size += n as u64;
     }
     finish_copy(&target, &meta).map_err(CopyError::Write)?;
     Ok((size, hex(&hasher.finalize())))
@@ -255,6 +288,7 @@ mod tests {
             results.path(),
             &staged.snapshot,
             &AtomicBool::new(false),
+            None,
         )
         .unwrap();
         let paths: Vec<_> = synced.artifacts.iter().map(|a| a.path.as_str()).collect();
@@ -298,6 +332,7 @@ mod tests {
             results.path(),
             &Snapshot::default(),
             &AtomicBool::new(false),
+            None,
         )
         .unwrap();
         assert!(results.path().join("dist").is_dir());
@@ -305,5 +340,30 @@ mod tests {
             .unwrap()
             .is_symlink());
         assert_eq!(fs::read_dir(outside.path()).unwrap().count(), 0);
+    }
+}
+
+#[cfg(test)]
+mod quota_tests {
+    use super::*;
+
+    #[test]
+    fn a_file_over_the_quota_is_not_copied_and_others_are() {
+        let ws = tempfile::tempdir().unwrap();
+        let results = tempfile::tempdir().unwrap();
+        fs::write(ws.path().join("big.bin"), vec![0u8; 5000]).unwrap();
+        fs::write(ws.path().join("small.txt"), "ok").unwrap();
+        let synced = sync(
+            ws.path(),
+            results.path(),
+            &Snapshot::default(),
+            &AtomicBool::new(false),
+            Some(1000),
+        )
+        .unwrap();
+        assert_eq!(synced.refused, [("big.bin".to_owned(), 5000)]);
+        assert_eq!(synced.artifacts.len(), 1);
+        assert!(!results.path().join("big.bin").exists());
+        assert!(results.path().join("small.txt").exists());
     }
 }

@@ -1,0 +1,106 @@
+//! The job's rlimits, applied to each step's shell between `fork` and `exec`.
+//!
+//! The runner itself keeps the operator's ceilings (the supervisor made them its hard and soft
+//! limits): it needs descriptors, file size and CPU of its own to stage, sync and write the
+//! manifest. Only the steps get the job's values, as *soft* limits: the kernel enforces them
+//! (EAGAIN from `fork`, EMFILE, SIGXFSZ, SIGXCPU) and a job cannot go above the ceiling, which
+//! stays the hard limit. Where there is no ceiling (a standalone `--job`, or a kind the operator
+//! does not limit) the job's value is the hard limit too, so a step cannot simply raise it.
+//! Core dumps are off for every step: a crashing step must not write its memory to the drive.
+
+#![allow(unsafe_code)] // pre_exec, with a SAFETY argument below.
+
+use std::io;
+use std::os::unix::process::CommandExt;
+use std::process::Command;
+
+use nats_fs::limits::{Kind, Limits};
+use nix::sys::resource::{getrlimit, setrlimit, Resource};
+
+/// At most five settings: processes, open files, file size, CPU time and core size.
+const MAX: usize = 5;
+
+/// The rlimits a step gets, worked out before `fork` so that the child only makes system calls.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct StepRlimits {
+    settings: [(Resource, u64, u64); MAX],
+    len: usize,
+}
+
+impl StepRlimits {
+    /// The settings for `granted` under `ceilings` (the operator's, `Limits::default()` when
+    /// standalone), clamped to this process's current hard limits (the kernel refuses more).
+    pub(crate) fn new(granted: &Limits, ceilings: &Limits) -> io::Result<Self> {
+        let mut rlimits = Self {
+            settings: [(Resource::RLIMIT_CORE, 0, 0); MAX],
+            len: 1,
+        };
+        for (kind, resource) in [
+            (Kind::Processes, Resource::RLIMIT_NPROC),
+            (Kind::OpenFiles, Resource::RLIMIT_NOFILE),
+            (Kind::FileSize, Resource::RLIMIT_FSIZE),
+            (Kind::CpuTime, Resource::RLIMIT_CPU),
+        ] {
+            let Some(value) = granted.get(kind) else {
+                continue;
+            };
+            let (_, hard) = getrlimit(resource).map_err(io::Error::from)?;
+            let soft = value.min(hard);
+            // No ceiling: nothing above the job's own value is the operator's to keep.
+            let hard = if ceilings.get(kind).is_none() {
+                soft
+            } else {
+                hard
+            };
+            rlimits.settings[rlimits.len] = (resource, soft, hard);
+            rlimits.len += 1;
+        }
+        Ok(rlimits)
+    }
+
+    /// Makes `command` apply these limits in the child, just before `exec`.
+    pub(crate) fn apply(self, command: &mut Command) {
+        // SAFETY: the closure runs in the forked child, where only async-signal-safe calls are
+        // allowed. It reads a plain array copied into the closure (no allocation, no lock) and
+        // makes only setrlimit(2) system calls; errors become an `io::Error` from the errno,
+        // which allocates nothing.
+        unsafe {
+            command.pre_exec(move || {
+                for &(resource, soft, hard) in &self.settings[..self.len] {
+                    setrlimit(resource, soft, hard).map_err(io::Error::from)?;
+                }
+                Ok(())
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_granted_kinds_are_set_and_never_above_the_hard_limit() {
+        let granted = Limits {
+            open_files: Some(64),
+            cpu_time: Some(u64::MAX - 1),
+            memory: Some(1 << 30),
+            ..Limits::default()
+        };
+        let ceilings = Limits {
+            cpu_time: Some(u64::MAX - 1),
+            ..Limits::default()
+        };
+        let rlimits = StepRlimits::new(&granted, &ceilings).unwrap();
+        let set = &rlimits.settings[..rlimits.len];
+        assert_eq!(set.len(), 3, "{set:?}");
+        assert_eq!(set[0], (Resource::RLIMIT_CORE, 0, 0));
+        // No ceiling for open files: the job's value is the hard limit too.
+        assert_eq!(set[1], (Resource::RLIMIT_NOFILE, 64, 64));
+        let (_, cpu_hard) = getrlimit(Resource::RLIMIT_CPU).unwrap();
+        assert_eq!(
+            set[2],
+            (Resource::RLIMIT_CPU, cpu_hard.min(u64::MAX - 1), cpu_hard)
+        );
+    }
+}
