@@ -29,6 +29,8 @@ struct Proc {
     zombie: bool,
     /// Resident set size, in pages.
     rss_pages: u64,
+    /// Threads (what `RLIMIT_NPROC` counts).
+    threads: u64,
 }
 
 /// Every process visible in `/proc`. One that exits during the scan is simply missed.
@@ -54,14 +56,16 @@ fn parse_stat(pid: i32, stat: &str) -> Option<Proc> {
     let state = fields.next()?;
     let parent = fields.next()?.parse().ok()?;
     let group = fields.next()?.parse().ok()?;
-    // Field 24 of proc(5), counting from 1 with the state as field 3.
-    let rss_pages = fields.nth(18).and_then(|f| f.parse().ok()).unwrap_or(0);
+    // Fields 20 and 24 of proc(5), counting from 1 with the state as field 3.
+    let threads = fields.nth(14).and_then(|f| f.parse().ok()).unwrap_or(1);
+    let rss_pages = fields.nth(3).and_then(|f| f.parse().ok()).unwrap_or(0);
     Some(Proc {
         pid,
         ppid: parent,
         pgrp: group,
         zombie: state == "Z",
         rss_pages,
+        threads,
     })
 }
 
@@ -97,6 +101,8 @@ pub struct Member {
     pub pid: i32,
     /// Its resident memory now, in bytes.
     pub rss_bytes: u64,
+    /// Its threads (at least 1): what `RLIMIT_NPROC` counts.
+    pub threads: u64,
 }
 
 /// The live processes descending from `root` (and `root` itself), from one scan of `/proc`:
@@ -120,6 +126,7 @@ pub fn tree_members(root: Pid) -> Vec<Member> {
             members.push(Member {
                 pid: p.pid,
                 rss_bytes: p.rss_pages * page,
+                threads: p.threads,
             });
         }
     }
@@ -309,6 +316,12 @@ mod tests {
         assert_eq!((p.ppid, p.pgrp, p.zombie), (17, 40, false));
         assert!(parse_stat(42, "42 (sh) Z 1 42 42").unwrap().zombie);
         assert_eq!(parse_stat(1, "garbage"), None);
+        let full = parse_stat(
+            1,
+            "1 (init) S 0 1 1 0 -1 4194560 100 200 0 0 1 2 3 4 20 0 7 0 5 1000 250 18446744073709551615",
+        )
+        .unwrap();
+        assert_eq!((full.threads, full.rss_pages), (7, 250));
     }
 
     #[test]

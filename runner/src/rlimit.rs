@@ -46,11 +46,13 @@ impl StepRlimits {
             };
             let (_, hard) = getrlimit(resource).map_err(io::Error::from)?;
             let soft = value.min(hard);
-            // No ceiling: nothing above the job's own value is the operator's to keep.
-            let hard = if ceilings.get(kind).is_none() {
-                soft
-            } else {
-                hard
+            // No ceiling: nothing above the job's own value is the operator's to keep. For
+            // CPU time the hard limit is a second later: at the hard limit the kernel sends
+            // SIGKILL, and the step should first get SIGXCPU, which says what happened.
+            let hard = match (ceilings.get(kind), kind) {
+                (Some(_), _) => hard,
+                (None, Kind::CpuTime) => soft.saturating_add(1).min(hard),
+                (None, _) => soft,
             };
             rlimits.settings[rlimits.len] = (resource, soft, hard);
             rlimits.len += 1;

@@ -923,11 +923,27 @@ fn failure(finished: &step::Finished, at: &Judging<'_>) -> (String, Reason) {
     let limit_signal = |signal: Signal, kind: Kind| {
         finished.killed_by() == Some(signal as i32) && (own_signal || limits.get(kind).is_some())
     };
-    if limit_signal(Signal::SIGXCPU, Kind::CpuTime) {
+    // At the hard limit the kernel sends SIGKILL instead (when the job's value is the ceiling,
+    // soft and hard are the same): a SIGKILL nobody here sent, after that much CPU time.
+    let cpu_ms = finished.resources.cpu_user_ms + finished.resources.cpu_system_ms;
+    let killed_at_hard_cpu_limit = finished.killed_by() == Some(Signal::SIGKILL as i32)
+        && limits
+            .cpu_time
+            .is_some_and(|secs| cpu_ms + 100 >= secs.saturating_mul(1000));
+    // The shell's own death says it; a shell that exited 128+n gets the signal named.
+    let by = |signal: Signal| {
+        if own_signal {
+            how.clone()
+        } else {
+            format!("{how} (its command was killed by {})", signal.as_str())
+        }
+    };
+    if killed_at_hard_cpu_limit || limit_signal(Signal::SIGXCPU, Kind::CpuTime) {
         return (
             format!(
-                "{label} used more CPU time than limits.cpuTime allows ({}) and was killed by SIGXCPU",
-                show(limits, Kind::CpuTime)
+                "{label} used more CPU time than limits.cpuTime allows ({}) and {}",
+                show(limits, Kind::CpuTime),
+                by(Signal::SIGXCPU)
             ),
             Reason::CpuTime,
         );
@@ -935,8 +951,9 @@ fn failure(finished: &step::Finished, at: &Judging<'_>) -> (String, Reason) {
     if limit_signal(Signal::SIGXFSZ, Kind::FileSize) {
         return (
             format!(
-                "{label} wrote a file larger than limits.fileSize allows ({}) and was killed by SIGXFSZ",
-                show(limits, Kind::FileSize)
+                "{label} wrote a file larger than limits.fileSize allows ({}) and {}",
+                show(limits, Kind::FileSize),
+                by(Signal::SIGXFSZ)
             ),
             Reason::FileSize,
         );

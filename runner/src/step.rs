@@ -101,8 +101,10 @@ pub(crate) struct Finished {
     pub(crate) stuck: usize,
     /// What the step used.
     pub(crate) resources: Resources,
-    /// The most processes of the job (the runner included, as `RLIMIT_NPROC` counts it) seen at
-    /// once, when [`Watched::processes`] asked for them to be counted; 0 otherwise.
+    /// The most processes of the job seen at once, counted as `RLIMIT_NPROC` counts them: every
+    /// thread, the runner's included. Only when [`Watched::processes`] asked for them to be
+    /// counted; 0 otherwise. A lower bound: the poll sees what lives at its moments, and the
+    /// limit counts every process of the uid (standalone, the invoking user's others too).
     pub(crate) peak_processes: u64,
 }
 
@@ -300,11 +302,16 @@ impl Running {
     fn scan(&mut self) {
         let me = getpid();
         let members = reap::tree_members(me);
-        self.peak_processes = self.peak_processes.max(members.len() as u64);
+        self.count_threads(&members);
         for member in members.iter().filter(|m| m.pid != me.as_raw()) {
             self.seen.insert(member.pid);
             self.peak_rss = self.peak_rss.max(member.rss_bytes);
         }
+    }
+
+    fn count_threads(&mut self, members: &[reap::Member]) {
+        let threads = members.iter().map(|m| m.threads).sum();
+        self.peak_processes = self.peak_processes.max(threads);
     }
 
     /// SIGTERM to the group, then SIGKILL after the grace period, or at once when `now` (or
@@ -361,11 +368,12 @@ impl Running {
         if !reap::has_children() {
             return (0, 0);
         }
-        let live = reap::live_pids(Some(self.group));
         if self.watched.processes {
-            // The runner itself counts against RLIMIT_NPROC too.
-            self.peak_processes = self.peak_processes.max(live.len() as u64 + 1);
+            // What is left of a step that failed to fork is still there: the count that
+            // tells whether the process limit was the cause.
+            self.count_threads(&reap::tree_members(getpid()));
         }
+        let live = reap::live_pids(Some(self.group));
         self.seen.extend(&live);
         let leftovers = if *ending == Ending::Exited {
             live.len()

@@ -27,3 +27,9 @@ mod operability;
 /// Reliability under faults: crashes, restarts, drains, competition, host faults, lost acks
 /// and leases, a clustered server, dead letters.
 mod faults;
+
+/// Containment: process and memory limits, disk room, OOM scores, rlimits, the timeout ceiling.
+mod containment;
+
+/// Job limits enforced by the runner: output quota, idle timeout, rlimits, a full drive, resources.
+mod limits;

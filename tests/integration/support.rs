@@ -724,6 +724,16 @@ impl Jobs {
         }
     }
 
+    /// A jobs folder inside `parent` (a drive of the test's choosing, such as a small tmpfs).
+    pub fn new_in(parent: &Path) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("nats-fs-test.")
+            .tempdir_in(parent)
+            .expect("temp dir");
+        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).expect("chmod");
+        Self { dir }
+    }
+
     pub fn path(&self) -> &Path {
         self.dir.path()
     }
