@@ -19,8 +19,10 @@
 #  5. boots the container (systemd is pid 1 inside; driven with `nsenter -t <its pid> -a`);
 #  6. installs the package in it, configures /etc/default/nats-fs-supervisor and a drop-in that
 #     makes /srv/jobs writable;
-#  7. checks through systemd: (a) start → active and ready; (b) a job runs as a pool user with
-#     no_new_privs and no capability; (c) `systemctl stop` drains a running job and exits 0;
+#  7. checks through systemd: (a) start → active and ready, and `systemd-analyze security` no
+#     worse than documented; (b) a job runs as a pool user with no_new_privs, no capability,
+#     oom_score_adj 1000 (the supervisor below 0), the packaged process limit and no core
+#     dumps, under OOMPolicy=continue and TasksMax=8192; (c) `systemctl stop` drains a running job and exits 0;
 #     (d) kill -9 of the supervisor → restarted, the job redelivered and finished on attempt 2;
 #     (e) a bad setting → failed with exit status 2, named in the journal, not restarted in a
 #     loop; (f) an upgrade whose packaged settings file changed keeps the edited one and the
@@ -648,9 +650,9 @@ awk -v e="$exposure" 'BEGIN { exit !(e <= 3.7) }' ||
 say "systemd-analyze security: exposure $exposure"
 
 # ---- 7b. a job ----------------------------------------------------------------------------
-phase "b. job as a pool user, no privileges"
+phase "b. job as a pool user, no privileges, first in line for the OOM killer"
 make_job ok <<'EOF'
-{"steps": ["id -un; id -u; cat /proc/self/status | grep -E 'NoNewPrivs|CapEff'"]}
+{"steps": ["id -un; id -u; cat /proc/self/status | grep -E 'NoNewPrivs|CapEff'; echo oom $(cat /proc/self/oom_score_adj); echo nproc $(ulimit -u); echo core $(ulimit -c)"]}
 EOF
 submit_job ok
 wait_result ok 30
@@ -662,8 +664,16 @@ uid=$(sed -n 2p <<<"$log")
 [[ $uid != 0 && $uid == "$(inside id -u "$user")" ]] || fail_unit "the step ran with uid '$uid' ($user): $log"
 [[ $(awk '$1 == "NoNewPrivs:" { print $2 }' <<<"$log") == 1 ]] || fail_unit "the step does not have NoNewPrivs 1: $log"
 [[ $(awk '$1 == "CapEff:" { print $2 }' <<<"$log") == 0000000000000000 ]] || fail_unit "the step has capabilities: $log"
+# The packaged limits: oom_score_adj 1000 for jobs, NATS_FS_MAX_PROCESSES=1024, no core dumps.
+[[ $(awk '$1 == "oom" { print $2 }' <<<"$log") == 1000 ]] || fail_unit "the step's oom_score_adj is not 1000: $log"
+[[ $(awk '$1 == "nproc" { print $2 }' <<<"$log") == 1024 ]] || fail_unit "the step's process limit is not 1024: $log"
+[[ $(awk '$1 == "core" { print $2 }' <<<"$log") == 0 ]] || fail_unit "the step may dump core: $log"
+supervisor_oom=$(inside cat "/proc/$(unit_prop MainPID)/oom_score_adj")
+[[ $supervisor_oom -lt 0 ]] || fail_unit "the supervisor's oom_score_adj is $supervisor_oom, not below 0"
+[[ $(unit_prop OOMPolicy) == continue ]] || fail_unit "OOMPolicy is $(unit_prop OOMPolicy), not continue"
+[[ $(unit_prop TasksMax) == 8192 ]] || fail_unit "TasksMax is $(unit_prop TasksMax), not 8192"
 results_owned_by_job_owner ok
-say "ran as $user (uid $uid), NoNewPrivs 1, CapEff 0; results/ belongs to uid $JOB_OWNER"
+say "ran as $user (uid $uid), NoNewPrivs 1, CapEff 0, oom_score_adj 1000 (supervisor $supervisor_oom), nproc 1024, no core; results/ belongs to uid $JOB_OWNER"
 
 # ---- 7c. drain ----------------------------------------------------------------------------
 phase "c. stop drains a running job"
