@@ -380,3 +380,35 @@ async fn a_job_that_fills_the_drive_fails_once_and_the_next_job_gets_its_result(
     nats.no_more_results(Duration::from_secs(2)).await;
     drop(supervisor);
 }
+
+#[tokio::test]
+async fn a_memory_limit_the_supervisor_reports_ends_the_job_with_its_artifacts() {
+    let mut s = setup(&[]).await;
+    s.jobs.add(
+        "hog",
+        &json!({"steps": ["echo kept > kept.txt",
+                          "x=$(head -c 100M /dev/zero | tr '\\0' a); echo held; sleep 30",
+                          "echo never"],
+                "limits": {"memory": "50MiB"}}),
+    );
+    let began = Instant::now();
+    s.nats.submit_id("hog").await;
+    let received = s.nats.result_within(Duration::from_secs(30)).await;
+    assert_eq!(received.result.status, Status::Failed, "{:?}", received.raw);
+    assert_eq!(received.result.reason, Some(Reason::Memory));
+    assert!(
+        began.elapsed() < Duration::from_secs(20),
+        "the sleep was not cut short"
+    );
+    // The runner ended it (not the supervisor's fallback): steps, artifacts and the manifest.
+    let manifest = s.jobs.manifest("hog");
+    assert_eq!(manifest.reason, Some(Reason::Memory));
+    let statuses: Vec<_> = manifest.steps.iter().map(|step| step.status).collect();
+    assert_eq!(
+        statuses,
+        [StepStatus::Success, StepStatus::Failed, StepStatus::Skipped]
+    );
+    let paths: Vec<_> = manifest.artifacts.iter().map(|a| a.path.as_str()).collect();
+    assert_eq!(paths, ["kept.txt"]);
+    assert!(manifest.error.is_some_and(|e| !e.is_empty()));
+}
