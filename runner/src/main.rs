@@ -55,6 +55,7 @@ use clap::Parser;
 use nats_fs::folder::JobFolder;
 use nats_fs::generate::Generate;
 use nats_fs::job::{parse_default_timeout, parse_duration, steps_from_value, JobId, Step};
+use nats_fs::manifest::Reason;
 use nats_fs::protocol::{CancelMode, StartJob, ToRunner, PROTOCOL_VERSION};
 use nats_fs::ResultMessage;
 use tokio::signal::unix::{signal, Signal, SignalKind};
@@ -490,8 +491,12 @@ fn print_result(id: &JobId, outcome: &Outcome) {
             reason: *reason,
             ..ResultMessage::error(id.as_str(), error.clone().unwrap_or_default())
         },
-        Outcome::Aborted { reason } => ResultMessage::error(id.as_str(), reason.clone()),
-        Outcome::Fault { error } => ResultMessage::error(id.as_str(), error.clone()),
+        Outcome::Aborted { reason } => {
+            ResultMessage::error(id.as_str(), reason.clone()).because(Reason::Cancelled)
+        }
+        Outcome::Fault { error } => {
+            ResultMessage::error(id.as_str(), error.clone()).because(Reason::Host)
+        }
     };
     match serde_json::to_string(&message) {
         Ok(line) => println!("{line}"),

@@ -34,9 +34,11 @@ impl Report for Human {
     fn event(&mut self, event: &FromRunner) {
         match event {
             FromRunner::Loaded {
-                timeout_ms, steps, ..
+                timeout_ms,
+                steps,
+                limits,
             } => info!(
-                "{} step(s), timeout {}",
+                "{} step(s), timeout {}, limits: {limits}",
                 steps.len(),
                 humantime::format_duration(std::time::Duration::from_millis(*timeout_ms))
             ),
@@ -67,8 +69,14 @@ impl Report for Human {
                 duration_ms,
             } => info!("synced {files} artifacts ({bytes} bytes) in {duration_ms} ms"),
             FromRunner::Warning { message } => warn!("{message}"),
-            FromRunner::Finished { status, error, .. } => {
-                info!(%status, error = error.as_deref(), "job finished");
+            FromRunner::Finished {
+                status,
+                error,
+                reason,
+                ..
+            } => {
+                let reason = reason.map(nats_fs::manifest::Reason::as_str);
+                info!(%status, reason, error = error.as_deref(), "job finished");
             }
             FromRunner::Aborted { reason } => warn!("job aborted: {reason}"),
             FromRunner::Fault { error } => warn!("job could not run: {error}"),

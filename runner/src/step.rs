@@ -9,7 +9,7 @@
 //!
 //! While the step runs, and only when a limit needs it, a poll looks at the log's size (one
 //! `fstat`) — for `idleTimeout` (the log stopped growing) and `limits.output` (it grew past what
-//! is left of the quota) — and at the job's processes (one `/proc` scan), for
+//! is left of the quota) — and, every [`SCAN`], at the job's processes (one `/proc` scan), for
 //! `limits.processes` and for accounting. A step with none of these is not polled at all.
 //!
 //! Ending a step: when the shell exits, everything else the step started is killed (SIGKILL)
@@ -34,7 +34,7 @@ use nats_fs::reap;
 use nix::sys::signal::{killpg, Signal as Sig};
 use nix::unistd::{getpid, Pid};
 use tokio::signal::unix::{signal, Signal, SignalKind};
-use tokio::time::{interval, sleep, sleep_until, Instant, Interval, MissedTickBehavior};
+use tokio::time::{interval_at, sleep, sleep_until, Instant, Interval, MissedTickBehavior};
 
 use crate::control::{Stop, StopWatch};
 use crate::rlimit::StepRlimits;
@@ -42,13 +42,15 @@ use crate::usage::{self, Usage};
 
 /// How long to keep killing leftovers that refuse to die (stuck in the kernel) before giving up.
 const SWEEP_TIMEOUT: Duration = Duration::from_secs(5);
-/// How often the log is looked at for an idle timeout or the process count.
-const POLL: Duration = Duration::from_millis(100);
+/// How often the log is looked at for an idle timeout.
+const POLL_IDLE: Duration = Duration::from_millis(100);
 /// How often it is looked at under an output quota: a step printing fast passes the quota by
 /// at most what it writes in this time before it is killed (and the log is cut back anyway).
 const POLL_OUTPUT: Duration = Duration::from_millis(50);
-/// How often the processes are counted for accounting alone, when the poll runs anyway.
-const SCAN_FOR_ACCOUNTING: Duration = Duration::from_millis(500);
+/// How often the job's processes are counted (a `/proc` scan, a few milliseconds on a busy
+/// host), for `limits.processes` and accounting. The count that matters most for the limit is
+/// taken anyway when a step ends with processes left; a step shorter than this is not scanned.
+const SCAN: Duration = Duration::from_millis(500);
 
 /// What ended a step.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -72,7 +74,7 @@ pub(crate) struct Watched {
     pub(crate) idle: Option<Duration>,
     /// Kill the step at once when its log grows past this many bytes.
     pub(crate) log_quota: Option<u64>,
-    /// Count the job's processes on every poll (`limits.processes`).
+    /// Count the job's processes every [`SCAN`] (`limits.processes`).
     pub(crate) processes: bool,
 }
 
@@ -84,8 +86,10 @@ impl Watched {
     fn interval(&self) -> Duration {
         if self.log_quota.is_some() {
             POLL_OUTPUT
+        } else if self.idle.is_some() {
+            POLL_IDLE
         } else {
-            POLL
+            SCAN
         }
     }
 }
@@ -216,7 +220,7 @@ enum Event {
 struct LogState {
     size: u64,
     grew_at: Instant,
-    scanned_at: Option<Instant>,
+    scanned_at: Instant,
 }
 
 impl Running {
@@ -228,15 +232,18 @@ impl Running {
     /// Waits for the step to end, enforcing its deadline, its watched limits and stop
     /// requests, then kills and reaps everything the step left behind.
     pub(crate) async fn wait(mut self, stop: &mut StopWatch) -> io::Result<Finished> {
+        let started = Instant::now();
         let mut poll = (!self.watched.is_empty()).then(|| {
-            let mut poll = interval(self.watched.interval());
+            // The first look one period in: a step that ends sooner costs nothing.
+            let period = self.watched.interval();
+            let mut poll = interval_at(started + period, period);
             poll.set_missed_tick_behavior(MissedTickBehavior::Delay);
             poll
         });
         let mut state = LogState {
             size: 0,
-            grew_at: Instant::now(),
-            scanned_at: None,
+            grew_at: started,
+            scanned_at: started,
         };
         let ending = loop {
             let event = tokio::select! {
@@ -271,12 +278,8 @@ impl Running {
     /// One look at the log and, when due, the processes; the ending, if a limit was passed.
     fn look(&mut self, state: &mut LogState) -> Option<Ending> {
         let now = Instant::now();
-        let scan_due = self.watched.processes
-            || state
-                .scanned_at
-                .is_none_or(|at| now.duration_since(at) >= SCAN_FOR_ACCOUNTING);
-        if scan_due {
-            state.scanned_at = Some(now);
+        if now.duration_since(state.scanned_at) >= SCAN {
+            state.scanned_at = now;
             self.scan();
         }
         let size = self.log.as_ref()?.metadata().map(|m| m.len()).ok()?;
