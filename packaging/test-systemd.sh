@@ -669,7 +669,14 @@ uid=$(sed -n 2p <<<"$log")
 [[ $(awk '$1 == "nproc" { print $2 }' <<<"$log") == 1024 ]] || fail_unit "the step's process limit is not 1024: $log"
 [[ $(awk '$1 == "core" { print $2 }' <<<"$log") == 0 ]] || fail_unit "the step may dump core: $log"
 supervisor_oom=$(inside cat "/proc/$(unit_prop MainPID)/oom_score_adj")
-[[ $supervisor_oom -lt 0 ]] || fail_unit "the supervisor's oom_score_adj is $supervisor_oom, not below 0"
+# Lowering an OOM score needs CAP_SYS_RESOURCE, which the container has only if this machine
+# does (some sandboxes take it away even from root).
+host_caps=$(awk '$1 == "CapBnd:" { print $2 }' /proc/self/status)
+if (( (0x$host_caps >> 24) & 1 )); then
+    [[ $supervisor_oom -lt 0 ]] || fail_unit "the supervisor's oom_score_adj is $supervisor_oom, not below 0"
+else
+    say "NOTE: this machine has no CAP_SYS_RESOURCE, so the supervisor keeps oom_score_adj $supervisor_oom; not checked"
+fi
 [[ $(unit_prop OOMPolicy) == continue ]] || fail_unit "OOMPolicy is $(unit_prop OOMPolicy), not continue"
 [[ $(unit_prop TasksMax) == 8192 ]] || fail_unit "TasksMax is $(unit_prop TasksMax), not 8192"
 results_owned_by_job_owner ok
