@@ -10,8 +10,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::SystemTime;
 
 use bytes::Bytes;
-use nats_fs::manifest::StepStatus;
-use nats_fs::Status;
+use nats_fs::manifest::{Reason, ResultMessage, StepStatus};
 use serde::Serialize;
 use tokio::sync::mpsc;
 
@@ -42,6 +41,8 @@ struct Published<'a> {
     status: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     exit_code: Option<i32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reason: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     duration_ms: Option<u64>,
 }
@@ -104,17 +105,12 @@ impl Events {
 
     /// Delivery `seq` (attempt `attempt`) of job `id` ended with a final status (its result is
     /// being published).
-    pub fn finished(
-        &self,
-        (id, seq, attempt): (&str, u64, u64),
-        status: Status,
-        exit_code: i32,
-        duration_ms: Option<u64>,
-    ) {
+    pub fn finished(&self, (id, seq, attempt): (&str, u64, u64), result: &ResultMessage) {
         self.publish(&Published {
-            status: Some(status.as_str()),
-            exit_code: Some(exit_code),
-            duration_ms,
+            status: Some(result.status.as_str()),
+            exit_code: Some(result.exit_code),
+            reason: result.reason.map(Reason::as_str),
+            duration_ms: result.duration_ms,
             ..Published::new("finished", id, seq, attempt)
         });
     }
@@ -286,6 +282,7 @@ impl<'a> Published<'a> {
             name: None,
             status: None,
             exit_code: None,
+            reason: None,
             duration_ms: None,
         }
     }
@@ -313,7 +310,10 @@ mod tests {
         job.started();
         job.step_started(0, Some("build"));
         job.step_finished(0, Some("build"), StepStatus::Success, Some(0), 5);
-        events.finished(("j1", 7, 1), Status::Success, 0, Some(9));
+        events.finished(
+            ("j1", 7, 1),
+            &ResultMessage::error("j1", "no folder").because(Reason::Host),
+        );
         assert_eq!(metrics.events_dropped(), 2);
         let (subject, payload) = pending.try_recv().unwrap();
         assert_eq!(subject, "jobs.status.j1");

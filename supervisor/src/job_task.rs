@@ -515,19 +515,14 @@ async fn carry_out(
             ack,
             dead_letter: reason,
         } => {
-            ctx.events.finished(
-                (id.as_str(), seq, delivered),
-                result.status,
-                result.exit_code,
-                result.duration_ms,
-            );
+            ctx.events.finished((id.as_str(), seq, delivered), &result);
             ctx.metrics
                 .finished(result.status, result.duration_ms.map(Duration::from_millis));
             let level_ok = matches!(result.status, Status::Success);
             if level_ok {
                 info!(status = %result.status, exit_code = result.exit_code, "job finished");
             } else {
-                warn!(status = %result.status, exit_code = result.exit_code, error = result.error.as_deref(), "job finished");
+                warn!(status = %result.status, exit_code = result.exit_code, reason = result.reason.map(nats_fs::manifest::Reason::as_str), error = result.error.as_deref(), "job finished");
             }
             if !publish_result(ctx, id, seq, &result).await {
                 warn!("the result could not be published before shutdown; the job will be redelivered and its result republished");

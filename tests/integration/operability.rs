@@ -168,6 +168,7 @@ async fn a_controller_follows_a_job_on_its_status_subject() {
     assert!(got[4]["durationMs"].as_u64().is_some());
     assert_eq!(got[5]["status"], "success");
     assert_eq!(got[5]["exitCode"], 0);
+    assert!(got[5].get("reason").is_none(), "{}", got[5]);
 
     let mut events = nats.client.subscribe("jobs.status.fails").await.unwrap();
     nats.client.flush().await.unwrap();
@@ -182,6 +183,7 @@ async fn a_controller_follows_a_job_on_its_status_subject() {
     assert_eq!(got[2]["exitCode"], 3);
     assert_eq!(got[3]["status"], "failed");
     assert_eq!(got[3]["exitCode"], 3);
+    assert_eq!(got[3]["reason"], "exit");
 
     let mut events = nats
         .client
@@ -207,6 +209,7 @@ async fn a_controller_follows_a_job_on_its_status_subject() {
     assert_eq!(got[2]["status"], "cancelled");
     assert_eq!(got[3]["status"], "cancelled");
     assert_eq!(got[3]["exitCode"], 130);
+    assert_eq!(got[3]["reason"], "cancelled");
 }
 
 /// Every answer to `subject` within `wait` (several services may answer one request).
