@@ -40,7 +40,7 @@ for bin in nats-fs-supervisor nats-fs-runner; do
     COMPLETIONS+=(/usr/share/bash-completion/completions/$bin /usr/share/zsh/vendor-completions/_$bin
         /usr/share/fish/vendor_completions.d/$bin.fish)
 done
-# `systemd-analyze security` exposure ×10 (the unit scores 3.7 today): fails if hardening is lost.
+# `systemd-analyze security` exposure ×10 (the unit scores 3.8 today): fails if hardening is lost.
 EXPOSURE_MAX=45
 
 say() { printf 'test-deb: %s\n' "$*" >&2; }
