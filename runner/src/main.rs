@@ -11,8 +11,9 @@
 //! Its first instructions make it a child subreaper, so every process a step starts — even one
 //! that double-forks or calls `setsid` — stays below it and can be killed and reaped when the
 //! step ends; make it non-dumpable, so the job's own steps (same user) can neither ptrace it nor
-//! read its memory, environment or descriptors through `/proc`; and mark every inherited
-//! descriptor close-on-exec, so a step gets exactly stdin, stdout and stderr.
+//! read its memory, environment or descriptors through `/proc`; turn core dumps off for itself
+//! and its steps; and mark every inherited descriptor close-on-exec, so a step gets exactly
+//! stdin, stdout and stderr.
 //!
 //! The job's limits (`limits` in `job.json`, within the operator's ceilings) apply to the steps
 //! only: the runner keeps the supervisor's ceilings for itself, and ignores SIGXFSZ and
@@ -136,6 +137,10 @@ fn main() -> ExitCode {
     }
     if let Err(e) = nix::sys::prctl::set_dumpable(false) {
         eprintln!("nats-fs-runner: cannot make itself non-dumpable: {e}");
+        return ExitCode::from(EXIT_USAGE);
+    }
+    if let Err(e) = rlimit::disable_core_dumps() {
+        eprintln!("nats-fs-runner: cannot turn core dumps off: {e}");
         return ExitCode::from(EXIT_USAGE);
     }
     nats_fs::fds::close_on_exec_inherited();
