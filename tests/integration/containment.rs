@@ -16,7 +16,7 @@ use serde_json::json;
 
 use crate::support::{
     bin, eventually, is_root, open_dir, processes_of_uids, run_with_timeout, setup, skip, uid_pool,
-    Jobs, Nats, Server, Setup, Supervisor, SOON,
+    Jobs, Nats, Server, Setup, Supervisor, Tmpfs, SOON,
 };
 
 /// The real uid of a live process.
@@ -226,39 +226,6 @@ async fn many_small_processes_over_the_memory_limit_together_end_the_job() {
     );
 }
 
-/// A small tmpfs, unmounted when dropped (even when the test fails).
-struct Tmpfs {
-    path: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl Tmpfs {
-    fn mount(size: &str) -> Option<Self> {
-        let dir = open_dir(true);
-        let path = dir.path().join("drive");
-        fs::create_dir(&path).unwrap();
-        let output = run_with_timeout(
-            Command::new("mount")
-                .args([
-                    "-t",
-                    "tmpfs",
-                    "-o",
-                    &format!("size={size},mode=0755"),
-                    "tmpfs",
-                ])
-                .arg(&path),
-            SOON,
-        );
-        output.status.success().then_some(Self { path, _dir: dir })
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.path).status();
-    }
-}
-
 #[tokio::test]
 async fn a_host_without_room_hands_the_job_to_one_with_room() {
     if !is_root() {
@@ -277,7 +244,7 @@ async fn a_host_without_room_hands_the_job_to_one_with_room() {
     fs::write(folder.join("input.bin"), vec![7u8; 6 << 20]).unwrap();
     let mut nats = Nats::connect(&server.url).await;
     let limits = ["--min-free-space", "1MiB", "--max-deliver", "10"];
-    let workspaces = drive.path.join("workspaces");
+    let workspaces = drive.path().join("workspaces");
     let mut small = Supervisor::start(
         &server.url,
         jobs.path(),

@@ -4,15 +4,14 @@
 //! the resources each step reports.
 
 use std::fs;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 use std::time::{Duration, Instant};
 
 use nats_fs::manifest::{Reason, StepStatus};
 use nats_fs::{Manifest, Status};
 use serde_json::{json, Value};
 
-use crate::support::{bin, is_root, run_with_timeout, setup, skip, Jobs, Nats, Server, Supervisor};
+use crate::support::{is_root, run_runner, setup, skip, Jobs, Nats, Server, Supervisor, Tmpfs};
 
 /// The line the runner ends a log with when the output quota stopped its step (1 MiB here).
 const QUOTA_MARKER: &str = "[nats-fs] output limit of 1.0 MiB reached: the step was stopped\n";
@@ -23,25 +22,9 @@ const FULL_MARKER: &str =
 /// Runs `nats-fs-runner --job` on `{jobs}/{id}`; its output, its result message, and how long
 /// it took.
 fn run(jobs: &Jobs, id: &str) -> (Output, Value, Duration) {
-    let workspaces = tempfile::tempdir().expect("temp dir");
     let began = Instant::now();
-    let output = run_with_timeout(
-        Command::new(bin("nats-fs-runner"))
-            .arg("--job")
-            .arg(jobs.path().join(id))
-            .arg("--workspaces-dir")
-            .arg(workspaces.path())
-            .args(["--kill-grace", "1s"]),
-        Duration::from_secs(60),
-    );
-    let took = began.elapsed();
-    let result: Value = serde_json::from_slice(&output.stdout).unwrap_or_else(|e| {
-        panic!(
-            "the runner printed no result ({e}); stderr:\n{}",
-            String::from_utf8_lossy(&output.stderr)
-        )
-    });
-    (output, result, took)
+    let (output, result) = run_runner(jobs, id, &[]);
+    (output, result, began.elapsed())
 }
 
 /// A job that runs `steps` with `limits`, run standalone; the result message and manifest.
@@ -282,63 +265,14 @@ async fn a_step_failing_at_the_process_limit_says_so() {
     assert!(error.contains("limits.processes"), "{error}");
 }
 
-/// A small tmpfs, unmounted when dropped.
-struct Tmpfs {
-    dir: tempfile::TempDir,
-}
-
-impl Tmpfs {
-    fn mount(size: &str) -> Self {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let status = Command::new("mount")
-            .args([
-                "-t",
-                "tmpfs",
-                "-o",
-                &format!("size={size},mode=0755"),
-                "tmpfs",
-            ])
-            .arg(dir.path())
-            .status()
-            .expect("running mount");
-        assert!(status.success(), "mounting a tmpfs failed");
-        Self { dir }
-    }
-
-    fn path(&self) -> &Path {
-        self.dir.path()
-    }
-
-    /// Fills what is left of it with a file of root's; returns the file.
-    fn fill(&self) -> PathBuf {
-        let filler = self.path().join("filler");
-        // `head` stops at ENOSPC, which is the point.
-        let _ = Command::new("sh")
-            .arg("-c")
-            .arg(format!(
-                "head -c 64M /dev/zero > {} 2>/dev/null",
-                filler.display()
-            ))
-            .status();
-        filler
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount")
-            .arg("-l")
-            .arg(self.dir.path())
-            .status();
-    }
-}
-
 #[tokio::test]
 async fn a_job_that_fills_the_drive_fails_once_and_the_next_job_gets_its_result() {
     if !is_root() {
         return skip("mounting a tmpfs needs root");
     }
-    let drive = Tmpfs::mount("8m");
+    let Some(drive) = Tmpfs::mount("8m") else {
+        return skip("mount -t tmpfs is not allowed here");
+    };
     let server = Server::start(&[]);
     let jobs = Jobs::new_in(drive.path());
     let supervisor = Supervisor::start(&server.url, jobs.path(), &["--min-free-space", "0"], &[]);

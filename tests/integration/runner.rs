@@ -13,34 +13,13 @@ use nix::unistd::Pid;
 use serde_json::{json, Value};
 
 use crate::support::{
-    bin, eventually, no_process_with, processes_with, run_with_timeout, sleeper, Jobs, SOON,
+    bin, eventually, no_process_with, processes_with, run_runner, run_with_timeout, sleeper, Jobs,
+    SOON,
 };
 
 /// Runs `nats-fs-runner --job` on `{jobs}/{id}` and returns its output and result message.
 fn run(jobs: &Jobs, id: &str, extra: &[&str]) -> (Output, Value) {
-    let workspaces = tempfile::tempdir().expect("temp dir");
-    let output = run_with_timeout(
-        Command::new(bin("nats-fs-runner"))
-            .arg("--job")
-            .arg(jobs.path().join(id))
-            .arg("--workspaces-dir")
-            .arg(workspaces.path())
-            .args(["--kill-grace", "1s"])
-            .args(extra),
-        Duration::from_secs(120),
-    );
-    let result: Value = serde_json::from_slice(&output.stdout).unwrap_or_else(|e| {
-        panic!(
-            "the runner printed no result ({e}); stderr:\n{}",
-            String::from_utf8_lossy(&output.stderr)
-        )
-    });
-    assert_eq!(
-        fs::read_dir(workspaces.path()).expect("workspaces").count(),
-        0,
-        "the workspace was not removed"
-    );
-    (output, result)
+    run_runner(jobs, id, extra)
 }
 
 #[test]

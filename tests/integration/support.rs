@@ -928,3 +928,83 @@ impl Nats {
         }
     }
 }
+
+/// Runs `nats-fs-runner --job` on `{jobs}/{id}` with `extra` arguments, in a workspaces folder
+/// of its own that it must leave empty; its output and result message.
+pub fn run_runner(jobs: &Jobs, id: &str, extra: &[&str]) -> (Output, Value) {
+    let workspaces = tempfile::tempdir().expect("temp dir");
+    let output = run_with_timeout(
+        Command::new(bin("nats-fs-runner"))
+            .arg("--job")
+            .arg(jobs.path().join(id))
+            .arg("--workspaces-dir")
+            .arg(workspaces.path())
+            .args(["--kill-grace", "1s"])
+            .args(extra),
+        Duration::from_secs(120),
+    );
+    let result: Value = serde_json::from_slice(&output.stdout).unwrap_or_else(|e| {
+        panic!(
+            "the runner printed no result ({e}); stderr:\n{}",
+            String::from_utf8_lossy(&output.stderr)
+        )
+    });
+    assert_eq!(
+        fs::read_dir(workspaces.path()).expect("workspaces").count(),
+        0,
+        "the workspace was not removed"
+    );
+    (output, result)
+}
+
+/// A small tmpfs (a drive that fills up), unmounted when dropped, even when the test fails.
+pub struct Tmpfs {
+    path: PathBuf,
+    _dir: TempDir,
+}
+
+impl Tmpfs {
+    /// Mounts one of `size` (`"4m"`); `None` where mounting is not allowed (not root).
+    pub fn mount(size: &str) -> Option<Self> {
+        let dir = open_dir(true);
+        let path = dir.path().join("drive");
+        fs::create_dir(&path).unwrap();
+        let output = run_with_timeout(
+            Command::new("mount")
+                .args([
+                    "-t",
+                    "tmpfs",
+                    "-o",
+                    &format!("size={size},mode=0755"),
+                    "tmpfs",
+                ])
+                .arg(&path),
+            SOON,
+        );
+        output.status.success().then_some(Self { path, _dir: dir })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Fills what is left of it with a file of the test's own; returns the file.
+    pub fn fill(&self) -> PathBuf {
+        let filler = self.path.join("filler");
+        // `head` stops at ENOSPC, which is the point.
+        let _ = Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "head -c 64M /dev/zero > {} 2>/dev/null",
+                filler.display()
+            ))
+            .status();
+        filler
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.path).status();
+    }
+}
