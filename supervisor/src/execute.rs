@@ -38,12 +38,12 @@ use tokio::time::{sleep_until, Instant};
 use tracing::{debug, info, warn};
 
 use crate::config::Settings;
+use crate::contain::{Containment, Exceeded};
 use crate::events::JobEvents;
 use crate::identity::{Held, Identities, Identity, Pool};
-use crate::memory::{self, MemoryWatch};
 use crate::reaper::{Exit, Reaper};
 use crate::results;
-use crate::spawn::{kill_all_as, spawn_runner, RunnerLimits};
+use crate::spawn::{kill_all_as, spawn_runner};
 use crate::until;
 
 /// How many of the runner's last stderr lines are kept to explain a crash.
@@ -381,7 +381,7 @@ struct Talk {
     /// The job's timeout, as the runner reported it (or the default).
     timeout: Duration,
     /// The limits the job runs under: the ceilings until the runner reports the job's own,
-    /// and never a memory limit above the ceiling.
+    /// then what [`Containment::granted`] lets hold of them.
     limits: Limits,
     /// The steps, as the runner reported them.
     steps: Vec<StepInfo>,
@@ -422,7 +422,8 @@ async fn converse(
     );
     let keep = [folder.dir.as_raw_fd(), folder.results.as_raw_fd()];
     let switch = env.identities.pool().switch;
-    let rlimits = RunnerLimits::new(&settings.ceilings);
+    let mut contain = Containment::new(settings.ceilings);
+    let rlimits = contain.for_runner();
     let started = env.reaper.spawn(|| {
         spawn_runner(&settings.runner, identity, switch, keep, rlimits)
             .map(|spawned| (spawned.pid, spawned))
@@ -439,6 +440,7 @@ async fn converse(
     };
     let pid = spawned.pid;
     debug!(pid = pid.as_raw(), identity = %identity.describe(), "runner started");
+    contain.started(pid);
     let mut stdin = Some(spawned.stdin);
     // Never logged: the start message carries the values of --pass-env variables.
     if let Err(e) = send(&mut stdin, &start_message(job, keep, exclusive)).await {
@@ -449,11 +451,6 @@ async fn converse(
     let (mut events_open, mut errors_open, mut control_open) = (true, true, true);
     let mut deadlines = Deadlines::new(talk.started, talk.timeout, settings.kill_grace);
     let mut pipes_by: Option<Instant> = None;
-    // Only a job with a memory limit is sampled at all.
-    let mut watch = talk
-        .limits
-        .memory
-        .map(|limit| MemoryWatch::start(pid, limit));
     // Set once the runner has been sent SIGKILL: its exit is all that is left to wait for.
     let mut killed = false;
     loop {
@@ -466,9 +463,7 @@ async fn converse(
                 Ok(Some(line)) => {
                     if talk.event(&line) {
                         deadlines.set_timeout(talk.started, talk.timeout);
-                        if talk.limits.memory != watch.as_ref().map(MemoryWatch::limit) {
-                            watch = talk.limits.memory.map(|limit| MemoryWatch::start(pid, limit));
-                        }
+                        talk.limits = contain.granted(&talk.limits);
                     }
                 }
                 Ok(None) | Err(_) => events_open = false,
@@ -486,9 +481,8 @@ async fn converse(
                 }
                 None => control_open = false,
             },
-            over = memory::over(&mut watch), if running && talk.forced.is_none() => {
-                watch = None;
-                end_over_memory(&over, pid, &mut stdin, &mut deadlines).await;
+            exceeded = contain.exceeded(), if running && talk.forced.is_none() => {
+                end_over_limit(exceeded, &mut stdin, &mut deadlines).await;
             }
             () = sleep_until(deadlines.timeout_at), if running => {
                 if deadlines.timeout_passed(talk.steps_done) {
@@ -517,8 +511,7 @@ async fn converse(
                 }
             }
             exit = &mut exited, if talk.exit.is_none() => {
-                // Its pid may be reused from now on: stop sampling that tree.
-                watch = None;
+                contain.stopped();
                 talk.exit = Some(exit.unwrap_or(Exit::Signal(Signal::SIGKILL as i32)));
                 stdin = None;
                 pipes_by = Some(Instant::now() + PIPES_AFTER_EXIT);
@@ -532,31 +525,21 @@ async fn converse(
     talk
 }
 
-/// The job's processes passed its memory limit: tell the runner to end the job at once, and
-/// give it no grace ([`Deadlines::limit_exceeded`]).
-async fn end_over_memory(
-    over: &memory::Over,
-    pid: Pid,
+/// The job passed a limit watched here: tell the runner to end the job at once, and give it
+/// no grace ([`Deadlines::limit_exceeded`]).
+async fn end_over_limit(
+    exceeded: Exceeded,
     stdin: &mut Option<pipe::Sender>,
     deadlines: &mut Deadlines,
 ) {
-    let error = over.error();
-    warn!(
-        pid = pid.as_raw(),
-        rss_bytes = over.usage.rss_bytes,
-        limit_bytes = over.limit,
-        processes = over.usage.processes,
-        largest_rss_bytes = over.usage.largest_rss_bytes,
-        "{error}; ending the job"
-    );
-    let exceeded = ToRunner::Exceeded {
-        reason: Reason::Memory,
-        error: error.clone(),
+    let message = ToRunner::Exceeded {
+        reason: exceeded.reason,
+        error: exceeded.error.clone(),
     };
-    if let Err(e) = send(stdin, &exceeded).await {
-        debug!("telling the runner the job is over its memory limit: {e}");
+    if let Err(e) = send(stdin, &message).await {
+        debug!("telling the runner the job passed a limit: {e}");
     }
-    deadlines.limit_exceeded(Reason::Memory, error);
+    deadlines.limit_exceeded(exceeded.reason, exceeded.error);
 }
 
 /// The supervisor's own deadlines for a run: the job's timeout, and a stop request's.
@@ -733,8 +716,8 @@ impl Talk {
                 limits,
             } => {
                 debug!(steps = steps.len(), timeout_ms, %limits, "job loaded");
-                let memory = memory::enforced(limits.memory, self.limits.memory);
-                self.limits = Limits { memory, ..*limits };
+                // As reported: `Containment::granted` decides what holds.
+                self.limits = *limits;
                 self.timeout = Duration::from_millis(*timeout_ms);
                 self.steps.clone_from(steps);
                 self.records = vec![None; steps.len()];

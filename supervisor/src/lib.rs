@@ -20,6 +20,8 @@
 //! - `lock`: one run per job id at a time, across hosts (a key-value lease).
 //! - `execute`: one run through a runner: folders, spawn, pipe conversation, deadlines,
 //!   cleanup.
+//! - `contain`: how a job's limits hold: what a runner gets before the privilege drop, and
+//!   the limits watched while it runs (its only caller is `execute`).
 //! - `memory`: the memory watch of a running job (`limits.memory`).
 //! - `results`: `results/` lent to a job's identity and taken back; believable manifests.
 //! - `settle`: the pure decision of how a message is settled.
@@ -36,6 +38,7 @@
 //! - `dry_run`: `--dry-run`.
 
 pub mod config;
+pub mod contain;
 pub mod dry_run;
 pub mod events;
 pub mod execute;

@@ -1,0 +1,170 @@
+//! Containment: how the supervisor makes a job's limits hold, whatever its runner does.
+//!
+//! A run knows containment through one [`Containment`] and three moments: what the runner's
+//! process is given before it drops privileges ([`Containment::for_runner`]), the limits the
+//! job was granted once its runner reports them ([`Containment::granted`]), and a limit that
+//! the job passed ([`Containment::exceeded`]). Which mechanism stands behind them is this
+//! module's business alone.
+//!
+//! Today's: the operator's ceilings as the runner's hard rlimits, `RLIMIT_CORE` 0 and an
+//! `oom_score_adj` of 1000 ([`RunnerLimits`], set between fork and exec), and the job's memory
+//! summed over the runner's process tree a few times a second ([`MemoryWatch`]). A cgroup v2
+//! backend (a delegated subtree: `memory.max`, `pids.max`, `cgroup.kill`) would place the runner
+//! in a cgroup of its own from the same child-side hook and report `memory.events` through
+//! [`Containment::exceeded`], without a change to its callers. It is not here because these
+//! hosts have hybrid cgroups v1, where it could not be tested.
+
+use nats_fs::limits::Limits;
+use nats_fs::manifest::Reason;
+use nix::unistd::Pid;
+use tracing::warn;
+
+use crate::memory::{self, MemoryWatch};
+use crate::spawn::RunnerLimits;
+
+/// A limit the job passed: the job must end now, `failed` with this reason.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Exceeded {
+    pub reason: Reason,
+    /// For people: what was used, and the limit.
+    pub error: String,
+}
+
+/// The containment of one run.
+#[derive(Debug)]
+pub struct Containment {
+    ceilings: Limits,
+    /// The limits in force: the ceilings until the runner reports the job's own.
+    limits: Limits,
+    runner: Option<Pid>,
+    watch: Option<MemoryWatch>,
+}
+
+impl Containment {
+    /// A run under the operator's `ceilings`.
+    pub fn new(ceilings: Limits) -> Self {
+        Self {
+            ceilings,
+            limits: ceilings,
+            runner: None,
+            watch: None,
+        }
+    }
+
+    /// What the runner's process applies to itself before it drops privileges.
+    pub fn for_runner(&self) -> RunnerLimits {
+        RunnerLimits::new(&self.ceilings)
+    }
+
+    /// The runner started as `pid`: from now on its processes are watched (a job without a
+    /// memory limit is not sampled at all).
+    pub fn started(&mut self, pid: Pid) {
+        self.runner = Some(pid);
+        self.watch_memory();
+    }
+
+    /// The runner reported the limits the job was granted. The runner runs as the job's
+    /// identity, so a step can make it say anything: what it reports is believed only where it
+    /// is lower than a ceiling. Returns the limits in force.
+    pub fn granted(&mut self, reported: &Limits) -> Limits {
+        let memory = memory::enforced(reported.memory, self.ceilings.memory);
+        let limits = Limits {
+            memory,
+            ..*reported
+        };
+        let changed = limits.memory != self.limits.memory;
+        self.limits = limits;
+        if changed {
+            self.watch_memory();
+        }
+        limits
+    }
+
+    /// The limits in force.
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    /// The runner has exited: its pid may belong to another process from now on.
+    pub fn stopped(&mut self) {
+        self.runner = None;
+        self.watch = None;
+    }
+
+    /// Resolves, once, when the job passes a limit that is watched here; never otherwise.
+    pub async fn exceeded(&mut self) -> Exceeded {
+        let over = memory::over(&mut self.watch).await;
+        self.watch = None;
+        let error = over.error();
+        warn!(
+            rss_bytes = over.usage.rss_bytes,
+            limit_bytes = over.limit,
+            processes = over.usage.processes,
+            largest_rss_bytes = over.usage.largest_rss_bytes,
+            "{error}; ending the job"
+        );
+        Exceeded {
+            reason: Reason::Memory,
+            error,
+        }
+    }
+
+    fn watch_memory(&mut self) {
+        self.watch = self
+            .runner
+            .zip(self.limits.memory)
+            .map(|(pid, limit)| MemoryWatch::start(pid, limit));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[tokio::test]
+    async fn a_job_over_its_memory_is_reported_and_a_report_cannot_raise_the_ceiling() {
+        let me = nix::unistd::getpid();
+        let ceilings = Limits {
+            memory: Some(u64::MAX / 2),
+            ..Limits::default()
+        };
+        let mut contain = Containment::new(ceilings);
+        contain.started(me);
+        // A runner asking for more gets the ceiling.
+        let asked = Limits {
+            memory: Some(u64::MAX),
+            processes: Some(7),
+            ..Limits::default()
+        };
+        assert_eq!(contain.granted(&asked).memory, Some(u64::MAX / 2));
+        assert_eq!(contain.limits().processes, Some(7));
+        assert!(
+            tokio::time::timeout(memory::SAMPLE_EVERY * 3, contain.exceeded())
+                .await
+                .is_err(),
+            "this test process is not over u64::MAX / 2 bytes"
+        );
+        // One byte: this test process is over it.
+        let lowered = Limits {
+            memory: Some(1),
+            ..Limits::default()
+        };
+        contain.granted(&lowered);
+        let exceeded = tokio::time::timeout(Duration::from_secs(5), contain.exceeded())
+            .await
+            .expect("a report within 5 s");
+        assert_eq!(exceeded.reason, Reason::Memory);
+        assert!(
+            exceeded.error.contains("over its limit of 1 B"),
+            "{exceeded:?}"
+        );
+        // After the runner exits nothing is watched.
+        contain.stopped();
+        assert!(
+            tokio::time::timeout(memory::SAMPLE_EVERY * 2, contain.exceeded())
+                .await
+                .is_err()
+        );
+    }
+}
