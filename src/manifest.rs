@@ -279,11 +279,24 @@ pub struct Artifact {
 }
 
 impl Manifest {
-    /// Writes the manifest to `results_dir/result.json` atomically: a temp file in the same
-    /// folder, then a rename, so readers see the old file or the whole new one, never a part.
+    /// Writes the manifest to `results_dir/result.json` atomically and durably: a temp file in
+    /// the same folder, flushed to the drive, then a rename, then the folder flushed too, so
+    /// readers see the old file or the whole new one, never a part, and once this returns the
+    /// new one survives a crash of the host (a job acked after it finds its manifest again).
     /// Whatever a step may have left at either name (a FIFO, a link, a folder) is removed
     /// first, never opened or written through.
     pub fn write_atomic(&self, results_dir: &Path) -> io::Result<PathBuf> {
+        self.write_atomic_with(results_dir, |_| Ok(()))
+    }
+
+    /// [`Manifest::write_atomic`], calling `prepare` on the written temp file before it is
+    /// flushed and renamed (to give it an owner, say: the manifest then never appears under
+    /// its name without it).
+    pub fn write_atomic_with(
+        &self,
+        results_dir: &Path,
+        prepare: impl FnOnce(&File) -> io::Result<()>,
+    ) -> io::Result<PathBuf> {
         let target = results_dir.join(MANIFEST_FILE);
         let tmp = results_dir.join(format!(".{MANIFEST_FILE}.{}.tmp", std::process::id()));
         let mut bytes = serde_json::to_vec_pretty(self).map_err(io::Error::other)?;
@@ -296,10 +309,15 @@ impl Manifest {
                 .custom_flags(nix::libc::O_NOFOLLOW)
                 .open(&tmp)?;
             file.write_all(&bytes)?;
+            prepare(&file)?;
+            // The contents reach the drive before the name does: a crash after the rename
+            // never leaves an empty result.json behind.
+            file.sync_all()?;
             if fs::symlink_metadata(&target).is_ok_and(|m| m.is_dir()) {
                 crate::tree::remove_entry(&target)?;
             }
-            fs::rename(&tmp, &target)
+            fs::rename(&tmp, &target)?;
+            sync_dir(results_dir)
         })();
         if written.is_err() {
             let _ = fs::remove_file(&tmp);
@@ -336,6 +354,20 @@ impl Manifest {
         let mut bytes = Vec::new();
         File::take(file, MAX_MANIFEST_BYTES).read_to_end(&mut bytes)?;
         serde_json::from_slice(&bytes).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+    }
+}
+
+/// Flushes a folder's entries (a rename into it) to the drive. `results_dir` may be a
+/// `/proc/self/fd/N` path, so the last component is followed; nothing is written through it.
+/// A file system that cannot flush a folder (`EINVAL`) has nothing more to offer: not an error.
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    let folder = OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_DIRECTORY | nix::libc::O_CLOEXEC)
+        .open(dir)?;
+    match folder.sync_all() {
+        Err(e) if e.raw_os_error() == Some(nix::libc::EINVAL) => Ok(()),
+        other => other,
     }
 }
 
@@ -508,6 +540,35 @@ mod tests {
         sample().write_atomic(dir.path()).unwrap();
         assert!(!outside.path().join("victim").exists());
         assert!(!tmp.exists());
+    }
+
+    #[test]
+    fn a_prepared_temp_file_is_flushed_and_renamed_through_a_descriptor_path() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let results = crate::folder::open_dir(nix::fcntl::AT_FDCWD, dir.path()).unwrap();
+        let through = crate::folder::fd_path(&results);
+        let target = dir.path().join(MANIFEST_FILE);
+        let written = sample()
+            .write_atomic_with(&through, |file| {
+                // Before the rename: the name is not there yet, and what is done here shows.
+                assert!(!target.exists());
+                file.set_permissions(fs::Permissions::from_mode(0o600))
+            })
+            .unwrap();
+        assert_eq!(written, through.join(MANIFEST_FILE));
+        assert_eq!(
+            fs::metadata(&target).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        assert_eq!(Manifest::read(dir.path()).unwrap(), Some(sample()));
+        // A failing preparation leaves the old manifest and no temp file.
+        let mut other = sample();
+        other.job_id = "other".into();
+        let failed = other.write_atomic_with(&through, |_| Err(io::Error::other("no")));
+        assert!(failed.is_err());
+        assert_eq!(Manifest::read(dir.path()).unwrap(), Some(sample()));
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
     }
 
     #[test]

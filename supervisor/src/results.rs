@@ -186,22 +186,19 @@ fn remove(dir: &OwnedFd, name: &std::ffi::OsStr, kind: SFlag) -> io::Result<()> 
     }
 }
 
-/// Writes the manifest of a job the supervisor ended itself into `results`, owned by `owner`.
+/// Writes the manifest of a job the supervisor ended itself into `results`, owned by `owner`,
+/// as durably as the runner writes its own ([`Manifest::write_atomic`]): the owner is given
+/// to the temp file before it is flushed and renamed, so the manifest never appears (nor
+/// survives a crash) without it.
 pub fn write_manifest(
     results: &OwnedFd,
     manifest: &Manifest,
     owner: Option<(Uid, Gid)>,
 ) -> io::Result<()> {
-    manifest.write_atomic(&fd_path(results))?;
-    if let Some((uid, gid)) = owner {
-        fchownat(
-            results,
-            MANIFEST_FILE,
-            Some(uid),
-            Some(gid),
-            AtFlags::AT_SYMLINK_NOFOLLOW,
-        )?;
-    }
+    manifest.write_atomic_with(&fd_path(results), |file| match owner {
+        Some((uid, gid)) => Ok(fchown(file, Some(uid), Some(gid))?),
+        None => Ok(()),
+    })?;
     Ok(())
 }
 
@@ -249,6 +246,34 @@ pub fn believable_manifest(job_dir: &Path, pool: &Pool) -> Result<Option<Manifes
 mod tests {
     use super::*;
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
+
+    #[test]
+    fn a_manifest_the_supervisor_writes_has_its_owner_from_the_start() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("SKIPPED: giving a file away needs root");
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let job = tmp.path().join("job");
+        fs::create_dir(&job).unwrap();
+        let folder = JobFolder::open(&job).unwrap();
+        let manifest: Manifest = serde_json::from_value(serde_json::json!({
+            "jobId": "j", "status": "error", "exitCode": 1, "attempt": 1, "worker": null,
+            "host": "h", "timing": {"start": "", "end": "", "durationMs": 0},
+            "steps": [], "artifacts": [], "error": "ended by the supervisor"
+        }))
+        .unwrap();
+        let owner = (Uid::from_raw(4_000_000), Gid::from_raw(4_000_001));
+        write_manifest(&folder.results, &manifest, Some(owner)).unwrap();
+        let path = job.join("results").join(MANIFEST_FILE);
+        let meta = fs::symlink_metadata(&path).unwrap();
+        assert_eq!((meta.uid(), meta.gid()), (4_000_000, 4_000_001));
+        assert_eq!(
+            Manifest::read(&job.join("results")).unwrap(),
+            Some(manifest)
+        );
+        assert_eq!(fs::read_dir(job.join("results")).unwrap().count(), 1);
+    }
 
     #[test]
     fn takes_back_what_is_the_jobs_and_removes_the_rest() {
