@@ -54,11 +54,11 @@ pub struct Args {
 
     /// Password for NATS (with --username).
     #[arg(short = 'p', long, env = "NATS_PASSWORD", hide_env_values = true)]
-    pub password: Option<String>,
+    pub password: Option<Secret>,
 
     /// Token for NATS.
     #[arg(short = 't', long, env = "NATS_TOKEN", hide_env_values = true)]
-    pub token: Option<String>,
+    pub token: Option<Secret>,
 
     /// NATS credentials file (JWT and `NKey` seed).
     #[arg(long, env = "NATS_CREDS", value_name = "FILE")]
@@ -260,6 +260,23 @@ pub struct Args {
     pub generate: Option<Generate>,
 }
 
+/// A password or token from the command line or the environment: debug output (of [`Args`],
+/// say) shows `"***"` in its place, never the value.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl From<String> for Secret {
+    fn from(value: String) -> Self {
+        Self(value)
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("\"***\"")
+    }
+}
+
 /// How to authenticate to NATS.
 #[derive(Clone)]
 pub enum Auth {
@@ -286,8 +303,8 @@ impl Auth {
         Ok(
             match (
                 set(args.username.as_ref()),
-                set(args.password.as_ref()),
-                set(args.token.as_ref()),
+                set(args.password.as_ref().map(|secret| &secret.0)),
+                set(args.token.as_ref().map(|secret| &secret.0)),
                 args.creds.as_ref().filter(|p| !p.as_os_str().is_empty()),
             ) {
                 (None, None, None, None) => Self::None,
@@ -718,6 +735,27 @@ mod tests {
         ));
         let debug = format!("{:?}", parse(&["-t", "s3cret"]).unwrap());
         assert!(!debug.contains("s3cret"), "{debug}");
+    }
+
+    #[test]
+    fn args_never_show_the_password_or_the_token() {
+        let args =
+            Args::try_parse_from(["x", "-n", "alice", "-p", "pa55word", "-t", "t0ken"]).unwrap();
+        let debug = format!("{args:?}");
+        assert!(
+            !debug.contains("pa55word") && !debug.contains("t0ken"),
+            "{debug}"
+        );
+        assert!(debug.contains(r#"password: Some("***")"#), "{debug}");
+        assert!(debug.contains(r#"token: Some("***")"#), "{debug}");
+        assert!(debug.contains("alice"), "{debug}");
+        // The values themselves still reach the connection.
+        let auth = parse(&["-n", "alice", "-p", "pa55word"]).unwrap().auth;
+        assert!(matches!(auth, Auth::UserPassword { password, .. } if password == "pa55word"));
+        let auth = parse(&["-t", "t0ken"]).unwrap().auth;
+        assert!(matches!(auth, Auth::Token(token) if token == "t0ken"));
+        let pretty = format!("{:#?}", Args::try_parse_from(["x", "-t", "t0ken"]).unwrap());
+        assert!(!pretty.contains("t0ken"), "{pretty}");
     }
 
     #[test]
