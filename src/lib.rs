@@ -17,6 +17,7 @@
 //! - [`limits`]: a job's resource limits, as asked for and as the operator allows.
 //! - [`manifest`]: `results/result.json`, the result message, statuses and their exit codes.
 //! - [`protocol`]: the supervisor⇄runner pipe messages (versioned JSON lines).
+//! - [`step_env`]: the environment every step starts from (`PATH`, `LANG`).
 //! - [`tree`]: file-tree helpers both processes need (removing a tree a job may have locked).
 //! - [`reap`]: finding and killing the leftover children of a process (`/proc` scan).
 
@@ -29,6 +30,7 @@ pub mod limits;
 pub mod manifest;
 pub mod protocol;
 pub mod reap;
+pub mod step_env;
 pub mod tree;
 
 pub use job::{JobId, JobRequest, JobSpec, RequestError, SpecError, Step};

@@ -427,7 +427,7 @@ async fn run_once(job: &Standalone, signals: &mut Signals) -> anyhow::Result<(Ou
         steps: job.steps.clone(),
         default_timeout_ms: millis(job.default_timeout),
         kill_grace_ms: millis(job.kill_grace),
-        base_env: base_env(),
+        base_env: nats_fs::step_env::base_env(),
         pass_env: job.pass_env.clone(),
         worker: None,
         ceilings: nats_fs::limits::Limits::default(),
@@ -452,20 +452,6 @@ async fn run_once(job: &Standalone, signals: &mut Signals) -> anyhow::Result<(Ou
     };
     clean_workspace(workspace.path(), true);
     Ok((outcome, handle.is_requested()))
-}
-
-/// `PATH` and `LANG` for the steps, from our own environment or sane defaults.
-fn base_env() -> BTreeMap<String, String> {
-    let mut env = BTreeMap::new();
-    env.insert(
-        "PATH".to_owned(),
-        std::env::var("PATH").unwrap_or_else(|_| "/usr/local/bin:/usr/bin:/bin".to_owned()),
-    );
-    env.insert(
-        "LANG".to_owned(),
-        std::env::var("LANG").unwrap_or_else(|_| "C.UTF-8".to_owned()),
-    );
-    env
 }
 
 /// Removes the workspace (or, under a supervisor that owns the folder itself, its contents).

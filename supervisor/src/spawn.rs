@@ -37,7 +37,7 @@ use crate::identity::Identity;
 use crate::reaper::{Exit, Reaper};
 
 /// `PATH` for runners and steps when the supervisor has none.
-pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+pub use nats_fs::step_env::DEFAULT_PATH;
 
 /// What every runner's `oom_score_adj` is set to: the kernel's OOM killer picks the largest
 /// job's processes first, and never the supervisor (see [`lower_own_oom_score`]).
