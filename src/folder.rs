@@ -17,7 +17,7 @@ use nix::errno::Errno;
 use nix::fcntl::{openat, OFlag, AT_FDCWD};
 use nix::sys::stat::{mkdirat, Mode};
 
-use crate::manifest::RESULTS_DIR;
+use crate::manifest::{ResultMessage, RESULTS_DIR};
 
 /// The file in a job folder that lists its steps.
 pub const JOB_FILE: &str = "job.json";
@@ -59,6 +59,29 @@ impl FolderError {
     pub fn is_final(&self) -> bool {
         !matches!(self, Self::Io { .. })
     }
+
+    /// What the error comes to for job `id`: see [`Unusable`].
+    #[must_use]
+    pub fn unusable(&self, id: &str) -> Unusable {
+        if self.is_final() {
+            Unusable::Final(ResultMessage::error(id, self.to_string()))
+        } else {
+            Unusable::Fault(self.to_string())
+        }
+    }
+}
+
+/// How a job whose folder cannot be used ends, decided here once for the supervisor and the
+/// standalone runner alike.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Unusable {
+    /// The folder is the job's own problem (missing, a symlink, not a folder, `results/` in
+    /// the way): the job ends with this final result, status `error` and reason `invalid`,
+    /// without a manifest, whichever host tries it.
+    Final(ResultMessage),
+    /// The host could not open it (permissions, the shared drive): nothing final is written
+    /// and the job is tried again.
+    Fault(String),
 }
 
 impl JobFolder {
@@ -107,6 +130,12 @@ impl JobFolder {
             }
         };
         Ok(Self { dir, results })
+    }
+
+    /// [`JobFolder::open`] for job `id`: the one check, under a supervisor and standalone,
+    /// of whether a job folder is usable, and what it comes to when it is not.
+    pub fn open_job(path: &Path, id: &str) -> Result<Self, Unusable> {
+        Self::open(path).map_err(|e| e.unusable(id))
     }
 }
 
@@ -250,6 +279,38 @@ mod tests {
         let err = JobFolder::open(&moved).unwrap_err();
         assert!(matches!(err, FolderError::ResultsInTheWay(_)), "{err}");
         assert!(err.is_final());
+    }
+
+    #[test]
+    fn an_unusable_folder_is_a_final_error_and_an_unreadable_one_a_fault() {
+        let tmp = tempfile::tempdir().unwrap();
+        let job = tmp.path().join("gone");
+        let Err(Unusable::Final(result)) = JobFolder::open_job(&job, "gone") else {
+            panic!("a missing folder is final");
+        };
+        assert_eq!(result.id, "gone");
+        assert_eq!(result.status, crate::Status::Error);
+        assert_eq!(result.exit_code, 1);
+        assert_eq!(result.reason, Some(crate::manifest::Reason::Invalid));
+        assert_eq!(result.manifest_file, None);
+        assert_eq!(
+            result.error.as_deref(),
+            Some(format!("the job folder {} does not exist", job.display()).as_str())
+        );
+        let io = FolderError::Io {
+            action: "opening the job folder",
+            path: job.clone(),
+            source: Errno::EACCES,
+        };
+        assert_eq!(
+            io.unusable("gone"),
+            Unusable::Fault(format!(
+                "opening the job folder {}: EACCES: Permission denied",
+                job.display()
+            ))
+        );
+        std::fs::create_dir(&job).unwrap();
+        assert!(JobFolder::open_job(&job, "gone").is_ok());
     }
 
     #[test]

@@ -403,9 +403,9 @@ async fn standalone(cli: Cli) -> anyhow::Result<ExitCode> {
 /// Ctrl-C kills at once. Also says whether a signal arrived.
 async fn run_once(job: &Standalone, signals: &mut Signals) -> anyhow::Result<(Outcome, bool)> {
     // Opened once, like the supervisor does: the run works through these descriptors.
-    let folder = match JobFolder::open(&job.dir) {
+    let folder = match JobFolder::open_job(&job.dir, job.id.as_str()) {
         Ok(folder) => folder,
-        Err(e) => return Ok((Outcome::from_folder_error(&e), false)),
+        Err(unusable) => return Ok((unusable.into(), false)),
     };
     std::fs::create_dir_all(&job.workspaces_dir)
         .with_context(|| format!("creating {}", job.workspaces_dir.display()))?;

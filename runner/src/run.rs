@@ -23,7 +23,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use nats_fs::folder::{read_job_json, FolderError, JobFileError};
+use nats_fs::folder::{read_job_json, JobFileError, Unusable};
 use nats_fs::job::{JobSpec, Step};
 use nats_fs::limits::{size, Kind, Limits};
 use nats_fs::manifest::{
@@ -67,23 +67,24 @@ pub(crate) enum Outcome {
     Fault { error: String },
 }
 
-impl Outcome {
-    /// The end of a run whose job folder could not be opened.
-    pub(crate) fn from_folder_error(e: &FolderError) -> Self {
-        if e.is_final() {
-            Self::Finished {
-                status: Status::Error,
-                exit_code: Status::Error.exit_code(1),
-                error: Some(e.to_string()),
-                reason: Some(Reason::Invalid),
+impl From<Unusable> for Outcome {
+    /// The end of a run whose job folder could not be used.
+    fn from(unusable: Unusable) -> Self {
+        match unusable {
+            Unusable::Final(result) => Self::Finished {
+                status: result.status,
+                exit_code: result.exit_code,
+                error: result.error,
+                reason: result.reason,
                 manifest: None,
                 duration_ms: 0,
-            }
-        } else {
-            fault(e.to_string())
+            },
+            Unusable::Fault(error) => fault(error),
         }
     }
+}
 
+impl Outcome {
     /// The last event of the pipe conversation.
     pub(crate) fn event(&self) -> FromRunner {
         match self {

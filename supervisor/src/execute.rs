@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use nats_fs::folder::{fd_path, JobFolder};
+use nats_fs::folder::{fd_path, JobFolder, Unusable};
 use nats_fs::job::JobRequest;
 use nats_fs::limits::{size, Limits};
 use nats_fs::manifest::{Manifest, Reason, ResultMessage, StepRecord, StepStatus, Timing};
@@ -72,6 +72,16 @@ pub enum JobEnd {
     Fault(String),
     /// Another delivery of the same id is running (here or on another host): retry later.
     Busy(String),
+}
+
+impl From<Unusable> for JobEnd {
+    /// The end of a job whose folder could not be used.
+    fn from(unusable: Unusable) -> Self {
+        match unusable {
+            Unusable::Final(result) => Self::Final(Box::new(result)),
+            Unusable::Fault(error) => Self::Fault(error),
+        }
+    }
 }
 
 impl JobEnd {
@@ -237,13 +247,7 @@ fn prepare(
     id: &str,
     room: &Room,
 ) -> Result<Prepared, JobEnd> {
-    let folder = JobFolder::open(job_dir).map_err(|e| {
-        if e.is_final() {
-            final_error(id, e.to_string())
-        } else {
-            JobEnd::Fault(e.to_string())
-        }
-    })?;
+    let folder = JobFolder::open_job(job_dir, id).map_err(JobEnd::from)?;
     preflight(&folder, room, id)?;
     let owner = results::owner_after(&folder, pool).map_err(|e| {
         JobEnd::Fault(format!(
@@ -1010,11 +1014,6 @@ impl Cleanup {
             }
         }
     }
-}
-
-/// A final `error` with no manifest.
-fn final_error(id: &str, error: String) -> JobEnd {
-    JobEnd::Final(Box::new(ResultMessage::error(id, error)))
 }
 
 fn millis(d: Duration) -> u64 {
