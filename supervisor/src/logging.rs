@@ -16,6 +16,70 @@ use tracing_subscriber::fmt::FormatFields;
 
 use crate::config::LogFormat;
 
+/// The names in the `event` field of the supervisor's key log lines. A name, once given, stays;
+/// the message beside it may be reworded.
+pub mod event {
+    // The supervisor's own life.
+    /// Starting, with the effective settings.
+    pub const SUPERVISOR_STARTING: &str = "supervisor_starting";
+    /// Connected, the stream and consumer set up: pulling jobs.
+    pub const SUPERVISOR_READY: &str = "supervisor_ready";
+    /// The connection to NATS is up (again).
+    pub const NATS_CONNECTED: &str = "nats_connected";
+    /// The connection to NATS is lost; reconnecting.
+    pub const NATS_DISCONNECTED: &str = "nats_disconnected";
+    /// A first SIGTERM or SIGINT: no new jobs.
+    pub const DRAIN_REQUESTED: &str = "drain_requested";
+    /// A second one: running jobs are stopped at once.
+    pub const STOP_NOW_REQUESTED: &str = "stop_now_requested";
+    /// Waiting (up to the drain timeout) for the running jobs.
+    pub const DRAIN_STARTED: &str = "drain_started";
+    /// The drain timeout passed: the jobs still running are stopped and handed back.
+    pub const DRAIN_TIMEOUT: &str = "drain_timeout";
+    /// The supervisor is done.
+    pub const SUPERVISOR_STOPPED: &str = "supervisor_stopped";
+
+    // One job.
+    /// The job runs here (its delivery is registered and its id locked).
+    pub const JOB_STARTED: &str = "job_started";
+    /// The runner process has started.
+    pub const RUNNER_STARTED: &str = "runner_started";
+    /// The job's copy is in its workspace.
+    pub const JOB_STAGED: &str = "job_staged";
+    /// A step has started.
+    pub const STEP_STARTED: &str = "step_started";
+    /// A step has ended.
+    pub const STEP_FINISHED: &str = "step_finished";
+    /// The job's new and changed files are in `results/`.
+    pub const ARTIFACTS_SYNCED: &str = "artifacts_synced";
+    /// The job has a final status (published next).
+    pub const JOB_FINISHED: &str = "job_finished";
+    /// A request that is not a valid job was rejected.
+    pub const JOB_REJECTED: &str = "job_rejected";
+    /// An earlier attempt had finished this delivery; its result was republished.
+    pub const RESULT_REPUBLISHED: &str = "result_republished";
+    /// The job was handed back at once for redelivery (a drain, a stop).
+    pub const JOB_HANDED_BACK: &str = "job_handed_back";
+    /// The job could not run here; it is retried after a delay.
+    pub const JOB_RETRY_LATER: &str = "job_retry_later";
+    /// The job is left to its redelivery (its lease was lost).
+    pub const JOB_LEFT: &str = "job_left";
+    /// No progress ack was confirmed within the ack wait: the job is stopped.
+    pub const LEASE_LOST: &str = "lease_lost";
+    /// The job's lock was taken by another host: the job is stopped.
+    pub const LOCK_LOST: &str = "lock_lost";
+    /// The request was republished on the dead-letter subject.
+    pub const DEAD_LETTERED: &str = "dead_lettered";
+    /// The result could not be published before shutdown.
+    pub const RESULT_UNPUBLISHED: &str = "result_unpublished";
+    /// The final ack or term was not confirmed.
+    pub const ACK_UNCONFIRMED: &str = "ack_unconfirmed";
+    /// The workspaces drive has no room for the job: handed back for another host.
+    pub const NO_ROOM: &str = "no_room";
+    /// The runner did not end the job cleanly: every process it left was killed.
+    pub const LEFTOVERS_KILLED: &str = "leftovers_killed";
+}
+
 /// tracing's default field formatting, with control characters escaped.
 #[derive(Debug, Default)]
 pub struct EscapedFields(DefaultFields);
