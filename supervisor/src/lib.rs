@@ -178,7 +178,7 @@ pub async fn run(
     cancels.abort();
     let _ = timeout(Duration::from_secs(5), ctx.client.flush()).await;
     pulled?;
-    info!("stopped");
+    info!(event = logging::event::SUPERVISOR_STOPPED, "stopped");
     Ok(())
 }
 
@@ -187,6 +187,7 @@ pub async fn run(
 fn log_settings(settings: &Settings) {
     let millis = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
     info!(
+        event = logging::event::SUPERVISOR_STARTING,
         version = env!("CARGO_PKG_VERSION"),
         url = %settings.urls.iter().map(|u| without_secret(u)).collect::<Vec<_>>().join(","),
         auth = ?settings.auth,
@@ -250,31 +251,60 @@ async fn report_status(ctx: Arc<Ctx>) {
     }
 }
 
+/// What a drain stops: the running jobs ([`Running`]; the tests count).
+trait Stop {
+    /// How many jobs are running.
+    fn count(&self) -> usize;
+    /// Asks every running job to stop with `mode`; returns how many were asked.
+    fn stop_all(&self, mode: CancelMode) -> usize;
+}
+
+impl Stop for Running {
+    fn count(&self) -> usize {
+        Running::count(self)
+    }
+
+    fn stop_all(&self, mode: CancelMode) -> usize {
+        Running::stop_all(self, mode)
+    }
+}
+
 /// Lets running jobs finish within the drain timeout, then stops what is left and waits for
 /// it to be handed back. A second signal skips the wait.
-async fn drain(ctx: &Ctx, tracker: &TaskTracker, mut shutdown: watch::Receiver<Shutdown>) {
+async fn drain(ctx: &Ctx, tracker: &TaskTracker, shutdown: watch::Receiver<Shutdown>) {
+    drain_jobs(&ctx.running, ctx.settings.drain_timeout, tracker, shutdown).await;
+}
+
+/// [`drain`], for the jobs of `tracker`, stopped through `running`.
+async fn drain_jobs(
+    running: &impl Stop,
+    drain_timeout: Duration,
+    tracker: &TaskTracker,
+    mut shutdown: watch::Receiver<Shutdown>,
+) {
     if tracker.is_empty() {
         return;
     }
     info!(
-        running = ctx.running.count(),
+        event = logging::event::DRAIN_STARTED,
+        running = running.count(),
         "waiting up to {} for running jobs to finish",
-        humantime::format_duration(ctx.settings.drain_timeout)
+        humantime::format_duration(drain_timeout)
     );
     tokio::select! {
         () = tracker.wait() => return,
-        () = sleep(ctx.settings.drain_timeout) => {
-            let stopped = ctx.running.stop_all(CancelMode::Abort);
-            warn!(stopped, "drain timeout passed: stopping the running jobs and handing them back");
+        () = sleep(drain_timeout) => {
+            let stopped = running.stop_all(CancelMode::Abort);
+            warn!(event = logging::event::DRAIN_TIMEOUT, stopped, "drain timeout passed: stopping the running jobs and handing them back");
         }
         _ = shutdown.wait_for(|s| *s == Shutdown::Now) => {
-            ctx.running.stop_all(CancelMode::AbortNow);
+            running.stop_all(CancelMode::AbortNow);
         }
     }
     tokio::select! {
         () = tracker.wait() => {}
         _ = shutdown.wait_for(|s| *s == Shutdown::Now) => {
-            ctx.running.stop_all(CancelMode::AbortNow);
+            running.stop_all(CancelMode::AbortNow);
             tracker.wait().await;
         }
     }
@@ -341,7 +371,153 @@ pub fn base_env() -> BTreeMap<String, String> {
 
 #[cfg(test)]
 mod tests {
-    use super::without_secret;
+    use std::sync::Mutex;
+
+    use tokio::time::Instant;
+
+    use super::*;
+
+    /// Running jobs that record each stop request (mode, and seconds since the start), and
+    /// end when asked with one of the modes in `obey`.
+    struct Jobs {
+        start: Instant,
+        stops: Mutex<Vec<(CancelMode, u64)>>,
+        obey: Vec<CancelMode>,
+        end: watch::Sender<bool>,
+    }
+
+    impl Jobs {
+        fn new(obey: &[CancelMode]) -> Self {
+            Self {
+                start: Instant::now(),
+                stops: Mutex::default(),
+                obey: obey.to_vec(),
+                end: watch::channel(false).0,
+            }
+        }
+
+        /// Starts a job on `tracker` that ends after `runs`, or when stopped.
+        fn spawn(&self, tracker: &TaskTracker, runs: Duration) {
+            let mut end = self.end.subscribe();
+            tracker.spawn(async move {
+                tokio::select! {
+                    () = sleep(runs) => {}
+                    _ = end.wait_for(|end| *end) => {}
+                }
+            });
+        }
+
+        fn stops(&self) -> Vec<(CancelMode, u64)> {
+            self.stops.lock().unwrap().clone()
+        }
+    }
+
+    impl Stop for Jobs {
+        fn count(&self) -> usize {
+            self.end.receiver_count()
+        }
+
+        fn stop_all(&self, mode: CancelMode) -> usize {
+            let at = self.start.elapsed().as_secs();
+            self.stops.lock().unwrap().push((mode, at));
+            if self.obey.contains(&mode) {
+                self.end.send_replace(true);
+            }
+            1
+        }
+    }
+
+    const MINUTE: Duration = Duration::from_secs(60);
+
+    /// Drains `jobs` with a drain timeout of a minute, a second signal coming after
+    /// `second_signal`: when the drain returned, in seconds.
+    async fn drain(jobs: &Jobs, tracker: &TaskTracker, second_signal: Option<Duration>) -> u64 {
+        tracker.close();
+        let (tx, rx) = watch::channel(Shutdown::Drain);
+        if let Some(after) = second_signal {
+            tokio::spawn(async move {
+                sleep(after).await;
+                tx.send_replace(Shutdown::Now);
+                // Kept open: the drain waits for the signal, not for the sender to go.
+                std::future::pending::<()>().await;
+            });
+        }
+        drain_jobs(jobs, MINUTE, tracker, rx).await;
+        jobs.start.elapsed().as_secs()
+    }
+
+    /// The jobs were told to stop now at `at`, and nothing else. (They may be told twice: the
+    /// wait that follows sees the same signal; a second `AbortNow` changes nothing.)
+    fn assert_now(stops: &[(CancelMode, u64)], at: u64) {
+        assert!(!stops.is_empty());
+        assert!(
+            stops.iter().all(|stop| *stop == (CancelMode::AbortNow, at)),
+            "{stops:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn without_running_jobs_a_drain_is_over_at_once() {
+        let jobs = Jobs::new(&[]);
+        assert_eq!(drain(&jobs, &TaskTracker::new(), None).await, 0);
+        assert!(jobs.stops().is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn jobs_that_finish_within_the_drain_timeout_are_left_alone() {
+        let jobs = Jobs::new(&[]);
+        let tracker = TaskTracker::new();
+        jobs.spawn(&tracker, Duration::from_secs(10));
+        jobs.spawn(&tracker, Duration::from_secs(50));
+        assert_eq!(drain(&jobs, &tracker, None).await, 50);
+        assert!(jobs.stops().is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn after_the_drain_timeout_the_jobs_are_aborted_and_waited_for() {
+        let jobs = Jobs::new(&[CancelMode::Abort]);
+        let tracker = TaskTracker::new();
+        jobs.spawn(&tracker, Duration::from_secs(3600));
+        assert_eq!(drain(&jobs, &tracker, None).await, 60);
+        assert_eq!(jobs.stops(), [(CancelMode::Abort, 60)]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_second_signal_stops_the_jobs_now_without_waiting_for_the_timeout() {
+        let jobs = Jobs::new(&[CancelMode::AbortNow]);
+        let tracker = TaskTracker::new();
+        jobs.spawn(&tracker, Duration::from_secs(3600));
+        assert_eq!(
+            drain(&jobs, &tracker, Some(Duration::from_secs(5))).await,
+            5
+        );
+        assert_now(&jobs.stops(), 5);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_second_signal_after_the_timeout_stops_jobs_that_take_long_to_abort() {
+        // They do not end when aborted (a runner with a long kill grace, say).
+        let jobs = Jobs::new(&[CancelMode::AbortNow]);
+        let tracker = TaskTracker::new();
+        jobs.spawn(&tracker, Duration::from_secs(3600));
+        assert_eq!(
+            drain(&jobs, &tracker, Some(Duration::from_secs(70))).await,
+            70
+        );
+        assert_eq!(
+            jobs.stops(),
+            [(CancelMode::Abort, 60), (CancelMode::AbortNow, 70)]
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_second_signal_before_the_drain_began_stops_the_jobs_at_once() {
+        let jobs = Jobs::new(&[CancelMode::AbortNow]);
+        let tracker = TaskTracker::new();
+        jobs.spawn(&tracker, Duration::from_secs(3600));
+        assert_eq!(drain(&jobs, &tracker, Some(Duration::ZERO)).await, 0);
+        assert_now(&jobs.stops(), 0);
+    }
 
     #[test]
     fn urls_are_logged_without_their_secrets() {
