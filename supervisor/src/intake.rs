@@ -26,6 +26,11 @@ use tracing::{debug, error, info, warn};
 use crate::config::{Auth, Settings};
 use crate::job_task::{self, Ctx};
 use crate::Shutdown;
+use backoff::{jitter, Backoff};
+
+// Until the crate root declares it (`mod backoff;` in lib.rs), the module lives here.
+#[path = "backoff.rs"]
+pub mod backoff;
 
 /// How long one pull request waits on the server for messages: 15 s plus up to 10 s of jitter.
 ///
@@ -35,10 +40,7 @@ use crate::Shutdown;
 /// after the nak lost 8 redeliveries in 10; 1.3 s and 5 s pulls lost none). Retry delays are
 /// whole seconds, so requests of a fixed whole-second length would meet them on the dot.
 fn pull_expiry() -> Duration {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.subsec_nanos());
-    Duration::from_secs(15) + Duration::from_millis(u64::from(nanos % 10_000_000) / 1_000)
+    Duration::from_secs(15) + jitter(Duration::from_secs(10))
 }
 /// The longest pause between reconnection attempts.
 const MAX_RECONNECT_DELAY: Duration = Duration::from_secs(2);
@@ -94,10 +96,8 @@ pub async fn connect(settings: &Settings) -> anyhow::Result<async_nats::Client> 
 fn reconnect_delay(attempts: usize) -> Duration {
     match attempts {
         0 | 1 => Duration::ZERO,
-        n => {
-            let exponent = u32::try_from(n - 2).unwrap_or(u32::MAX).min(5);
-            (Duration::from_millis(100) * 2u32.pow(exponent)).min(MAX_RECONNECT_DELAY)
-        }
+        n => Backoff::new(Duration::from_millis(100), MAX_RECONNECT_DELAY)
+            .nth(u32::try_from(n - 2).unwrap_or(u32::MAX)),
     }
 }
 
@@ -255,41 +255,6 @@ pub async fn patiently<T, F: std::future::Future<Output = Result<T, EnsureError>
     }
 }
 
-/// A pause between attempts that doubles after each one, up to a cap.
-#[derive(Debug, Clone, Copy)]
-struct Backoff {
-    first: Duration,
-    next: Duration,
-    max: Duration,
-}
-
-impl Backoff {
-    const fn new(first: Duration, max: Duration) -> Self {
-        Self {
-            first,
-            next: first,
-            max,
-        }
-    }
-
-    /// The pause before the next attempt, in milliseconds, for messages.
-    fn next_ms(&self) -> u64 {
-        u64::try_from(self.next.as_millis()).unwrap_or(u64::MAX)
-    }
-
-    /// The pause to take now; the next one is twice as long.
-    fn pause(&mut self) -> Duration {
-        let pause = self.next;
-        self.next = (pause * 2).min(self.max);
-        pause
-    }
-
-    /// After a success: the next failure starts over with the first pause.
-    fn reset(&mut self) {
-        self.next = self.first;
-    }
-}
-
 /// Pulls messages while there are free slots, and hands each to a job task. Returns once
 /// shutdown starts.
 ///
@@ -436,6 +401,10 @@ async fn tick(interval: &mut Option<tokio::time::Interval>) {
     }
 }
 
+/// The pause after the pull loop's n-th consecutive failure (from 200 ms: the first failure
+/// is n = 1).
+const PULL_BACKOFF: Backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+
 /// The pull loop's bookkeeping: slots, the permits held for the outstanding request, and how
 /// many messages it may still bring.
 struct Puller {
@@ -548,8 +517,7 @@ impl Puller {
         js: &jetstream::Context,
         shutdown: &mut watch::Receiver<Shutdown>,
     ) {
-        let pause =
-            Duration::from_millis(100 * 2u64.pow(self.failures.min(6))).min(Duration::from_secs(5));
+        let pause = PULL_BACKOFF.nth(self.failures);
         tokio::select! {
             () = sleep(pause) => {}
             _ = shutdown.changed() => return,
@@ -628,15 +596,23 @@ mod tests {
     }
 
     #[test]
-    fn backoff_doubles_to_its_cap_and_starts_over_after_a_success() {
+    fn the_pull_loop_backs_off_from_200_ms_to_5_s() {
         use std::time::Duration;
+        let pauses: Vec<_> = (1..=8).map(|n| super::PULL_BACKOFF.nth(n)).collect();
         let ms = Duration::from_millis;
-        let mut backoff = super::Backoff::new(ms(100), ms(500));
-        assert_eq!(backoff.next_ms(), 100);
-        let pauses: Vec<_> = (0..5).map(|_| backoff.pause()).collect();
-        assert_eq!(pauses, [ms(100), ms(200), ms(400), ms(500), ms(500)]);
-        backoff.reset();
-        assert_eq!(backoff.pause(), ms(100));
+        assert_eq!(
+            pauses,
+            [
+                ms(200),
+                ms(400),
+                ms(800),
+                ms(1600),
+                ms(3200),
+                ms(5000),
+                ms(5000),
+                ms(5000)
+            ]
+        );
     }
 
     #[test]

@@ -22,6 +22,7 @@ use tokio::sync::watch;
 use tokio::time::{sleep, timeout};
 use tracing::{debug, warn};
 
+use crate::intake::backoff::Backoff;
 use crate::Shutdown;
 
 /// How long a "does a stream capture this subject?" answer is trusted.
@@ -61,7 +62,7 @@ impl Outbox {
         payload: Bytes,
     ) -> bool {
         let mut shutdown = self.shutdown.clone();
-        let mut pause = Duration::from_millis(100);
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
         loop {
             let attempt = self.attempt(prefix, subject.clone(), headers.clone(), payload.clone());
             match timeout(ATTEMPT_TIMEOUT, attempt).await {
@@ -70,10 +71,9 @@ impl Outbox {
                 Err(_) => warn!("{what} timed out, will retry"),
             }
             tokio::select! {
-                () = sleep(pause) => {}
+                () = sleep(backoff.pause()) => {}
                 _ = shutdown.wait_for(|s| *s == Shutdown::Now) => return false,
             }
-            pause = (pause * 2).min(Duration::from_secs(5));
         }
     }
 
