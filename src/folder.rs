@@ -64,7 +64,7 @@ impl FolderError {
     #[must_use]
     pub fn unusable(&self, id: &str) -> Unusable {
         if self.is_final() {
-            Unusable::Final(ResultMessage::error(id, self.to_string()))
+            Unusable::Final(Box::new(ResultMessage::error(id, self.to_string())))
         } else {
             Unusable::Fault(self.to_string())
         }
@@ -78,7 +78,7 @@ pub enum Unusable {
     /// The folder is the job's own problem (missing, a symlink, not a folder, `results/` in
     /// the way): the job ends with this final result, status `error` and reason `invalid`,
     /// without a manifest, whichever host tries it.
-    Final(ResultMessage),
+    Final(Box<ResultMessage>),
     /// The host could not open it (permissions, the shared drive): nothing final is written
     /// and the job is tried again.
     Fault(String),

@@ -71,14 +71,17 @@ impl From<Unusable> for Outcome {
     /// The end of a run whose job folder could not be used.
     fn from(unusable: Unusable) -> Self {
         match unusable {
-            Unusable::Final(result) => Self::Finished {
-                status: result.status,
-                exit_code: result.exit_code,
-                error: result.error,
-                reason: result.reason,
-                manifest: None,
-                duration_ms: 0,
-            },
+            Unusable::Final(result) => {
+                let result = *result;
+                Self::Finished {
+                    status: result.status,
+                    exit_code: result.exit_code,
+                    error: result.error,
+                    reason: result.reason,
+                    manifest: None,
+                    duration_ms: 0,
+                }
+            }
             Unusable::Fault(error) => fault(error),
         }
     }

@@ -78,7 +78,7 @@ impl From<Unusable> for JobEnd {
     /// The end of a job whose folder could not be used.
     fn from(unusable: Unusable) -> Self {
         match unusable {
-            Unusable::Final(result) => Self::Final(Box::new(result)),
+            Unusable::Final(result) => Self::Final(result),
             Unusable::Fault(error) => Self::Fault(error),
         }
     }
