@@ -238,15 +238,7 @@ fn copy_hashed(from: &Path, to: &Path, max: u64) -> Result<(u64, String), CopyEr
         target.write_all(&buf[..n]).map_err(CopyError::Write)?;
     }
     finish_copy(&target, &meta).map_err(CopyError::Write)?;
-    Ok((size, hex(&hasher.finalize())))
-}
-
-fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write as _;
-    bytes.iter().fold(String::with_capacity(64), |mut s, b| {
-        let _ = write!(s, "{b:02x}");
-        s
-    })
+    Ok((size, base16ct::lower::encode_string(&hasher.finalize())))
 }
 
 fn display(rel: &Path) -> String {
