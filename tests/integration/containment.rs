@@ -269,7 +269,7 @@ async fn a_host_without_room_hands_the_job_to_one_with_room() {
             )),
         "{log}"
     );
-    small.wait_log("job could not run here", 1).await;
+    small.wait_event("job_retry_later", 1).await;
     // Nothing was staged on the small drive, and the job did not fail.
     nats.no_more_results(Duration::from_millis(200)).await;
     small.signal(nix::sys::signal::Signal::SIGTERM);

@@ -11,7 +11,7 @@ use futures_util::StreamExt;
 use nats_fs::manifest::{Manifest, StepRecord, StepStatus, Timing};
 use nats_fs::Status;
 use nix::sys::signal::Signal;
-use serde_json::json;
+use serde_json::{json, Value};
 
 use crate::support::{
     alive, eventually, no_process_with, open_dir, parent, processes_with, sleeper, within, Cluster,
@@ -165,7 +165,7 @@ async fn sigterm_drains_the_running_job_and_takes_no_new_one() {
         "the drained supervisor exited with {status}"
     );
     assert_eq!(
-        supervisor.count("job started"),
+        supervisor.count_event("job_started"),
         1,
         "a job was taken during the drain"
     );
@@ -199,8 +199,8 @@ async fn a_drain_deadline_hands_the_job_to_another_supervisor() {
     first.signal(Signal::SIGTERM);
     let status = first.exit(SOON).await;
     assert!(status.success(), "exit status {status}");
-    assert!(first.log().contains("drain timeout passed"));
-    assert!(first.log().contains("handing the job back"));
+    assert_eq!(first.count_event("drain_timeout"), 1);
+    assert_eq!(first.count_event("job_handed_back"), 1);
     assert!(
         processes_with(&token).is_empty(),
         "the stopped job left processes"
@@ -228,7 +228,7 @@ async fn a_second_sigterm_skips_the_drain_wait() {
     nats.submit_id("impatient").await;
     supervisor.wait_log("step started", 1).await;
     supervisor.signal(Signal::SIGTERM);
-    supervisor.wait_log("waiting up to 5m", 1).await;
+    supervisor.wait_event("drain_started", 1).await;
     let second = Instant::now();
     supervisor.signal(Signal::SIGTERM);
     let status = supervisor.exit(Duration::from_secs(10)).await;
@@ -273,7 +273,10 @@ async fn competing_supervisors_run_each_job_exactly_once() {
             runs.lines().count()
         );
     }
-    let shares: Vec<usize> = supervisors.iter().map(|s| s.count("job started")).collect();
+    let shares: Vec<usize> = supervisors
+        .iter()
+        .map(|s| s.count_event("job_started"))
+        .collect();
     eprintln!("jobs per supervisor: {shares:?}");
     assert_eq!(shares.iter().sum::<usize>(), 100);
     assert!(
@@ -316,12 +319,12 @@ async fn a_missing_runner_is_retried_with_growing_delays_then_ends_as_error() {
         "{error}"
     );
     // Naks of 1 s, then 2 s: the delay grows.
-    assert!(
-        supervisor.log().contains("retry_in_ms=1000"),
-        "{}",
-        supervisor.log()
-    );
-    assert!(supervisor.log().contains("retry_in_ms=2000"));
+    let delays: Vec<Value> = supervisor
+        .events("job_retry_later")
+        .iter()
+        .map(|line| line["retry_in_ms"].clone())
+        .collect();
+    assert_eq!(delays, [1000, 2000], "{}", supervisor.log());
     assert!(
         took >= Duration::from_secs(3),
         "retries came too fast: {took:?}"
@@ -349,7 +352,7 @@ async fn an_unusable_workspace_folder_delays_the_job_until_it_is_fixed() {
     fs::write(&workspaces, "not a folder").unwrap();
     jobs.add("blocked", &json!({"steps": ["true"]}));
     nats.submit_id("blocked").await;
-    supervisor.wait_log("job could not run here", 1).await;
+    supervisor.wait_event("job_retry_later", 1).await;
     assert!(supervisor.log().contains("creating the workspace"));
     // The operator fixes it; the retry succeeds.
     fs::remove_file(&workspaces).unwrap();
@@ -445,7 +448,7 @@ async fn a_redelivery_of_a_finished_job_republishes_instead_of_running_again() {
         "the steps ran again"
     );
     assert_eq!(jobs.manifest("done-before"), manifest);
-    assert!(supervisor.log().contains("already finished this delivery"));
+    assert_eq!(supervisor.count_event("result_republished"), 1);
     nats.drained("worker-01").await;
 
     // A new request for the same id is a new job: it runs.
@@ -470,11 +473,9 @@ async fn a_lost_lease_stops_the_job_rather_than_racing_a_redelivery() {
     supervisor.wait_log("step started", 1).await;
 
     server.kill();
-    supervisor.wait_log("lost the lease on this job", 1).await;
+    supervisor.wait_event("lease_lost", 1).await;
     no_process_with(&token, Duration::from_secs(2)).await;
-    supervisor
-        .wait_log("leaving the job to its redelivery", 1)
-        .await;
+    supervisor.wait_event("job_left", 1).await;
 
     server.restart();
     let got = nats.stored_result("leased", Duration::from_secs(30)).await;
@@ -524,7 +525,7 @@ async fn a_clustered_server_loses_a_node_and_no_job() {
         jobs.add(&id, &json!({ "steps": [step] }));
         nats.submit_id(&id).await;
     }
-    supervisor.wait_log("job finished", 10).await;
+    supervisor.wait_event("job_finished", 10).await;
     let node = cluster
         .node_with_client("worker-01")
         .expect("the node the supervisor is connected to");

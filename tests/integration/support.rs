@@ -604,7 +604,9 @@ impl Supervisor {
             ])
             .args(args)
             .envs(env.iter().copied())
-            .env("NATS_FS_LOG_FORMAT", "text")
+            // JSON lines: tests wait on the `event` field of the key lines, not on their wording
+            // (a test that needs the text format passes `--log-format text`).
+            .env("NATS_FS_LOG_FORMAT", "json")
             .stdin(Stdio::null())
             .stdout(Stdio::from(log.try_clone().expect("log")))
             .stderr(Stdio::from(log));
@@ -630,17 +632,50 @@ impl Supervisor {
         fs::read_to_string(&self.log_path).unwrap_or_default()
     }
 
-    /// How many log lines contain `needle`.
+    /// How many log lines contain `needle`. For lines without an `event` field only: prefer
+    /// [`Supervisor::count_event`], which does not depend on the wording.
     pub fn count(&self, needle: &str) -> usize {
         self.log().lines().filter(|l| l.contains(needle)).count()
     }
 
-    /// Waits until the log has `needle` at least `times` times.
+    /// Waits until the log has `needle` at least `times` times (see [`Supervisor::count`];
+    /// prefer [`Supervisor::wait_event`]).
     pub async fn wait_log(&self, needle: &str, times: usize) {
         eventually(
             SOON,
             &format!("{times}× {needle:?} in the supervisor log"),
             || (self.count(needle) >= times).then_some(()),
+        )
+        .await;
+    }
+
+    /// The log lines whose `event` field is `event` (the supervisor's `logging::event`), as
+    /// JSON. In the text format (`--log-format text`) only their number is right: each is an
+    /// empty object.
+    pub fn events(&self, event: &str) -> Vec<Value> {
+        let text = format!("event={event:?}");
+        self.log()
+            .lines()
+            .filter_map(|line| match serde_json::from_str::<Value>(line) {
+                Ok(json) => (json["event"] == event).then_some(json),
+                Err(_) => line
+                    .contains(&text)
+                    .then(|| Value::Object(Default::default())),
+            })
+            .collect()
+    }
+
+    /// How many log lines have the `event` field `event`.
+    pub fn count_event(&self, event: &str) -> usize {
+        self.events(event).len()
+    }
+
+    /// Waits until the log has the `event` field `event` at least `times` times.
+    pub async fn wait_event(&self, event: &str, times: usize) {
+        eventually(
+            SOON,
+            &format!("{times}× event {event:?} in the supervisor log"),
+            || (self.count_event(event) >= times).then_some(()),
         )
         .await;
     }
