@@ -14,8 +14,8 @@ use nix::sys::signal::Signal;
 use serde_json::{json, Value};
 
 use crate::support::{
-    alive, eventually, no_process_with, open_dir, parent, processes_with, sleeper, within, Cluster,
-    Jobs, Nats, Server, Supervisor, SOON,
+    alive, eventually, http_request, no_process_with, open_dir, parent, processes_with,
+    reserved_port, sample, skip, sleeper, within, Cluster, Jobs, Nats, Server, Supervisor, SOON,
 };
 
 /// A step that hangs on the first attempt only: `(token, command)`.
@@ -681,4 +681,101 @@ async fn a_crashed_hosts_hold_on_a_job_id_ends_with_its_redelivery() {
     assert_eq!(got.result.attempt, Some(2));
     assert!(!second.log().contains("already running"));
     nats.drained("worker-01").await;
+}
+
+/// Removing a finished job's private folders can take seconds (many thousands of entries on a
+/// slow drive). It runs on tokio's blocking pool (`execute::Leftovers::clear`), as all blocking
+/// work does, so the supervisor's only runtime thread — and with it every other running job's
+/// progress acks — goes on meanwhile.
+///
+/// How this test can fail: were the removal made on the runtime thread, nothing else would
+/// run there while it lasts, so job B, running all through it, would see no progress ack for
+/// longer than the 2 s ack wait. Once the runtime ran again, B's lease loop would find no
+/// confirmation within the ack wait less its margin (1.8 s) and stop B (`lease_lost`, then
+/// `job_left`): B's result would come from attempt 2, and the redelivery would be counted.
+/// Verified by building the supervisor with the removal made inline (`spawn_blocking` in
+/// `Leftovers::clear` replaced by a direct call): this test then fails on B's attempt. The
+/// test also checks its own premise — that the removal outlasted the ack wait — and says so
+/// when the drive is too fast for that (a tmpfs), rather than pass without proving anything.
+#[tokio::test]
+async fn a_slow_cleanup_does_not_hold_up_another_jobs_lease() {
+    const ACK_WAIT: Duration = Duration::from_secs(2);
+    let server = Server::start(&[]);
+    let jobs = Jobs::new();
+    let port = reserved_port();
+    let listen = format!("127.0.0.1:{port}");
+    let args = [
+        "--concurrency",
+        "2",
+        "--ack-wait",
+        "2s",
+        "--metrics-listen",
+        &listen,
+    ];
+    let supervisor = Supervisor::start(&server.url, jobs.path(), &args, &[]);
+    supervisor.ready().await;
+    let mut nats = Nats::connect(&server.url).await;
+    let scratch = open_dir(true);
+    let mark = |name: &str| scratch.path().join(name).display().to_string();
+    let (made, go, b_running) = (mark("made"), mark("go"), mark("b-running"));
+
+    // A fills its TMPDIR (never synced back) with 33,000 nested folders, then waits for the
+    // test's go.
+    let litter = format!(
+        "cd \"$TMPDIR\" && awk 'BEGIN {{ for (a = 0; a < 32; a++) for (b = 0; b < 32; b++) \
+         for (c = 0; c < 32; c++) print \"t/\" a \"/\" b \"/\" c }}' | xargs mkdir -p && \
+         touch {made} && n=0; while [ ! -e {go} ]; do n=$((n+1)); [ $n -gt 2400 ] && exit 9; \
+         sleep 0.05; done"
+    );
+    jobs.add("litter", &json!({ "steps": [litter] }));
+    let seq = nats.submit_id("litter").await;
+    let tmp = supervisor.workspaces.join(format!("litter.{seq}.1.tmp"));
+    eventually(Duration::from_secs(120), "job A to make its tree", || {
+        std::path::Path::new(&made).exists().then_some(())
+    })
+    .await;
+
+    // B runs for three ack waits, and on until A's TMPDIR is gone: all through its removal.
+    let patient = format!(
+        "touch {b_running}; sleep 6 & while [ -e {tmp} ]; do sleep 0.1; done; wait",
+        tmp = tmp.display()
+    );
+    jobs.add("patient", &json!({ "steps": [patient] }));
+    nats.submit_id("patient").await;
+    eventually(SOON, "job B to run", || {
+        std::path::Path::new(&b_running).exists().then_some(())
+    })
+    .await;
+    fs::write(&go, "").unwrap();
+
+    let got = nats.result_within(SOON).await;
+    assert_eq!(
+        (got.result.id.as_str(), got.result.status),
+        ("litter", Status::Success)
+    );
+    let removal = Instant::now();
+    let removed_in = eventually(
+        Duration::from_secs(300),
+        "job A's TMPDIR to be removed",
+        || (!tmp.exists()).then(|| removal.elapsed()),
+    )
+    .await;
+    let got = nats.result_within(SOON).await;
+    assert_eq!(got.result.id, "patient");
+    assert_eq!(got.result.status, Status::Success, "{:?}", got.result);
+    assert_eq!(got.result.attempt, Some(1), "job B was redelivered");
+    assert_eq!(supervisor.count_event("lease_lost"), 0);
+    let (_, body) = http_request(port, "/metrics").unwrap();
+    assert_eq!(
+        sample(&body, "nats_fs_redeliveries_total"),
+        Some(0.0),
+        "{body}"
+    );
+    eprintln!("removing job A's TMPDIR took {removed_in:?}");
+    if removed_in < ACK_WAIT {
+        skip(&format!(
+            "removing job A's TMPDIR took {removed_in:?}, less than the ack wait: this drive is \
+             too fast for the test to show that a slow removal leaves the lease alone"
+        ));
+    }
 }

@@ -6,7 +6,9 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::Signal;
 use serde_json::json;
 
-use crate::support::{no_process_with, sleeper, within, Jobs, Nats, Server, Supervisor, SOON};
+use crate::support::{
+    http_request, no_process_with, sample, sleeper, within, Jobs, Nats, Server, Supervisor, SOON,
+};
 
 /// Datagrams a fake systemd received, with when.
 fn received(socket: &UnixDatagram) -> Vec<(Instant, String)> {
@@ -313,31 +315,6 @@ async fn the_fleet_answers_the_nats_service_api() {
     drop((one, two));
 }
 
-/// A plain HTTP GET on loopback: `(status, body)`.
-fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut text = String::new();
-    stream.read_to_string(&mut text).ok()?;
-    let status = text.split_whitespace().nth(1)?.parse().ok()?;
-    let body = text.split_once("\r\n\r\n")?.1.to_owned();
-    Some((status, body))
-}
-
-/// The value of a sample line `name{labels} value` in a Prometheus text body.
-fn sample(body: &str, series: &str) -> Option<f64> {
-    body.lines()
-        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-}
-
 #[tokio::test]
 async fn prometheus_metrics_and_health() {
     let mut server = Server::start_restartable(&[]);
@@ -352,16 +329,20 @@ async fn prometheus_metrics_and_health() {
     );
     supervisor.ready().await;
     let mut nats = Nats::connect(&server.url).await;
-    jobs.add("ok", &json!({"steps": ["true"]}));
+    // Ids of their own: a next delivery of the same id may come before the last one is acked
+    // (its result is out first), find it still running, and be redelivered.
+    for id in ["ok-1", "ok-2", "ok-3"] {
+        jobs.add(id, &json!({"steps": ["true"]}));
+    }
     jobs.add("bad", &json!({"steps": ["exit 2"]}));
-    for id in ["ok", "ok", "ok", "bad"] {
+    for id in ["ok-1", "ok-2", "ok-3", "bad"] {
         nats.submit_id(id).await;
         nats.result().await;
     }
     nats.submit("not json").await;
     // Each job leaves the running ones a moment after its result is out.
     let body = crate::support::eventually(SOON, "no job running", || {
-        let (status, body) = http_get(port, "/metrics")?;
+        let (status, body) = http_request(port, "/metrics")?;
         assert_eq!(status, 200);
         (sample(&body, "nats_fs_jobs_running") == Some(0.0)).then_some(body)
     })
@@ -404,27 +385,27 @@ async fn prometheus_metrics_and_health() {
         assert_eq!(sample(&body, series), Some(0.0), "{series}");
     }
     crate::support::eventually(SOON, "the dead letter to be counted", || {
-        let (_, body) = http_get(port, "/metrics")?;
+        let (_, body) = http_request(port, "/metrics")?;
         (sample(&body, "nats_fs_dead_letters_total") == Some(1.0)).then_some(())
     })
     .await;
 
-    assert_eq!(http_get(port, "/healthz").unwrap().0, 200);
+    assert_eq!(http_request(port, "/healthz").unwrap().0, 200);
     server.kill();
     crate::support::eventually(SOON, "/healthz to say 503", || {
-        (http_get(port, "/healthz")?.0 == 503).then_some(())
+        (http_request(port, "/healthz")?.0 == 503).then_some(())
     })
     .await;
     server.restart();
     crate::support::eventually(SOON, "/healthz to say 200 again", || {
-        (http_get(port, "/healthz")?.0 == 200).then_some(())
+        (http_request(port, "/healthz")?.0 == 200).then_some(())
     })
     .await;
-    let (_, body) = http_get(port, "/metrics").unwrap();
+    let (_, body) = http_request(port, "/metrics").unwrap();
     assert_eq!(
         sample(&body, "nats_fs_nats_reconnects_total"),
         Some(1.0),
         "{body}"
     );
-    assert_eq!(http_get(port, "/nothing").unwrap().0, 404);
+    assert_eq!(http_request(port, "/nothing").unwrap().0, 404);
 }
