@@ -11,8 +11,8 @@ use nats_fs::Status;
 use serde_json::json;
 
 use crate::support::{
-    bin, is_root, no_process_with, open_dir, processes_with, run_with_timeout, setup, skip,
-    sleeper, within, Jobs, Nats, Server, Supervisor, SOON,
+    bin, eventually, is_root, no_process_with, open_dir, processes_with, run_with_timeout, setup,
+    skip, sleeper, within, Jobs, Nats, Server, Supervisor, SOON,
 };
 
 #[tokio::test]
@@ -58,12 +58,13 @@ async fn the_contract_end_to_end() {
     assert_eq!(manifest.artifacts[0].path, "dist/app.js");
     let info = s.nats.drained("worker-01").await;
     assert_eq!(info.num_redelivered, 0);
-    // The workspace is gone; only the lock file stays.
-    let left: Vec<_> = fs::read_dir(&s.supervisor.workspaces)
-        .unwrap()
-        .map(|e| e.unwrap().file_name())
-        .collect();
-    assert_eq!(left.len(), 1, "{left:?}");
+    // The workspace goes right after the ack (off the path of the next job); then only the
+    // lock file stays.
+    eventually(SOON, "only the lock file in the workspaces folder", || {
+        let left = fs::read_dir(&s.supervisor.workspaces).unwrap().count();
+        (left == 1).then_some(())
+    })
+    .await;
 }
 
 #[tokio::test]
