@@ -685,7 +685,7 @@ impl Supervisor {
                 Ok(json) => (json["event"] == event).then_some(json),
                 Err(_) => line
                     .contains(&text)
-                    .then(|| Value::Object(Default::default())),
+                    .then(|| Value::Object(serde_json::Map::default())),
             })
             .collect()
     }
