@@ -187,15 +187,15 @@ fn remove(dir: &OwnedFd, name: &std::ffi::OsStr, kind: SFlag) -> io::Result<()> 
 }
 
 /// Writes the manifest of a job the supervisor ended itself into `results`, owned by `owner`,
-/// as durably as the runner writes its own ([`Manifest::write_atomic`]): the owner is given
-/// to the temp file before it is flushed and renamed, so the manifest never appears (nor
-/// survives a crash) without it.
+/// durably ([`Manifest::write_durable_with`]: a rare path, where a flush costs nothing that
+/// matters). The owner is given to the temp file before it is flushed and renamed, so the
+/// manifest never appears (nor survives a crash) without it.
 pub fn write_manifest(
     results: &OwnedFd,
     manifest: &Manifest,
     owner: Option<(Uid, Gid)>,
 ) -> io::Result<()> {
-    manifest.write_atomic_with(&fd_path(results), |file| match owner {
+    manifest.write_durable_with(&fd_path(results), |file| match owner {
         Some((uid, gid)) => Ok(fchown(file, Some(uid), Some(gid))?),
         None => Ok(()),
     })?;
