@@ -23,14 +23,10 @@ use tokio::time::{sleep, timeout, Instant};
 use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn};
 
+use crate::backoff::{jitter, Backoff};
 use crate::config::{Auth, Settings};
 use crate::job_task::{self, Ctx};
 use crate::Shutdown;
-use backoff::{jitter, Backoff};
-
-// Until the crate root declares it (`mod backoff;` in lib.rs), the module lives here.
-#[path = "backoff.rs"]
-pub mod backoff;
 
 /// How long one pull request waits on the server for messages: 15 s plus up to 10 s of jitter.
 ///

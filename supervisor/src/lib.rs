@@ -13,6 +13,7 @@
 //! ```
 //!
 //! # Layout
+//! - `backoff`: growing pauses between retries, and jitter.
 //! - `config`: flags and environment (SPEC §7), checked at start.
 //! - `identity`: the pool of identities (`--run-as`), one per running job.
 //! - `intake`: connection, stream and consumer, the pull loop, cancel requests.
@@ -37,6 +38,7 @@
 //! - `notify`: systemd readiness, status, stopping and watchdog (`NOTIFY_SOCKET`).
 //! - `dry_run`: `--dry-run`.
 
+pub mod backoff;
 pub mod config;
 pub mod contain;
 pub mod dry_run;
@@ -59,7 +61,6 @@ pub mod signals;
 pub mod spawn;
 pub mod sweep;
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -354,20 +355,7 @@ pub(crate) async fn until(at: Option<tokio::time::Instant>) {
     }
 }
 
-/// `PATH` and `LANG` for the steps: the supervisor's own, or sane defaults.
-#[must_use]
-pub fn base_env() -> BTreeMap<String, String> {
-    let mut env = BTreeMap::new();
-    env.insert(
-        "PATH".to_owned(),
-        std::env::var("PATH").unwrap_or_else(|_| spawn::DEFAULT_PATH.to_owned()),
-    );
-    env.insert(
-        "LANG".to_owned(),
-        std::env::var("LANG").unwrap_or_else(|_| "C.UTF-8".to_owned()),
-    );
-    env
-}
+pub use nats_fs::step_env::base_env;
 
 #[cfg(test)]
 mod tests {

@@ -22,7 +22,7 @@ use tokio::sync::watch;
 use tokio::time::{sleep, timeout};
 use tracing::{debug, warn};
 
-use crate::intake::backoff::Backoff;
+use crate::backoff::Backoff;
 use crate::Shutdown;
 
 /// How long a "does a stream capture this subject?" answer is trusted.
