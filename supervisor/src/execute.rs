@@ -41,6 +41,7 @@ use crate::config::Settings;
 use crate::contain::{Containment, Exceeded};
 use crate::events::JobEvents;
 use crate::identity::{Held, Identities, Identity, Pool};
+use crate::logging::event;
 use crate::reaper::{Exit, Reaper};
 use crate::results;
 use crate::spawn::{kill_all_as, spawn_runner};
@@ -303,6 +304,7 @@ fn preflight(folder: &JobFolder, room: &Room, id: &str) -> Result<(), JobEnd> {
             ),
         };
         warn!(
+            event = event::NO_ROOM,
             free_bytes = free,
             needed_bytes = needed,
             reserve_bytes = room.reserve,
@@ -443,7 +445,7 @@ async fn converse(
         }
     };
     let pid = spawned.pid;
-    debug!(pid = pid.as_raw(), identity = %identity.describe(), "runner started");
+    debug!(event = event::RUNNER_STARTED, pid = pid.as_raw(), identity = %identity.describe(), "runner started");
     contain.started(pid);
     let mut stdin = Some(spawned.stdin);
     // Never logged: the start message carries the values of --pass-env variables.
@@ -733,13 +735,22 @@ impl Talk {
                 bytes,
                 duration_ms,
             } => {
-                info!(files, bytes, duration_ms, "staged");
+                info!(
+                    event = event::JOB_STAGED,
+                    files, bytes, duration_ms, "staged"
+                );
                 self.stage_ms = *duration_ms;
                 self.events.staged(Duration::from_millis(*duration_ms));
                 self.running = (!self.steps.is_empty()).then(|| (0, Instant::now()));
             }
             FromRunner::StepStarted { index, name, pid } => {
-                info!(step = index, name = name.as_deref(), pid, "step started");
+                info!(
+                    event = event::STEP_STARTED,
+                    step = index,
+                    name = name.as_deref(),
+                    pid,
+                    "step started"
+                );
                 self.running = Some((*index, Instant::now()));
                 self.events.step_started(*index, name.as_deref());
             }
@@ -749,44 +760,16 @@ impl Talk {
                 exit_code,
                 signal,
                 duration_ms,
-            } => {
-                info!(
-                    step = index,
-                    status = %status,
-                    exit_code,
-                    signal = signal.as_deref(),
-                    duration_ms,
-                    "step finished"
-                );
-                self.running = (*status == StepStatus::Success && index + 1 < self.steps.len())
-                    .then(|| (index + 1, Instant::now()));
-                let name = self.steps.get(*index).and_then(|s| s.name.as_deref());
-                self.events
-                    .step_finished(*index, name, *status, *exit_code, *duration_ms);
-                if let Some(slot) = self.records.get_mut(*index) {
-                    let info = &self.steps[*index];
-                    *slot = Some(StepRecord {
-                        index: *index,
-                        name: info.name.clone(),
-                        command: info.command.clone(),
-                        status: *status,
-                        exit_code: *exit_code,
-                        signal: signal.clone(),
-                        duration_ms: *duration_ms,
-                        log: Some(format!("step_{index}.log")),
-                        resources: None,
-                    });
-                }
-                if *status != StepStatus::Success || index + 1 >= self.steps.len() {
-                    self.steps_done = true;
-                }
-            }
+            } => self.step_finished(*index, *status, *exit_code, signal.clone(), *duration_ms),
             FromRunner::Synced {
                 files,
                 bytes,
                 duration_ms,
             } => {
-                info!(files, bytes, duration_ms, "synced artifacts");
+                info!(
+                    event = event::ARTIFACTS_SYNCED,
+                    files, bytes, duration_ms, "synced artifacts"
+                );
                 self.events.synced(Duration::from_millis(*duration_ms));
             }
             FromRunner::Warning { message } => warn!("{message}"),
@@ -802,6 +785,48 @@ impl Talk {
             self.last = Some(event);
         }
         loaded
+    }
+
+    /// A step ended, as the runner reports it.
+    fn step_finished(
+        &mut self,
+        index: usize,
+        status: StepStatus,
+        exit_code: Option<i32>,
+        signal: Option<String>,
+        duration_ms: u64,
+    ) {
+        info!(
+            event = event::STEP_FINISHED,
+            step = index,
+            status = %status,
+            exit_code,
+            signal = signal.as_deref(),
+            duration_ms,
+            "step finished"
+        );
+        self.running = (status == StepStatus::Success && index + 1 < self.steps.len())
+            .then(|| (index + 1, Instant::now()));
+        let name = self.steps.get(index).and_then(|s| s.name.as_deref());
+        self.events
+            .step_finished(index, name, status, exit_code, duration_ms);
+        if let Some(slot) = self.records.get_mut(index) {
+            let info = &self.steps[index];
+            *slot = Some(StepRecord {
+                index,
+                name: info.name.clone(),
+                command: info.command.clone(),
+                status,
+                exit_code,
+                signal,
+                duration_ms,
+                log: Some(format!("step_{index}.log")),
+                resources: None,
+            });
+        }
+        if status != StepStatus::Success || index + 1 >= self.steps.len() {
+            self.steps_done = true;
+        }
     }
 
     /// Whether the runner ended by itself, having said how the job ended.
@@ -986,6 +1011,7 @@ impl Cleanup {
             }
             let swept = reap::kill_children(|p| reaper.is_watched(p), None, SWEEP_TIMEOUT);
             warn!(
+                event = event::LEFTOVERS_KILLED,
                 identity = %self.identity.describe(),
                 found = swept.reaped,
                 stuck = swept.left,

@@ -26,6 +26,7 @@ use tracing::{debug, error, info, warn};
 use crate::backoff::{jitter, Backoff};
 use crate::config::{Auth, Settings};
 use crate::job_task::{self, Ctx};
+use crate::logging::event;
 use crate::Shutdown;
 
 /// How long one pull request waits on the server for messages: 15 s plus up to 10 s of jitter.
@@ -70,8 +71,13 @@ pub async fn connect(settings: &Settings) -> anyhow::Result<async_nats::Client> 
         .reconnect_delay_callback(reconnect_delay)
         .event_callback(|event| async move {
             match event {
-                Event::Connected => info!("connected to NATS"),
-                Event::Disconnected => warn!("disconnected from NATS; reconnecting"),
+                Event::Connected => info!(event = event::NATS_CONNECTED, "connected to NATS"),
+                Event::Disconnected => {
+                    warn!(
+                        event = event::NATS_DISCONNECTED,
+                        "disconnected from NATS; reconnecting"
+                    );
+                }
                 Event::LameDuckMode => warn!("the NATS server is entering lame duck mode"),
                 Event::SlowConsumer(sid) => warn!(sid, "NATS slow consumer"),
                 Event::ServerError(e) => error!("NATS server error: {e}"),
@@ -312,7 +318,7 @@ pub async fn pull(
             }
             if !ready {
                 ready = true;
-                info!("ready for jobs");
+                info!(event = event::SUPERVISOR_READY, "ready for jobs");
                 ctx.notifier.ready();
             }
         }

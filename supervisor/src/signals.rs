@@ -11,6 +11,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
+use crate::logging::event;
 use crate::Shutdown;
 
 /// Registers the handlers and returns the task that turns signals into [`Shutdown`] levels.
@@ -22,13 +23,16 @@ pub fn listen(tx: watch::Sender<Shutdown>) -> io::Result<tokio::task::JoinHandle
             _ = term.recv() => "SIGTERM",
             _ = int.recv() => "SIGINT",
         };
-        info!("{name}: draining — no new jobs; running ones may finish (send it again to stop them now)");
+        info!(event = event::DRAIN_REQUESTED, "{name}: draining — no new jobs; running ones may finish (send it again to stop them now)");
         tx.send_replace(Shutdown::Drain);
         let name = tokio::select! {
             _ = term.recv() => "SIGTERM",
             _ = int.recv() => "SIGINT",
         };
-        warn!("second {name}: stopping running jobs now and handing them back");
+        warn!(
+            event = event::STOP_NOW_REQUESTED,
+            "second {name}: stopping running jobs now and handing them back"
+        );
         tx.send_replace(Shutdown::Now);
     }))
 }

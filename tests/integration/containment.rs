@@ -257,9 +257,7 @@ async fn a_host_without_room_hands_the_job_to_one_with_room() {
     );
     small.ready().await;
     nats.submit_id("big").await;
-    small
-        .wait_log("not enough room to stage the job here", 1)
-        .await;
+    small.wait_event("no_room", 1).await;
     let log = small.log();
     assert!(
         log.contains("free; job big needs 6.0 MiB plus the 1.0 MiB reserve (--min-free-space)")

@@ -112,8 +112,8 @@ async fn nats_restarted_mid_job_runs_it_once() {
     eventually(SOON, "the step to start", || runs.exists().then_some(())).await;
 
     server.restart();
-    supervisor.wait_log("disconnected from NATS", 1).await;
-    supervisor.wait_log("connected to NATS", 2).await;
+    supervisor.wait_event("nats_disconnected", 1).await;
+    supervisor.wait_event("nats_connected", 2).await;
     // Our own client reconnects too; make sure its subscription is back before the result.
     within(SOON, "the test client to reconnect", async {
         while nats.client.flush().await.is_err() {
@@ -150,10 +150,10 @@ async fn sigterm_drains_the_running_job_and_takes_no_new_one() {
     );
     jobs.add("later", &json!({"steps": ["true"]}));
     nats.submit_id("finishing").await;
-    supervisor.wait_log("step started", 1).await;
+    supervisor.wait_event("step_started", 1).await;
 
     supervisor.signal(Signal::SIGTERM);
-    supervisor.wait_log("draining", 1).await;
+    supervisor.wait_event("drain_requested", 1).await;
     nats.submit_id("later").await;
     fs::write(&go, "").unwrap();
     let got = nats.result().await;
@@ -194,7 +194,7 @@ async fn a_drain_deadline_hands_the_job_to_another_supervisor() {
     let (token, step) = hang_on_first_attempt();
     jobs.add("handed-over", &json!({ "steps": [step] }));
     nats.submit_id("handed-over").await;
-    first.wait_log("step started", 1).await;
+    first.wait_event("step_started", 1).await;
 
     first.signal(Signal::SIGTERM);
     let status = first.exit(SOON).await;
@@ -226,7 +226,7 @@ async fn a_second_sigterm_skips_the_drain_wait() {
     let (token, step) = hang_on_first_attempt();
     jobs.add("impatient", &json!({ "steps": [step] }));
     nats.submit_id("impatient").await;
-    supervisor.wait_log("step started", 1).await;
+    supervisor.wait_event("step_started", 1).await;
     supervisor.signal(Signal::SIGTERM);
     supervisor.wait_event("drain_started", 1).await;
     let second = Instant::now();
@@ -380,7 +380,7 @@ async fn a_runner_killed_by_sigkill_is_retried_and_its_orphans_are_killed() {
     assert_eq!(got.result.status, Status::Error);
     let error = got.result.error.unwrap_or_default();
     assert!(error.contains("was killed by SIGKILL"), "{error}");
-    assert_eq!(supervisor.count("killed every process it left behind"), 2);
+    assert_eq!(supervisor.count_event("leftovers_killed"), 2);
     assert!(
         processes_with(&token).is_empty(),
         "a crashed runner's steps survived"
@@ -470,7 +470,7 @@ async fn a_lost_lease_stops_the_job_rather_than_racing_a_redelivery() {
     let (token, step) = hang_on_first_attempt();
     jobs.add("leased", &json!({ "steps": [step] }));
     nats.submit_id("leased").await;
-    supervisor.wait_log("step started", 1).await;
+    supervisor.wait_event("step_started", 1).await;
 
     server.kill();
     supervisor.wait_event("lease_lost", 1).await;

@@ -265,7 +265,7 @@ async fn a_cancel_request_stops_the_job() {
         &json!({"steps": [sleep, "echo never".to_owned()]}),
     );
     s.nats.submit_id("stop-me").await;
-    s.supervisor.wait_log("step started", 1).await;
+    s.supervisor.wait_event("step_started", 1).await;
     // Cancels for other ids, and hostile subjects, change nothing.
     s.nats
         .client

@@ -707,7 +707,7 @@ impl Supervisor {
 
     /// Waits until it is connected and pulling.
     pub async fn ready(&self) {
-        self.wait_log("ready for jobs", 1).await;
+        self.wait_event("supervisor_ready", 1).await;
     }
 
     pub fn signal(&self, signal: Signal) {
