@@ -1,4 +1,4 @@
-//! Benchmarks of nats-fs-worker (issue 6), run against the release binaries in
+//! Benchmarks of nats-fs-worker, run against the release binaries in
 //! `target/release/`, a real `nats-server` on loopback and real folders. `scripts/bench` builds
 //! the binaries and runs this (`cargo bench --bench worker`); it prints a table and writes
 //! `target/bench/<benchmark>.json`, `target/bench/summary.json` and
@@ -478,7 +478,7 @@ fn run(filter: &[String]) -> Result<()> {
 }
 
 const NOISE_NOTE: &str = "Disk figures (staging, sync-scaling) are noisy on this shared virtual \
-disk (NOTES.md: single copies of one tree ranged 109-1,252 ms); caches cannot be dropped. Each \
+disk (single copies of one tree ranged 109-1,252 ms in probes); caches cannot be dropped. Each \
 comparison is made in one run (staging interleaved ABBA; sync-scaling with every cp -a before \
 the runner, whose workspace deletions would slow later copies), each timed copy starts after \
 sync(2) with warm \

@@ -5,7 +5,7 @@
 //! Everything here is validated when it is decoded, with errors that say where the problem is
 //! (`steps[2].timeout: …`), because the people who read them are writing job files by hand.
 //! Decoding goes through [`serde_json::Value`] rather than derived `Deserialize` so that every
-//! rule of SPEC §2–3 has its own message.
+//! rule of contract §2–3 has its own message.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -42,7 +42,7 @@ pub enum IdError {
 }
 
 impl JobId {
-    /// Checks `s` against the id rules of SPEC §2.
+    /// Checks `s` against the id rules of contract §2.
     pub fn parse(s: &str) -> Result<Self, IdError> {
         if s.is_empty() {
             return Err(IdError::Empty);
@@ -228,7 +228,7 @@ pub fn steps_from_value(value: &Value, at: &str) -> Result<Vec<Step>, SpecError>
         .collect()
 }
 
-/// The contents of `job.json` (SPEC §3).
+/// The contents of `job.json` (contract §3).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct JobSpec {
     /// The steps, in order. Empty only when `job.json` has none and the request supplies them.
@@ -278,7 +278,7 @@ impl JobSpec {
     }
 }
 
-/// A job request as published on the input subject (SPEC §2).
+/// A job request as published on the input subject (contract §2).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct JobRequest {
     /// Names the job folder `{jobs_dir}/{id}` and the result subject `{output}.{id}`.

@@ -6,6 +6,7 @@
 //! runs the steps, syncs artifacts back to `results/` and writes `results/result.json`; the
 //! supervisor then publishes the result message and acks.
 //!
+//! The contract is written down in `docs/contract.md`; comments cite it as "contract §n".
 //! This crate holds everything both sides (and tests, and controllers written in Rust) must agree
 //! on, as plain data with validation, and no I/O policy of its own beyond a few file helpers.
 //!

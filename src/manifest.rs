@@ -1,5 +1,5 @@
-//! What a finished job leaves behind: `results/result.json` ([`Manifest`], SPEC §5) and the
-//! result message published on `{output_subject}.{id}` ([`ResultMessage`], SPEC §6).
+//! What a finished job leaves behind: `results/result.json` ([`Manifest`], contract §5) and the
+//! result message published on `{output_subject}.{id}` ([`ResultMessage`], contract §6).
 //!
 //! The runner writes the manifest; the supervisor reads it back to recognise a redelivery of a
 //! job whose previous attempt already finished (the ack was lost), and tests read it to check
@@ -23,7 +23,7 @@ pub const MANIFEST_PATH: &str = "results/result.json";
 /// A manifest larger than this is not ours; reading it is refused.
 const MAX_MANIFEST_BYTES: u64 = 16 << 20;
 
-/// How a job ended (SPEC §6).
+/// How a job ended (contract §6).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Status {
@@ -389,7 +389,7 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
     }
 }
 
-/// The message published on `{output_subject}.{id}` when a job ends (SPEC §6).
+/// The message published on `{output_subject}.{id}` when a job ends (contract §6).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ResultMessage {

@@ -1,4 +1,4 @@
-//! One run of a job, start to end (SPEC §4): empty `results/`, read `job.json`, stage, run the
+//! One run of a job, start to end (contract §4): empty `results/`, read `job.json`, stage, run the
 //! steps, sync, write the manifest. Both modes of the runner — the supervisor's pipe and
 //! `--job` — call [`run`]; only how events are reported differs.
 //!
@@ -661,7 +661,7 @@ impl<'a> Job<'a> {
         })
     }
 
-    /// The step's environment, in the order of SPEC §4.2: base, job variables, the job's and
+    /// The step's environment, in the order of contract §4.2: base, job variables, the job's and
     /// the step's `env`, then what the operator passes through.
     fn step_env(&self, spec: &JobSpec, step: &Step) -> BTreeMap<String, String> {
         let path = |p: &Path| p.to_string_lossy().into_owned();

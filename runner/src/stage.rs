@@ -1,4 +1,4 @@
-//! Staging: copying a job folder into the private workspace (SPEC §4.1), and remembering what
+//! Staging: copying a job folder into the private workspace (contract §4.1), and remembering what
 //! was staged so that [`crate::sync`] can tell which files the steps created or changed.
 //!
 //! Regular files are copied with `io::copy`, which std turns into `copy_file_range(2)` between

@@ -1,4 +1,4 @@
-//! Running one step (SPEC §4.2–4.3): `/bin/sh -c`, its own process group, a clean environment,
+//! Running one step (contract §4.2–4.3): `/bin/sh -c`, its own process group, a clean environment,
 //! stdin from `/dev/null`, stdout and stderr both onto the step's log file, the job's rlimits.
 //!
 //! The log file *is* the step's stdout and stderr — one open file description in append mode,

@@ -1,4 +1,4 @@
-//! Syncing artifacts (SPEC §4.4): every file or symlink in the workspace that differs from its
+//! Syncing artifacts (contract §4.4): every file or symlink in the workspace that differs from its
 //! staged [`Fingerprint`] (or was not staged at all) is copied to `results/<same path>`, with
 //! its size and SHA-256 recorded for the manifest. Unchanged inputs stay where they are.
 //!

@@ -1,7 +1,7 @@
 //! `--watch`: run the job, then run it again whenever something in its folder changes.
 //!
-//! inotify (through `notify`) is good at "something changed" and poor at "exactly what" (see
-//! NOTES: events are lost under load), which is all this needs: any relevant event, debounced,
+//! inotify (through `notify`) is good at "something changed" and poor at "exactly what" (its
+//! queue overflows and drops events under load), which is all this needs: any relevant event, debounced,
 //! triggers a whole new run, and each run stages afresh. Changes under `results/` — which the
 //! run itself writes — and mere reads are ignored.
 

@@ -1,4 +1,4 @@
-//! Configuration (SPEC §7): flags and environment variables with the original worker's names,
+//! Configuration (contract §7): flags and environment variables with the original worker's names,
 //! checked once at start so that a daemon that starts is a daemon that can work.
 
 use std::path::{Path, PathBuf};

@@ -1,4 +1,4 @@
-//! `--dry-run` (SPEC §9): run `./test-payload.json` once through the same runner and privilege
+//! `--dry-run` (contract §9): run `./test-payload.json` once through the same runner and privilege
 //! path as a real job, without NATS, and print the result message.
 
 use std::fs;

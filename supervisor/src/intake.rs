@@ -1,4 +1,4 @@
-//! Where jobs come from: the NATS connection, the stream and durable pull consumer (SPEC §7),
+//! Where jobs come from: the NATS connection, the stream and durable pull consumer (contract §7),
 //! the pull loop, and cancel requests.
 //!
 //! The pull loop asks for exactly as many messages as there are free slots and waits for a

@@ -519,7 +519,7 @@ fn already_finished(
     }
 }
 
-/// A payload that fails SPEC §2: never touches the disk, never runs, never comes back.
+/// A payload that fails contract §2: never touches the disk, never runs, never comes back.
 async fn reject(
     ctx: &Ctx,
     msg: &jetstream::Message,

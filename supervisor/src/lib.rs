@@ -14,7 +14,7 @@
 //!
 //! # Layout
 //! - `backoff`: growing pauses between retries, and jitter.
-//! - `config`: flags and environment (SPEC §7), checked at start.
+//! - `config`: flags and environment (contract §7), checked at start.
 //! - `identity`: the pool of identities (`--run-as`), one per running job.
 //! - `intake`: connection, stream and consumer, the pull loop, cancel requests.
 //! - `job_task`: one message from delivery to ack; the lease (progress acks).
@@ -77,7 +77,7 @@ use crate::identity::Identities;
 use crate::job_task::{Ctx, Running};
 use crate::reaper::Reaper;
 
-/// How far along shutdown is (SPEC §8).
+/// How far along shutdown is (contract §8).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Shutdown {
     /// Taking jobs.

@@ -1,6 +1,6 @@
 //! Result messages and dead letters on their way out, delivered so that they are not lost.
 //!
-//! The result message is a core NATS message (SPEC §6), and core NATS drops what it cannot
+//! The result message is a core NATS message (contract §6), and core NATS drops what it cannot
 //! deliver. Two holes matter in practice:
 //! - a publish written into a connection that then dies is gone, although a flush on the *next*
 //!   connection succeeds: so a flush only counts when the connection did not change meanwhile;

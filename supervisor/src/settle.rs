@@ -1,4 +1,4 @@
-//! Deciding how a job message is settled (SPEC §6), as a pure function so every row of the
+//! Deciding how a job message is settled (contract §6), as a pure function so every row of the
 //! table is unit-tested: publish a final result then ack or terminate, nak with a delay to retry
 //! a host fault, or leave the message alone when its lease is already lost.
 

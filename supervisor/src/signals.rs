@@ -1,4 +1,4 @@
-//! SIGTERM and SIGINT (SPEC §8): the first drains, the second stops running jobs at once.
+//! SIGTERM and SIGINT (contract §8): the first drains, the second stops running jobs at once.
 //!
 //! tokio's own signal module is used rather than signal-hook-tokio: it is already part of the
 //! runtime we depend on, gives each signal a stream that fits `select!`, and needs no extra

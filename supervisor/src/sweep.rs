@@ -1,5 +1,5 @@
 //! The workspaces folder: created with modes the runner's user can traverse, locked so that one
-//! supervisor owns it, and swept at start of whatever crashed attempts left behind (SPEC §4.6).
+//! supervisor owns it, and swept at start of whatever crashed attempts left behind (contract §4.6).
 
 use std::fs::{self, File};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};

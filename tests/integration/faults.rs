@@ -1,4 +1,4 @@
-//! Reliability under faults (issue 4): crashes, server restarts, drains, competition, host
+//! Reliability under faults: crashes, server restarts, drains, competition, host
 //! faults, lost acks, lost leases, a clustered server and dead letters. Each test injects the
 //! fault for real and checks that nothing is lost, nothing runs twice, nothing is left running.
 
