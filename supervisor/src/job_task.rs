@@ -19,6 +19,7 @@ use tokio::task::JoinHandle;
 use tokio::time::{sleep, sleep_until, timeout, Instant};
 use tracing::{debug, error, info, info_span, warn, Instrument, Span};
 
+use crate::backoff::Backoff;
 use crate::config::Settings;
 use crate::events::{JobEvents, JobState};
 use crate::execute::{execute, Env, JobEnd, JobRun};
@@ -670,7 +671,7 @@ async fn settle(ctx: &Ctx, msg: &jetstream::Message, ack: Ack) {
         Ack::Term => AckKind::Term,
     };
     let give_up = Instant::now() + ctx.ack_wait;
-    let mut pause = Duration::from_millis(100);
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
     loop {
         match msg.double_ack_with(kind).await {
             Ok(()) => return,
@@ -680,8 +681,7 @@ async fn settle(ctx: &Ctx, msg: &jetstream::Message, ack: Ack) {
             }
             Err(e) => debug!("{ack:?} not confirmed yet: {e}"),
         }
-        sleep(pause).await;
-        pause = (pause * 2).min(Duration::from_secs(2));
+        sleep(backoff.pause()).await;
     }
 }
 

@@ -7,6 +7,7 @@ use std::time::Duration;
 use nats_fs::manifest::Reason;
 use nats_fs::{ResultMessage, Status};
 
+use crate::backoff::Backoff;
 use crate::execute::JobEnd;
 
 /// The first retry delay of a host fault; it doubles with every delivery.
@@ -53,8 +54,8 @@ pub fn ack_for(status: Status) -> Ack {
 /// How long to wait before the next delivery after a host fault on delivery `delivered`.
 #[must_use]
 pub fn retry_delay(delivered: u64) -> Duration {
-    let exponent = u32::try_from(delivered.saturating_sub(1).min(16)).unwrap_or(16);
-    FIRST_RETRY.saturating_mul(1 << exponent).min(MAX_RETRY)
+    let doublings = u32::try_from(delivered.saturating_sub(1)).unwrap_or(u32::MAX);
+    Backoff::new(FIRST_RETRY, MAX_RETRY).nth(doublings)
 }
 
 /// Decides what to do with a message on its `delivered`-th delivery out of `max_deliver`.
