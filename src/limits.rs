@@ -15,6 +15,7 @@ use std::fmt;
 use std::time::Duration;
 
 use bytesize::ByteSize;
+use nix::sys::resource::Resource;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
@@ -43,6 +44,16 @@ pub struct Limits {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub output: Option<u64>,
 }
+
+/// The limits that are rlimits of every process, with their resources: the one table the
+/// supervisor (ceilings, before the privilege drop) and the runner (a job's lower values, for
+/// its steps) both apply.
+pub const RLIMITS: [(Kind, Resource); 4] = [
+    (Kind::Processes, Resource::RLIMIT_NPROC),
+    (Kind::OpenFiles, Resource::RLIMIT_NOFILE),
+    (Kind::FileSize, Resource::RLIMIT_FSIZE),
+    (Kind::CpuTime, Resource::RLIMIT_CPU),
+];
 
 /// The kinds of limit, in the order they are listed everywhere.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -75,6 +86,19 @@ impl Kind {
             Self::CpuTime => "cpuTime",
             Self::Memory => "memory",
             Self::Output => "output",
+        }
+    }
+
+    /// Reads a value of this kind as an operator types it: a whole number (processes, open
+    /// files), a size (`"2GiB"`), or a duration (`"1h"`, rounded up to whole seconds).
+    pub fn parse_str(self, s: &str) -> Result<u64, String> {
+        match self {
+            Self::Processes | Self::OpenFiles => match s.trim().parse::<u64>() {
+                Ok(n) if n > 0 => Ok(n),
+                _ => Err(format!("{s:?} is not a whole number of at least 1")),
+            },
+            Self::CpuTime => duration_from_value(&Value::String(s.to_owned())).map(whole_seconds),
+            Self::FileSize | Self::Memory | Self::Output => parse_size(s),
         }
     }
 

@@ -75,6 +75,39 @@ fn ignore_missing(result: io::Result<()>) -> io::Result<()> {
     }
 }
 
+/// Bytes of the regular files below `dir`, symlinks never followed, leaving out the entry
+/// named `skip` at its top (`results/` of a job folder). What vanishes or cannot be read counts
+/// nothing: the total is what the caller can see.
+#[must_use]
+pub fn bytes_in(dir: &Path, skip: Option<&str>) -> u64 {
+    let mut total = 0u64;
+    let mut pending = vec![(dir.to_owned(), true)];
+    while let Some((dir, top)) = pending.pop() {
+        let Ok(entries) = fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            if top && skip.is_some_and(|skip| entry.file_name() == skip) {
+                continue;
+            }
+            // `DirEntry::metadata` does not follow a symlink.
+            let Ok(meta) = entry.metadata() else { continue };
+            if meta.is_dir() {
+                pending.push((entry.path(), false));
+            } else if meta.is_file() {
+                total = total.saturating_add(meta.len());
+            }
+        }
+    }
+    total
+}
+
+/// Bytes an unprivileged writer can still put on the drive holding `dir`.
+pub fn free_space(dir: &Path) -> io::Result<u64> {
+    let stat = nix::sys::statvfs::statvfs(dir)?;
+    Ok(stat.blocks_available().saturating_mul(stat.fragment_size()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -48,33 +48,6 @@ pub(crate) fn is_no_space(e: &io::Error) -> bool {
     )
 }
 
-/// Bytes of regular files under `dir`, symlinks not followed. Entries that vanish or cannot be
-/// read are not counted: the total is what the runner can see.
-pub(crate) fn bytes_in(dir: &Path) -> u64 {
-    let mut total = 0;
-    let mut pending = vec![dir.to_owned()];
-    while let Some(dir) = pending.pop() {
-        let Ok(entries) = fs::read_dir(&dir) else {
-            continue;
-        };
-        for entry in entries.flatten() {
-            let Ok(meta) = entry.metadata() else { continue };
-            if meta.is_dir() {
-                pending.push(entry.path());
-            } else if meta.is_file() {
-                total += meta.len();
-            }
-        }
-    }
-    total
-}
-
-/// Bytes an unprivileged writer can still put on the drive holding `dir`.
-pub(crate) fn free_space(dir: &Path) -> Option<u64> {
-    let stat = nix::sys::statvfs::statvfs(dir).ok()?;
-    Some(stat.blocks_available().saturating_mul(stat.fragment_size()))
-}
-
 /// Cuts the log at `path` to at most `keep` bytes and ends it with `marker` (on a line of its
 /// own). A log that is not a regular file (a step replaced it) is left alone. Returns the
 /// log's new size.
@@ -153,7 +126,7 @@ mod tests {
         fs::write(dir.path().join("step_0.log"), "small\n").unwrap();
         fs::write(dir.path().join("step_1.log"), vec![b'x'; 300 << 10]).unwrap();
         let logs = vec!["step_0.log".to_owned(), "step_1.log".to_owned()];
-        assert_eq!(bytes_in(dir.path()), 6 + (300 << 10));
+        assert_eq!(nats_fs::tree::bytes_in(dir.path(), None), 6 + (300 << 10));
         let cut = make_room(dir.path(), &logs).unwrap();
         assert!(cut.ends_with("step_1.log"));
         let text = fs::read_to_string(&cut).unwrap();
@@ -166,6 +139,6 @@ mod tests {
         assert!(is_no_space(&io::Error::from_raw_os_error(
             nix::libc::ENOSPC
         )));
-        assert!(free_space(dir.path()).is_some());
+        assert!(nats_fs::tree::free_space(dir.path()).is_ok());
     }
 }

@@ -21,7 +21,7 @@ use std::io;
 use std::os::unix::process::CommandExt;
 use std::process::Command;
 
-use nats_fs::limits::{Kind, Limits};
+use nats_fs::limits::{Kind, Limits, RLIMITS};
 use nix::sys::resource::{getrlimit, setrlimit, Resource};
 
 /// At most four settings: processes, open files, file size and CPU time.
@@ -43,12 +43,7 @@ impl StepRlimits {
             settings: [(Resource::RLIMIT_CORE, 0, 0); MAX],
             len: 0,
         };
-        for (kind, resource) in [
-            (Kind::Processes, Resource::RLIMIT_NPROC),
-            (Kind::OpenFiles, Resource::RLIMIT_NOFILE),
-            (Kind::FileSize, Resource::RLIMIT_FSIZE),
-            (Kind::CpuTime, Resource::RLIMIT_CPU),
-        ] {
+        for (kind, resource) in RLIMITS {
             let Some(value) = granted.get(kind) else {
                 continue;
             };

@@ -357,7 +357,7 @@ impl<'a> Job<'a> {
             ));
         }
         if let Some(path) = &synced.no_space {
-            let used = output::bytes_in(&self.results);
+            let used = nats_fs::tree::bytes_in(&self.results, None);
             if used < output::JOB_FILLED_DRIVE {
                 return Err(fault(format!(
                     "the drive holding {} is full (copying artifact {path}); the job has only {} there, so it will be retried",
@@ -469,7 +469,8 @@ impl<'a> Job<'a> {
         let snapshot = staged.snapshot.clone();
         let quota = self.limits.output;
         let synced = tokio::task::spawn_blocking(move || {
-            let left = quota.map(|quota| quota.saturating_sub(output::bytes_in(&results)));
+            let left =
+                quota.map(|quota| quota.saturating_sub(nats_fs::tree::bytes_in(&results, None)));
             sync::sync(&workspace, &results, &snapshot, &interrupt, left)
         })
         .await
@@ -506,7 +507,7 @@ impl<'a> Job<'a> {
         let log_quota = self
             .limits
             .output
-            .map(|quota| quota.saturating_sub(output::bytes_in(&self.results)));
+            .map(|quota| quota.saturating_sub(nats_fs::tree::bytes_in(&self.results, None)));
         let idle = terms.grant.idle_timeout(step);
         let began = Instant::now();
         let step_deadline = step.timeout.and_then(|t| began.checked_add(t));
@@ -615,11 +616,22 @@ impl<'a> Job<'a> {
     /// (then the largest log is cut to make room for the manifest), and because of the host
     /// otherwise (a fault: the job is retried).
     fn judge_output(&self, verdict: Verdict, label: &str) -> Result<Verdict, Outcome> {
-        if let (Verdict::Success, Some(quota)) = (&verdict, self.limits.output) {
-            let used = output::bytes_in(&self.results);
+        // A step that failed on its own may have written past the quota too; then the quota is
+        // what the job is told about (with the step's own code).
+        let (judged, code) = match &verdict {
+            Verdict::Success => (true, 1),
+            Verdict::Failed {
+                code,
+                reason: Reason::Exit | Reason::Signal,
+                ..
+            } => (true, *code),
+            _ => (false, 1),
+        };
+        if let (true, Some(quota)) = (judged, self.limits.output) {
+            let used = nats_fs::tree::bytes_in(&self.results, None);
             if used > quota {
                 return Ok(Verdict::Failed {
-                    code: 1,
+                    code,
                     what: format!(
                         "the job has {} in results/ after {label}, more than its output limit of {} (files a step writes there directly count too)",
                         size(used),
@@ -637,11 +649,13 @@ impl<'a> Job<'a> {
         else {
             return Ok(verdict);
         };
-        let Some(free) = output::free_space(&self.results).filter(|f| *f < output::NEARLY_FULL)
+        let Some(free) = nats_fs::tree::free_space(&self.results)
+            .ok()
+            .filter(|f| *f < output::NEARLY_FULL)
         else {
             return Ok(verdict);
         };
-        let used = output::bytes_in(&self.results);
+        let used = nats_fs::tree::bytes_in(&self.results, None);
         if used < output::JOB_FILLED_DRIVE {
             return Err(fault(format!(
                 "{label} failed with the drive holding {} full ({} free), and the job has only {} there: the host is the cause, the job will be retried",
@@ -728,7 +742,7 @@ impl<'a> Job<'a> {
         };
         let written = match manifest.write_atomic(&self.results) {
             Err(e) if output::is_no_space(&e) => {
-                let used = output::bytes_in(&self.results);
+                let used = nats_fs::tree::bytes_in(&self.results, None);
                 if used < output::JOB_FILLED_DRIVE
                     || output::make_room(&self.results, &self.logs).is_none()
                 {

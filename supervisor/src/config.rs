@@ -9,7 +9,7 @@ use anyhow::{bail, Context};
 use clap::{Parser, ValueEnum};
 use nats_fs::generate::Generate;
 use nats_fs::job::{check_env_name, parse_default_timeout, parse_duration};
-use nats_fs::limits::{parse_size, Limits};
+use nats_fs::limits::{parse_size, Kind, Limits};
 
 use crate::identity::Pool;
 
@@ -222,7 +222,7 @@ pub struct Args {
     #[arg(
         long,
         env = "NATS_FS_MIN_FREE_SPACE",
-        default_value = "1GiB",
+        default_value = DEFAULT_MIN_FREE_SPACE,
         value_name = "SIZE"
     )]
     pub min_free_space: String,
@@ -495,19 +495,6 @@ impl LimitArgs {
     /// Reads `--max-*`, `--idle-timeout` and `--min-free-space`; an empty value (an
     /// environment file's `NATS_FS_MAX_MEMORY=`) is "not set".
     fn from_args(args: &Args) -> anyhow::Result<Self> {
-        let count = |what: &str, value: Option<&String>| -> anyhow::Result<Option<u64>> {
-            set(value)
-                .map(|v| match v.parse::<u64>() {
-                    Ok(n) if n > 0 => Ok(n),
-                    _ => bail!("{what} {v:?} is not a whole number of at least 1"),
-                })
-                .transpose()
-        };
-        let size = |what: &str, value: Option<&String>| -> anyhow::Result<Option<u64>> {
-            set(value)
-                .map(|v| parse_size(v).map_err(|problem| anyhow::anyhow!("{what} {problem}")))
-                .transpose()
-        };
         let duration = |what: &str, value: Option<&String>| -> anyhow::Result<Option<Duration>> {
             set(value)
                 .map(|v| match parse_duration(v) {
@@ -517,34 +504,16 @@ impl LimitArgs {
                 })
                 .transpose()
         };
-        let cpu = duration(
-            "--max-cpu-time (NATS_FS_MAX_CPU_TIME)",
-            args.max_cpu_time.as_ref(),
-        )?;
-        let ceilings = Limits {
-            processes: count(
-                "--max-processes (NATS_FS_MAX_PROCESSES)",
-                args.max_processes.as_ref(),
-            )?,
-            open_files: count(
-                "--max-open-files (NATS_FS_MAX_OPEN_FILES)",
-                args.max_open_files.as_ref(),
-            )?,
-            file_size: size(
-                "--max-file-size (NATS_FS_MAX_FILE_SIZE)",
-                args.max_file_size.as_ref(),
-            )?,
-            // RLIMIT_CPU counts whole seconds; a part of one is rounded up.
-            cpu_time: cpu.map(|d| d.as_secs() + u64::from(d.subsec_nanos() > 0)),
-            memory: size(
-                "--max-memory (NATS_FS_MAX_MEMORY)",
-                args.max_memory.as_ref(),
-            )?,
-            output: size(
-                "--max-output (NATS_FS_MAX_OUTPUT)",
-                args.max_output.as_ref(),
-            )?,
-        };
+        let mut ceilings = Limits::default();
+        for kind in Kind::ALL {
+            let value = set(ceiling_arg(args, kind))
+                .map(|v| {
+                    kind.parse_str(v)
+                        .map_err(|problem| anyhow::anyhow!("{} {problem}", ceiling_option(kind)))
+                })
+                .transpose()?;
+            ceilings.set(kind, value);
+        }
         let max_timeout = duration(
             "--max-timeout (NATS_FS_MAX_TIMEOUT)",
             args.max_timeout.as_ref(),
@@ -564,8 +533,8 @@ impl LimitArgs {
             args.idle_timeout.as_ref(),
         )?;
         let min_free_space = match args.min_free_space.trim() {
-            "" => DEFAULT_MIN_FREE_SPACE,
             "0" => 0,
+            "" => parse_size(DEFAULT_MIN_FREE_SPACE).map_err(anyhow::Error::msg)?,
             v => parse_size(v).map_err(|problem| {
                 anyhow::anyhow!("--min-free-space (NATS_FS_MIN_FREE_SPACE) {problem}")
             })?,
@@ -579,8 +548,32 @@ impl LimitArgs {
     }
 }
 
-/// `--min-free-space` when it is set empty.
-const DEFAULT_MIN_FREE_SPACE: u64 = 1 << 30;
+/// The option that sets the ceiling of `kind`, as messages name it.
+pub fn ceiling_option(kind: Kind) -> &'static str {
+    match kind {
+        Kind::Processes => "--max-processes (NATS_FS_MAX_PROCESSES)",
+        Kind::OpenFiles => "--max-open-files (NATS_FS_MAX_OPEN_FILES)",
+        Kind::FileSize => "--max-file-size (NATS_FS_MAX_FILE_SIZE)",
+        Kind::CpuTime => "--max-cpu-time (NATS_FS_MAX_CPU_TIME)",
+        Kind::Memory => "--max-memory (NATS_FS_MAX_MEMORY)",
+        Kind::Output => "--max-output (NATS_FS_MAX_OUTPUT)",
+    }
+}
+
+/// The value given for the ceiling of `kind`.
+fn ceiling_arg(args: &Args, kind: Kind) -> Option<&String> {
+    match kind {
+        Kind::Processes => args.max_processes.as_ref(),
+        Kind::OpenFiles => args.max_open_files.as_ref(),
+        Kind::FileSize => args.max_file_size.as_ref(),
+        Kind::CpuTime => args.max_cpu_time.as_ref(),
+        Kind::Memory => args.max_memory.as_ref(),
+        Kind::Output => args.max_output.as_ref(),
+    }
+}
+
+/// `--min-free-space` when it is not set (or set empty).
+const DEFAULT_MIN_FREE_SPACE: &str = "1GiB";
 
 /// Checks the subject options; returns the dead-letter subject and the status subject (each
 /// `None` when disabled by an empty value).

@@ -19,6 +19,7 @@ use nats_fs::manifest::Reason;
 use nix::unistd::Pid;
 use tracing::warn;
 
+use crate::logging::event;
 use crate::memory::{self, MemoryWatch};
 use crate::spawn::RunnerLimits;
 
@@ -34,8 +35,8 @@ pub struct Exceeded {
 #[derive(Debug)]
 pub struct Containment {
     ceilings: Limits,
-    /// The limits in force: the ceilings until the runner reports the job's own.
-    limits: Limits,
+    /// The memory limit watched: the ceiling until the runner reports the job's own.
+    memory: Option<u64>,
     runner: Option<Pid>,
     watch: Option<MemoryWatch>,
 }
@@ -45,7 +46,7 @@ impl Containment {
     pub fn new(ceilings: Limits) -> Self {
         Self {
             ceilings,
-            limits: ceilings,
+            memory: ceilings.memory,
             runner: None,
             watch: None,
         }
@@ -65,24 +66,14 @@ impl Containment {
 
     /// The runner reported the limits the job was granted. The runner runs as the job's
     /// identity, so a step can make it say anything: what it reports is believed only where it
-    /// is lower than a ceiling. Returns the limits in force.
+    /// is lower than a ceiling ([`Limits::within`]). Returns the limits in force.
     pub fn granted(&mut self, reported: &Limits) -> Limits {
-        let memory = memory::enforced(reported.memory, self.ceilings.memory);
-        let limits = Limits {
-            memory,
-            ..*reported
-        };
-        let changed = limits.memory != self.limits.memory;
-        self.limits = limits;
-        if changed {
+        let (limits, _) = reported.within(&self.ceilings);
+        if limits.memory != self.memory {
+            self.memory = limits.memory;
             self.watch_memory();
         }
         limits
-    }
-
-    /// The limits in force.
-    pub fn limits(&self) -> Limits {
-        self.limits
     }
 
     /// The runner has exited: its pid may belong to another process from now on.
@@ -97,6 +88,7 @@ impl Containment {
         self.watch = None;
         let error = over.error();
         warn!(
+            event = event::MEMORY_EXCEEDED,
             rss_bytes = over.usage.rss_bytes,
             limit_bytes = over.limit,
             processes = over.usage.processes,
@@ -112,7 +104,7 @@ impl Containment {
     fn watch_memory(&mut self) {
         self.watch = self
             .runner
-            .zip(self.limits.memory)
+            .zip(self.memory)
             .map(|(pid, limit)| MemoryWatch::start(pid, limit));
     }
 }
@@ -137,8 +129,19 @@ mod tests {
             processes: Some(7),
             ..Limits::default()
         };
-        assert_eq!(contain.granted(&asked).memory, Some(u64::MAX / 2));
-        assert_eq!(contain.limits().processes, Some(7));
+        let granted = contain.granted(&asked);
+        assert_eq!(granted.memory, Some(u64::MAX / 2));
+        assert_eq!(granted.processes, Some(7));
+        // Nor any other ceiling: a forged report cannot put more in the manifest either.
+        let ceilings = Limits {
+            output: Some(10),
+            ..ceilings
+        };
+        let forged = Limits {
+            output: Some(u64::MAX),
+            ..asked
+        };
+        assert_eq!(Containment::new(ceilings).granted(&forged).output, Some(10));
         assert!(
             tokio::time::timeout(memory::SAMPLE_EVERY * 3, contain.exceeded())
                 .await

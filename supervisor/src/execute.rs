@@ -25,7 +25,9 @@ use std::time::{Duration, SystemTime};
 use nats_fs::folder::{fd_path, JobFolder, Unusable};
 use nats_fs::job::JobRequest;
 use nats_fs::limits::{size, Limits};
-use nats_fs::manifest::{Manifest, Reason, ResultMessage, StepRecord, StepStatus, Timing};
+use nats_fs::manifest::{
+    Manifest, Reason, ResultMessage, StepRecord, StepStatus, Timing, RESULTS_DIR,
+};
 use nats_fs::protocol::{CancelMode, FromRunner, StartJob, StepInfo, ToRunner, PROTOCOL_VERSION};
 use nats_fs::reap;
 use nats_fs::Status;
@@ -281,8 +283,8 @@ fn prepare(
 /// other jobs staged on it.
 fn preflight(folder: &JobFolder, room: &Room, id: &str) -> Result<(), JobEnd> {
     let drive = room.workspaces.display();
-    let free = match nix::sys::statvfs::statvfs(&room.workspaces) {
-        Ok(stat) => stat.blocks_available().saturating_mul(stat.fragment_size()),
+    let free = match nats_fs::tree::free_space(&room.workspaces) {
+        Ok(free) => free,
         Err(e) => {
             return Err(JobEnd::Fault(format!(
                 "checking the free space of the workspaces drive {drive}: {e}"
@@ -315,34 +317,13 @@ fn preflight(folder: &JobFolder, room: &Room, id: &str) -> Result<(), JobEnd> {
     if free < room.reserve {
         return Err(refuse(None));
     }
-    let needed = folder_size(&fd_path(&folder.dir), true);
+    // What staging copies: the folder but its `results/`. What cannot be read counts nothing:
+    // the runner reports it when it stages.
+    let needed = nats_fs::tree::bytes_in(&fd_path(&folder.dir), Some(RESULTS_DIR));
     if free < needed.saturating_add(room.reserve) {
         return Err(refuse(Some(needed)));
     }
     Ok(())
-}
-
-/// The bytes of the regular files below `dir` (what staging copies), leaving out a top-level
-/// `results/` and never following a symlink. What cannot be read counts nothing: the runner
-/// reports it when it stages.
-fn folder_size(dir: &Path, top: bool) -> u64 {
-    let Ok(entries) = fs::read_dir(dir) else {
-        return 0;
-    };
-    let mut total = 0u64;
-    for entry in entries.flatten() {
-        if top && entry.file_name() == nats_fs::manifest::RESULTS_DIR {
-            continue;
-        }
-        // `DirEntry::metadata` does not follow a symlink.
-        let Ok(meta) = entry.metadata() else { continue };
-        if meta.is_dir() {
-            total = total.saturating_add(folder_size(&entry.path(), false));
-        } else if meta.is_file() {
-            total = total.saturating_add(meta.len());
-        }
-    }
-    total
 }
 
 /// A fresh, private folder owned by the identity (removing a stale one first).
@@ -1085,6 +1066,9 @@ mod tests {
         fs::create_dir(dir.path().join("src/results")).unwrap();
         fs::write(dir.path().join("src/results/kept"), [0u8; 10]).unwrap();
         let folder = JobFolder::open(dir.path()).unwrap();
-        assert_eq!(folder_size(&fd_path(&folder.dir), true), 1110);
+        assert_eq!(
+            nats_fs::tree::bytes_in(&fd_path(&folder.dir), Some(RESULTS_DIR)),
+            1110
+        );
     }
 }

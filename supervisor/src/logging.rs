@@ -76,6 +76,8 @@ pub mod event {
     pub const ACK_UNCONFIRMED: &str = "ack_unconfirmed";
     /// The workspaces drive has no room for the job: handed back for another host.
     pub const NO_ROOM: &str = "no_room";
+    /// The job's processes together passed its memory limit: the job is being ended.
+    pub const MEMORY_EXCEEDED: &str = "memory_exceeded";
     /// The runner did not end the job cleanly: every process it left was killed.
     pub const LEFTOVERS_KILLED: &str = "leftovers_killed";
 }

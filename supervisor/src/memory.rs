@@ -45,7 +45,6 @@ impl Over {
 /// until dropped.
 #[derive(Debug)]
 pub struct MemoryWatch {
-    limit: u64,
     task: JoinHandle<()>,
     over: oneshot::Receiver<Over>,
 }
@@ -73,12 +72,7 @@ impl MemoryWatch {
                 }
             }
         });
-        Self { limit, task, over }
-    }
-
-    /// The limit watched.
-    pub fn limit(&self) -> u64 {
-        self.limit
+        Self { task, over }
     }
 
     /// Resolves when the job has passed its limit; never, if it does not.
@@ -96,17 +90,6 @@ impl Drop for MemoryWatch {
     }
 }
 
-/// The limit the supervisor enforces: the job's own as its runner reports it, but never above
-/// the operator's ceiling (the runner runs as the job's identity, and a step can make it say
-/// anything).
-pub fn enforced(reported: Option<u64>, ceiling: Option<u64>) -> Option<u64> {
-    match (reported, ceiling) {
-        (Some(reported), Some(ceiling)) => Some(reported.min(ceiling)),
-        (reported, None) => reported,
-        (None, ceiling) => ceiling,
-    }
-}
-
 /// Resolves when `watch` reports; never without one (for a `select!`).
 pub async fn over(watch: &mut Option<MemoryWatch>) -> Over {
     match watch {
@@ -118,15 +101,6 @@ pub async fn over(watch: &mut Option<MemoryWatch>) -> Over {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_runner_cannot_raise_the_ceiling() {
-        assert_eq!(enforced(Some(10), Some(20)), Some(10));
-        assert_eq!(enforced(Some(30), Some(20)), Some(20));
-        assert_eq!(enforced(None, Some(20)), Some(20));
-        assert_eq!(enforced(Some(10), None), Some(10));
-        assert_eq!(enforced(None, None), None);
-    }
 
     #[test]
     fn the_error_names_use_and_limit() {

@@ -26,7 +26,7 @@ use std::process::{Command, Stdio};
 
 use std::time::{Duration, Instant};
 
-use nats_fs::limits::{Kind, Limits};
+use nats_fs::limits::{Kind, Limits, RLIMITS};
 use nix::sys::resource::{getrlimit, setrlimit, Resource};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::{fork, getpid, getppid, ForkResult, Pid, Uid};
@@ -88,14 +88,6 @@ impl RunnerLimits {
     }
 }
 
-/// The limits that are rlimits of every process, and their resources.
-const RLIMITS: [(Kind, Resource); 4] = [
-    (Kind::Processes, Resource::RLIMIT_NPROC),
-    (Kind::OpenFiles, Resource::RLIMIT_NOFILE),
-    (Kind::FileSize, Resource::RLIMIT_FSIZE),
-    (Kind::CpuTime, Resource::RLIMIT_CPU),
-];
-
 /// Lowers each rlimit ceiling that this process could not give a runner to what it can: its
 /// own hard limit when it may not raise it (no `CAP_SYS_RESOURCE`: not root, or root under a
 /// systemd unit that keeps few capabilities), and the kernel's `nr_open` for open files. Returns
@@ -122,8 +114,8 @@ pub fn clamp_to_hard_limits(mut ceilings: Limits) -> (Limits, Vec<String>) {
         }
         if wanted > most {
             warnings.push(format!(
-                "--max-{} {} is more than this process may give its runners ({}); jobs run with {}",
-                kind_flag(kind),
+                "{} {} is more than this process may give its runners ({}); jobs run with {}",
+                crate::config::ceiling_option(kind),
                 kind.show(wanted),
                 if may_raise {
                     "the kernel's nr_open"
@@ -136,17 +128,6 @@ pub fn clamp_to_hard_limits(mut ceilings: Limits) -> (Limits, Vec<String>) {
         }
     }
     (ceilings, warnings)
-}
-
-fn kind_flag(kind: Kind) -> &'static str {
-    match kind {
-        Kind::Processes => "processes",
-        Kind::OpenFiles => "open-files",
-        Kind::FileSize => "file-size",
-        Kind::CpuTime => "cpu-time",
-        Kind::Memory => "memory",
-        Kind::Output => "output",
-    }
 }
 
 /// Whether this process may raise hard rlimits and lower `oom_score_adj`: `CAP_SYS_RESOURCE`

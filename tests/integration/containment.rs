@@ -173,13 +173,9 @@ async fn run_hog(args: &[&str], job: serde_json::Value, ready: PathBuf) -> (Setu
     let manifest = s.jobs.manifest("hog");
     assert_eq!(manifest.reason, Some(Reason::Memory));
     assert!(s.supervisor.is_running());
-    assert!(
-        s.supervisor
-            .log()
-            .contains("of memory together, over its limit of 200.0 MiB; ending the job"),
-        "{}",
-        s.supervisor.log()
-    );
+    let logged = s.supervisor.events("memory_exceeded");
+    assert_eq!(logged.len(), 1, "{}", s.supervisor.log());
+    assert_eq!(logged[0]["limit_bytes"], 200u64 << 20, "{}", logged[0]);
     nothing_left_of(first).await;
     (s, first, took)
 }
@@ -311,6 +307,11 @@ async fn a_runner_starts_with_the_ceilings_and_first_in_line_for_the_oom_killer(
         &json!({"steps": [
             "cat /proc/$PPID/oom_score_adj /proc/self/oom_score_adj; \
              grep -E 'Max (processes|open files|file size|cpu time|core file size)' /proc/$PPID/limits; \
+             command -v prlimit > /dev/null || echo NO-PRLIMIT; \
+             for r in nproc nofile fsize cpu core; do \
+               prlimit --pid $$ --$r=unlimited:unlimited 2>/dev/null && echo RAISED-step-$r; \
+               prlimit --pid $PPID --$r=unlimited:unlimited 2>/dev/null && echo RAISED-runner-$r; \
+             done; \
              if echo 0 > /proc/self/oom_score_adj; then echo LOWERED; else echo kept; fi"
         ]}),
     );
@@ -336,6 +337,11 @@ async fn a_runner_starts_with_the_ceilings_and_first_in_line_for_the_oom_killer(
     assert_eq!(limit("Max processes"), ["64", "64"]);
     assert_eq!(limit("Max open files"), ["256", "256"]);
     assert_eq!(limit("Max core file size"), ["0", "0"]);
+    // Neither the step nor its runner could raise a ceiling (or turn core dumps back on).
+    assert!(
+        !log.contains("RAISED") && !log.contains("NO-PRLIMIT"),
+        "{log}"
+    );
     let own = fs::read_to_string(format!("/proc/{}/oom_score_adj", supervisor.pid())).unwrap();
     if may_lower_oom_scores() {
         // The supervisor itself is the last the OOM killer picks, and a job cannot make itself
@@ -367,7 +373,7 @@ async fn a_job_asking_for_a_longer_timeout_gets_the_ceiling() {
         jobs,
         supervisor: _supervisor,
         mut nats,
-    } = setup(&["--timeout", "2s", "--max-timeout", "3s"]).await;
+    } = setup(&["--timeout", "1s", "--max-timeout", "4s"]).await;
     jobs.add("long", &json!({"steps": ["sleep 30"], "timeout": "1h"}));
     let started = Instant::now();
     nats.submit_id("long").await;
@@ -375,10 +381,22 @@ async fn a_job_asking_for_a_longer_timeout_gets_the_ceiling() {
     let took = started.elapsed();
     assert_eq!(got.result.status, Status::Timeout, "{:?}", got.result);
     assert_eq!(got.result.reason, Some(Reason::Timeout));
-    // The ceiling (3 s) plus the kill grace (2 s), not the hour it asked for.
+    // The ceiling (4 s) plus the kill grace, not the hour it asked for, nor the 1 s default
+    // (which a job's own timeout replaces).
     assert!(
-        took >= Duration::from_secs(3) && took < Duration::from_secs(12),
+        took >= Duration::from_secs(4) && took < Duration::from_secs(15),
         "took {took:?}"
+    );
+    let manifest = jobs.manifest("long");
+    let error = manifest.error.unwrap_or_default();
+    assert!(error.contains("timed out after 4s"), "{error}");
+    assert!(
+        manifest
+            .warnings
+            .iter()
+            .any(|w| w.contains("timeout asks for 1h") && w.contains("runs with 4s")),
+        "{:?}",
+        manifest.warnings
     );
 }
 

@@ -67,6 +67,28 @@ fn a_step_printing_forever_is_stopped_at_the_output_limit() {
     assert!(took < Duration::from_secs(20), "took {took:?}");
 }
 
+/// A step that writes past the quota straight into `$JOB_RESULTS_DIR` (around the log and the
+/// sync, where the quota is watched) is caught when it ends — whether it then succeeds or fails
+/// on its own — and the next step does not run.
+#[test]
+fn writing_past_the_output_limit_straight_into_results_is_caught() {
+    for (id, then) in [("direct-ok", "true"), ("direct-fails", "exit 3")] {
+        let (result, manifest, _, _) = run_limited(
+            id,
+            &json!([
+                format!("head -c 5M /dev/zero > \"$JOB_RESULTS_DIR/x.bin\"; {then}"),
+                "echo never"
+            ]),
+            &json!({"output": "1MiB"}),
+        );
+        assert_eq!(result["status"], "failed", "{result}");
+        assert_eq!(result["reason"], "output", "{result}");
+        let error = manifest.error.unwrap_or_default();
+        assert!(error.contains("more than its output limit"), "{error}");
+        assert_eq!(manifest.steps[1].status, StepStatus::Skipped);
+    }
+}
+
 #[test]
 fn an_artifact_over_the_output_limit_is_not_copied() {
     let (result, manifest, _, jobs) = run_limited(
