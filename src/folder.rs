@@ -18,6 +18,7 @@ use nix::fcntl::{openat, OFlag, AT_FDCWD};
 use nix::sys::stat::{mkdirat, Mode};
 
 use crate::manifest::{ResultMessage, RESULTS_DIR};
+use crate::outcome::JobOutcome;
 
 /// The file in a job folder that lists its steps.
 pub const JOB_FILE: &str = "job.json";
@@ -60,28 +61,18 @@ impl FolderError {
         !matches!(self, Self::Io { .. })
     }
 
-    /// What the error comes to for job `id`: see [`Unusable`].
+    /// What the error comes to for job `id`: a folder that is the job's own problem (missing,
+    /// a symlink, not a folder, `results/` in the way) ends the job with a final `error`,
+    /// reason `invalid`, without a manifest, whichever host tries it; one the host could not
+    /// open (permissions, the shared drive) is a fault, and the job is tried again.
     #[must_use]
-    pub fn unusable(&self, id: &str) -> Unusable {
+    pub fn outcome(&self, id: &str) -> JobOutcome {
         if self.is_final() {
-            Unusable::Final(Box::new(ResultMessage::error(id, self.to_string())))
+            JobOutcome::final_result(ResultMessage::error(id, self.to_string()))
         } else {
-            Unusable::Fault(self.to_string())
+            JobOutcome::fault(self.to_string())
         }
     }
-}
-
-/// How a job whose folder cannot be used ends, decided here once for the supervisor and the
-/// standalone runner alike.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Unusable {
-    /// The folder is the job's own problem (missing, a symlink, not a folder, `results/` in
-    /// the way): the job ends with this final result, status `error` and reason `invalid`,
-    /// without a manifest, whichever host tries it.
-    Final(Box<ResultMessage>),
-    /// The host could not open it (permissions, the shared drive): nothing final is written
-    /// and the job is tried again.
-    Fault(String),
 }
 
 impl JobFolder {
@@ -134,8 +125,8 @@ impl JobFolder {
 
     /// [`JobFolder::open`] for job `id`: the one check, under a supervisor and standalone,
     /// of whether a job folder is usable, and what it comes to when it is not.
-    pub fn open_job(path: &Path, id: &str) -> Result<Self, Unusable> {
-        Self::open(path).map_err(|e| e.unusable(id))
+    pub fn open_job(path: &Path, id: &str) -> Result<Self, JobOutcome> {
+        Self::open(path).map_err(|e| e.outcome(id))
     }
 }
 
@@ -285,7 +276,7 @@ mod tests {
     fn an_unusable_folder_is_a_final_error_and_an_unreadable_one_a_fault() {
         let tmp = tempfile::tempdir().unwrap();
         let job = tmp.path().join("gone");
-        let Err(Unusable::Final(result)) = JobFolder::open_job(&job, "gone") else {
+        let Err(JobOutcome::Final(result)) = JobFolder::open_job(&job, "gone") else {
             panic!("a missing folder is final");
         };
         assert_eq!(result.id, "gone");
@@ -303,8 +294,8 @@ mod tests {
             source: Errno::EACCES,
         };
         assert_eq!(
-            io.unusable("gone"),
-            Unusable::Fault(format!(
+            io.outcome("gone"),
+            JobOutcome::fault(format!(
                 "opening the job folder {}: EACCES: Permission denied",
                 job.display()
             ))

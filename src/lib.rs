@@ -17,6 +17,7 @@
 //! - [`job`]: the request (`{"id", "steps"?}`), `job.json`, steps, ids and durations, validated.
 //! - [`limits`]: a job's resource limits, as asked for and as the operator allows.
 //! - [`manifest`]: `results/result.json`, the result message, statuses and their exit codes.
+//! - [`outcome`]: how a job ended ([`JobOutcome`]), from the runner through the pipe to the ack.
 //! - [`protocol`]: the supervisor⇄runner pipe messages (versioned JSON lines).
 //! - [`step_env`]: the environment every step starts from (`PATH`, `LANG`).
 //! - [`tree`]: file-tree helpers both processes need (removing a tree a job may have locked).
@@ -29,6 +30,7 @@ pub mod generate;
 pub mod job;
 pub mod limits;
 pub mod manifest;
+pub mod outcome;
 pub mod protocol;
 pub mod reap;
 pub mod step_env;
@@ -36,6 +38,7 @@ pub mod tree;
 
 pub use job::{JobId, JobRequest, JobSpec, RequestError, SpecError, Step};
 pub use manifest::{Manifest, ResultMessage, Status};
+pub use outcome::JobOutcome;
 pub use protocol::{FromRunner, StartJob, ToRunner, PROTOCOL_VERSION};
 
 /// This host's name, as results, events and locks report it (empty if it cannot be read).

@@ -2,8 +2,8 @@
 //!
 //! JSON lines in both directions. The supervisor writes one [`ToRunner::Start`] and, later, at
 //! most a [`ToRunner::Cancel`]; closing the runner's stdin means "the supervisor is gone: stop
-//! now". The runner answers with [`FromRunner`] events and ends with exactly one of `Finished`,
-//! `Aborted` or `Fault`. Step output never crosses the pipe: it goes to `results/step_N.log`.
+//! now". The runner answers with [`FromRunner`] events and ends with exactly one
+//! [`FromRunner::Ended`], which carries the job's [`JobOutcome`]. Step output never crosses the pipe: it goes to `results/step_N.log`.
 //!
 //! Both enums are internally tagged (`"type": "…"`) and carry an `Unknown` fallback, so a
 //! supervisor and a runner of neighbouring versions ignore what they do not know instead of
@@ -16,10 +16,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::job::{JobId, Step};
 use crate::limits::Limits;
-use crate::manifest::{Reason, Status, StepStatus};
+use crate::manifest::{Reason, StepStatus};
+use crate::outcome::JobOutcome;
 
 /// Bumped when a message changes meaning; the runner refuses a start of another version.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Supervisor → runner.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -154,21 +155,9 @@ pub enum FromRunner {
     },
     /// Something the operator should know that does not fail the job.
     Warning { message: String },
-    /// The job ended; when `manifest` is true, `results/result.json` is on disk.
-    Finished {
-        status: Status,
-        exit_code: i32,
-        error: Option<String>,
-        /// Why the job did not succeed, for machines.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        reason: Option<Reason>,
-        manifest: bool,
-        duration_ms: u64,
-    },
-    /// The job was stopped for redelivery; nothing final was written.
-    Aborted { reason: String },
-    /// A fault of the host rather than the job (disk, permissions, shared drive): retry later.
-    Fault { error: String },
+    /// The last event: how the job ended. A final result names `results/result.json` in
+    /// `manifest_file` when it is on disk.
+    Ended(JobOutcome),
     /// An event from a newer runner; ignored.
     #[serde(other)]
     Unknown,
@@ -185,10 +174,7 @@ impl FromRunner {
     /// Whether this event ends the conversation.
     #[must_use]
     pub fn is_last(&self) -> bool {
-        matches!(
-            self,
-            Self::Finished { .. } | Self::Aborted { .. } | Self::Fault { .. }
-        )
+        matches!(self, Self::Ended(_))
     }
 }
 
@@ -211,8 +197,37 @@ mod tests {
         })
         .unwrap();
         assert_eq!(line, r#"{"type":"cancel","mode":"abort_now"}"#);
-        let line = serde_json::to_string(&FromRunner::Fault { error: "x".into() }).unwrap();
-        assert_eq!(line, r#"{"type":"fault","error":"x"}"#);
+        let line = serde_json::to_string(&FromRunner::Ended(JobOutcome::fault("x"))).unwrap();
+        assert_eq!(line, r#"{"type":"ended","outcome":"fault","why":"x"}"#);
+    }
+
+    #[test]
+    fn the_last_event_carries_the_outcome() {
+        let result = crate::ResultMessage {
+            manifest_file: Some(crate::manifest::MANIFEST_PATH.to_owned()),
+            duration_ms: Some(12),
+            ..crate::ResultMessage::error("j", "step 0 exited with code 3").because(Reason::Exit)
+        };
+        let ended = FromRunner::Ended(JobOutcome::final_result(result));
+        let line = serde_json::to_string(&ended).unwrap();
+        assert!(
+            line.starts_with(r#"{"type":"ended","outcome":"final","id":"j","status":"error","#),
+            "{line}"
+        );
+        let back: FromRunner = serde_json::from_str(&line).unwrap();
+        assert_eq!(back, ended);
+        assert!(back.is_last());
+        for outcome in [
+            JobOutcome::aborted("drain"),
+            JobOutcome::fault("disk"),
+            JobOutcome::busy("h2"),
+        ] {
+            let line = serde_json::to_string(&FromRunner::Ended(outcome.clone())).unwrap();
+            assert_eq!(
+                serde_json::from_str::<FromRunner>(&line).unwrap(),
+                FromRunner::Ended(outcome)
+            );
+        }
     }
 
     #[test]
@@ -243,7 +258,7 @@ mod tests {
         }));
         let line = serde_json::to_string(&start).unwrap();
         assert!(
-            line.starts_with(r#"{"type":"start","version":2,"#),
+            line.starts_with(r#"{"type":"start","version":3,"#),
             "{line}"
         );
         let back: ToRunner = serde_json::from_str(&line).unwrap();
@@ -252,7 +267,7 @@ mod tests {
 
     #[test]
     fn start_rejects_a_hostile_id() {
-        let line = r#"{"type":"start","version":2,"id":"../x","attempt":1,"stream_sequence":null,
+        let line = r#"{"type":"start","version":3,"id":"../x","attempt":1,"stream_sequence":null,
             "job_dir":"/j","workspace":"/w","steps":null,"default_timeout_ms":1,"kill_grace_ms":1,
             "base_env":{},"pass_env":{},"worker":null}"#;
         assert!(serde_json::from_str::<ToRunner>(line).is_err());

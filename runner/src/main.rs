@@ -21,7 +21,7 @@
 //! actions back at `exec`).
 //!
 //! # Layout
-//! - `run`: one run of a job, start to end, ending in an `Outcome`.
+//! - `run`: one run of a job, start to end, ending in a `JobOutcome`.
 //! - `grant`: the job's limits and timeouts under the operator's settings.
 //! - `stage` / `sync`: copying the folder in, and new or changed files back out.
 //! - `step`: one step's process group, deadline, watched limits, kill sequence and sweep.
@@ -56,16 +56,14 @@ use clap::Parser;
 use nats_fs::folder::JobFolder;
 use nats_fs::generate::Generate;
 use nats_fs::job::{parse_default_timeout, parse_duration, steps_from_value, JobId, Step};
-use nats_fs::manifest::Reason;
-use nats_fs::protocol::{CancelMode, StartJob, ToRunner, PROTOCOL_VERSION};
-use nats_fs::ResultMessage;
+use nats_fs::protocol::{CancelMode, FromRunner, StartJob, ToRunner, PROTOCOL_VERSION};
+use nats_fs::JobOutcome;
 use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::sync::mpsc;
 use tracing::warn;
 
 use crate::control::{Stop, StopHandle};
 use crate::report::{Human, Pipe, Report};
-use crate::run::Outcome;
 
 /// Exit code for a runner that could not even start (bad arguments, bad start message).
 const EXIT_USAGE: u8 = 2;
@@ -259,14 +257,15 @@ async fn pipe_mode() -> ExitCode {
             nix::sys::signal::Signal::SIGKILL,
         );
     }
-    Pipe.event(&outcome.event());
-    exit_code(&outcome)
+    let code = exit_code(&outcome);
+    Pipe.event(&FromRunner::Ended(outcome));
+    code
 }
 
 fn refuse(problem: &str) -> ExitCode {
-    Pipe.event(&nats_fs::FromRunner::Fault {
-        error: format!("runner: {problem}"),
-    });
+    Pipe.event(&FromRunner::Ended(JobOutcome::fault(format!(
+        "runner: {problem}"
+    ))));
     ExitCode::from(EXIT_USAGE)
 }
 
@@ -401,11 +400,11 @@ async fn standalone(cli: Cli) -> anyhow::Result<ExitCode> {
 
 /// One standalone run in a fresh workspace. Ctrl-C cancels (TERM, grace, KILL); a second
 /// Ctrl-C kills at once. Also says whether a signal arrived.
-async fn run_once(job: &Standalone, signals: &mut Signals) -> anyhow::Result<(Outcome, bool)> {
+async fn run_once(job: &Standalone, signals: &mut Signals) -> anyhow::Result<(JobOutcome, bool)> {
     // Opened once, like the supervisor does: the run works through these descriptors.
     let folder = match JobFolder::open_job(&job.dir, job.id.as_str()) {
         Ok(folder) => folder,
-        Err(unusable) => return Ok((unusable.into(), false)),
+        Err(outcome) => return Ok((outcome, false)),
     };
     std::fs::create_dir_all(&job.workspaces_dir)
         .with_context(|| format!("creating {}", job.workspaces_dir.display()))?;
@@ -466,36 +465,14 @@ fn clean_workspace(workspace: &Path, remove_folder: bool) {
     }
 }
 
-fn print_result(id: &JobId, outcome: &Outcome) {
-    let message = match outcome {
-        Outcome::Finished {
-            manifest: Some(manifest),
-            ..
-        } => ResultMessage::from_manifest(manifest),
-        Outcome::Finished {
-            error,
-            reason,
-            duration_ms,
-            ..
-        } => ResultMessage {
-            duration_ms: Some(*duration_ms),
-            reason: *reason,
-            ..ResultMessage::error(id.as_str(), error.clone().unwrap_or_default())
-        },
-        Outcome::Aborted { reason } => {
-            ResultMessage::error(id.as_str(), reason.clone()).because(Reason::Cancelled)
-        }
-        Outcome::Fault { error } => {
-            ResultMessage::error(id.as_str(), error.clone()).because(Reason::Host)
-        }
-    };
-    match serde_json::to_string(&message) {
+fn print_result(id: &JobId, outcome: &JobOutcome) {
+    match serde_json::to_string(&outcome.clone().into_result(id.as_str())) {
         Ok(line) => println!("{line}"),
         Err(e) => eprintln!("nats-fs-runner: printing the result: {e}"),
     }
 }
 
-fn exit_code(outcome: &Outcome) -> ExitCode {
+fn exit_code(outcome: &JobOutcome) -> ExitCode {
     if outcome.is_success() {
         ExitCode::SUCCESS
     } else {

@@ -4,6 +4,7 @@
 use std::io::{self, Write};
 
 use nats_fs::protocol::FromRunner;
+use nats_fs::JobOutcome;
 use tracing::{info, warn};
 
 /// Receives the events of a run.
@@ -69,17 +70,14 @@ impl Report for Human {
                 duration_ms,
             } => info!("synced {files} artifacts ({bytes} bytes) in {duration_ms} ms"),
             FromRunner::Warning { message } => warn!("{message}"),
-            FromRunner::Finished {
-                status,
-                error,
-                reason,
-                ..
-            } => {
-                let reason = reason.map(nats_fs::manifest::Reason::as_str);
-                info!(%status, reason, error = error.as_deref(), "job finished");
+            FromRunner::Ended(JobOutcome::Final(result)) => {
+                let reason = result.reason.map(nats_fs::manifest::Reason::as_str);
+                info!(status = %result.status, reason, error = result.error.as_deref(), "job finished");
             }
-            FromRunner::Aborted { reason } => warn!("job aborted: {reason}"),
-            FromRunner::Fault { error } => warn!("job could not run: {error}"),
+            FromRunner::Ended(JobOutcome::Aborted { why }) => warn!("job aborted: {why}"),
+            FromRunner::Ended(JobOutcome::Fault { why } | JobOutcome::Busy { why }) => {
+                warn!("job could not run: {why}");
+            }
             FromRunner::Unknown => {}
         }
     }

@@ -7,9 +7,9 @@
 //! `/proc/self/fd/N` paths: a folder re-pointed by name after it was opened changes nothing
 //! here. Messages name the folder by its real path.
 //!
-//! How a job ended is data ([`Outcome`]), never an `Err`: the job's own problems end as a status
-//! with a manifest; problems of the host (disk, permissions, shared drive) end as
-//! [`Outcome::Fault`] so the supervisor retries the job later instead of failing it. A drive
+//! How a job ended is data ([`JobOutcome`]), never an `Err`: the job's own problems end as a
+//! final status with a manifest; problems of the host (disk, permissions, shared drive) end as
+//! [`JobOutcome::Fault`] so the supervisor retries the job later instead of failing it. A drive
 //! that the job's own output filled is the job's problem ([`crate::output`]).
 //!
 //! Every end but success carries a [`Reason`] for machines: `exit`, `signal`, `timeout`,
@@ -23,7 +23,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use nats_fs::folder::{read_job_json, JobFileError, Unusable};
+use nats_fs::folder::{read_job_json, JobFileError};
 use nats_fs::job::{JobSpec, Step};
 use nats_fs::limits::{size, Kind, Limits};
 use nats_fs::manifest::{
@@ -31,7 +31,7 @@ use nats_fs::manifest::{
     RESULTS_DIR,
 };
 use nats_fs::protocol::{FromRunner, StartJob, StepInfo, PROTOCOL_VERSION};
-use nats_fs::Status;
+use nats_fs::{JobOutcome, ResultMessage, Status};
 use nix::sys::signal::Signal;
 use tokio::time::Instant;
 
@@ -48,97 +48,17 @@ use crate::sync::{self, Synced};
 /// because of it, as far as anyone can tell: fork's EAGAIN leaves no other trace.
 const NEAR_PROCESS_LIMIT: u64 = 2;
 
-/// How a run ended.
-#[derive(Debug)]
-pub(crate) enum Outcome {
-    /// A final status; `manifest` is on disk when present.
-    Finished {
-        status: Status,
-        exit_code: i32,
-        error: Option<String>,
-        /// Why it did not succeed; `None` on success.
-        reason: Option<Reason>,
-        manifest: Option<Box<Manifest>>,
-        duration_ms: u64,
-    },
-    /// Stopped for redelivery; nothing final written.
-    Aborted { reason: String },
-    /// A fault of the host; nothing final written; worth retrying.
-    Fault { error: String },
-}
-
-impl From<Unusable> for Outcome {
-    /// The end of a run whose job folder could not be used.
-    fn from(unusable: Unusable) -> Self {
-        match unusable {
-            Unusable::Final(result) => {
-                let result = *result;
-                Self::Finished {
-                    status: result.status,
-                    exit_code: result.exit_code,
-                    error: result.error,
-                    reason: result.reason,
-                    manifest: None,
-                    duration_ms: 0,
-                }
-            }
-            Unusable::Fault(error) => fault(error),
-        }
-    }
-}
-
-impl Outcome {
-    /// The last event of the pipe conversation.
-    pub(crate) fn event(&self) -> FromRunner {
-        match self {
-            Self::Finished {
-                status,
-                exit_code,
-                error,
-                reason,
-                manifest,
-                duration_ms,
-            } => FromRunner::Finished {
-                status: *status,
-                exit_code: *exit_code,
-                error: error.clone(),
-                reason: *reason,
-                manifest: manifest.is_some(),
-                duration_ms: *duration_ms,
-            },
-            Self::Aborted { reason } => FromRunner::Aborted {
-                reason: reason.clone(),
-            },
-            Self::Fault { error } => FromRunner::Fault {
-                error: error.clone(),
-            },
-        }
-    }
-
-    pub(crate) fn is_success(&self) -> bool {
-        matches!(
-            self,
-            Self::Finished {
-                status: Status::Success,
-                ..
-            }
-        )
-    }
-}
-
 /// Runs the job described by `start`, reporting progress to `report`.
 pub(crate) async fn run(
     start: &StartJob,
     report: &mut dyn Report,
     stop: &mut StopWatch,
-) -> Outcome {
+) -> JobOutcome {
     if start.version != PROTOCOL_VERSION {
-        return Outcome::Fault {
-            error: format!(
-                "the supervisor speaks pipe protocol {} but this runner speaks {PROTOCOL_VERSION}: install matching versions",
-                start.version
-            ),
-        };
+        return fault(format!(
+            "the supervisor speaks pipe protocol {} but this runner speaks {PROTOCOL_VERSION}: install matching versions",
+            start.version
+        ));
     }
     let (Some(job_fd), Some(results_fd)) = (start.job_fd, start.results_fd) else {
         return fault("the start message names no job folder descriptors".to_owned());
@@ -195,6 +115,39 @@ impl End {
             reason,
         }
     }
+
+    /// So far so good: the next step runs.
+    fn success() -> Self {
+        Self::of(Status::Success, None, None)
+    }
+
+    /// `failed` with the failing step's exit `code`.
+    fn failed(code: i32, error: String, reason: Reason) -> Self {
+        Self {
+            status: Status::Failed,
+            exit_code: Status::Failed.exit_code(code),
+            error: Some(error),
+            reason: Some(reason),
+        }
+    }
+
+    fn cancelled() -> Self {
+        Self::of(
+            Status::Cancelled,
+            Some("cancelled by request".to_owned()),
+            Some(Reason::Cancelled),
+        )
+    }
+
+    /// Whether the job goes on with its next step.
+    fn goes_on(&self) -> bool {
+        self.status == Status::Success
+    }
+
+    /// A step failed on its own (its exit code or a signal), not because of a limit.
+    fn failed_on_its_own(&self) -> bool {
+        self.status == Status::Failed && matches!(self.reason, Some(Reason::Exit | Reason::Signal))
+    }
 }
 
 /// What every step of a job shares.
@@ -228,7 +181,7 @@ impl<'a> Job<'a> {
         &mut self,
         report: &mut dyn Report,
         stop: &mut StopWatch,
-    ) -> Result<Outcome, Outcome> {
+    ) -> Result<JobOutcome, JobOutcome> {
         self.empty_results()?;
         let spec = match self.load_spec() {
             Ok(spec) => spec,
@@ -282,8 +235,7 @@ impl<'a> Job<'a> {
             rlimits,
             job_deadline: self.started.checked_add(grant.timeout),
         };
-        let (records, verdict) = self.run_steps(&terms, report, stop).await?;
-        let end = verdict.end()?;
+        let (records, end) = self.run_steps(&terms, report, stop).await?;
 
         let clock = Instant::now();
         let synced = self.sync(&staged, interrupt).await?;
@@ -300,40 +252,36 @@ impl<'a> Job<'a> {
         self.finish(records, synced.artifacts, end)
     }
 
-    /// Runs the steps in order until one does not succeed; the rest are skipped.
+    /// Runs the steps in order until one does not succeed; the rest are skipped. `Err` is a
+    /// stop that hands the job back.
     async fn run_steps(
         &mut self,
         terms: &Terms<'_>,
         report: &mut dyn Report,
         stop: &mut StopWatch,
-    ) -> Result<(Vec<StepRecord>, Verdict), Outcome> {
+    ) -> Result<(Vec<StepRecord>, End), JobOutcome> {
         let steps = &terms.spec.steps;
         let mut records = Vec::with_capacity(steps.len());
-        let mut verdict = Verdict::Success;
+        let mut end = End::success();
         for (index, step) in steps.iter().enumerate() {
-            if verdict != Verdict::Success {
+            if !end.goes_on() {
                 records.push(skipped(index, step));
                 continue;
             }
             if let Some(requested) = stop.current() {
-                verdict = match requested.exceeded {
-                    Some(exceeded) => Verdict::Failed {
-                        code: 1,
-                        what: exceeded.error,
-                        reason: exceeded.reason,
-                    },
-                    None => Verdict::Stopped {
-                        cancel: requested.cancel,
-                    },
+                end = match requested.exceeded {
+                    Some(exceeded) => End::failed(1, exceeded.error, exceeded.reason),
+                    None if requested.cancel => End::cancelled(),
+                    None => return Err(handed_back()),
                 };
                 records.push(skipped(index, step));
                 continue;
             }
-            let (record, step_verdict) = self.run_step(index, step, terms, report, stop).await?;
+            let (record, step_end) = self.run_step(index, step, terms, report, stop).await?;
             records.push(record);
-            verdict = step_verdict;
+            end = step_end;
         }
-        Ok((records, verdict))
+        Ok((records, end))
     }
 
     /// The end after syncing: artifacts refused by the output quota, or a drive that filled up
@@ -343,7 +291,7 @@ impl<'a> Job<'a> {
         synced: &Synced,
         end: End,
         report: &mut dyn Report,
-    ) -> Result<End, Outcome> {
+    ) -> Result<End, JobOutcome> {
         let mut problem = None;
         if let (Some((path, bytes)), Some(quota)) = (synced.refused.first(), self.limits.output) {
             let more = match synced.refused.len() {
@@ -384,7 +332,7 @@ impl<'a> Job<'a> {
     /// Empties `results/`: nothing of an earlier run may be mistaken for this run's output.
     /// (Under a supervisor it is empty already: the supervisor emptied it, as the earlier run's
     /// files no longer belong to the runner's user.)
-    fn empty_results(&self) -> Result<(), Outcome> {
+    fn empty_results(&self) -> Result<(), JobOutcome> {
         nats_fs::tree::empty_dir(&self.results).map_err(|e| {
             fault(format!(
                 "emptying {} (it must be writable by {}): {e}",
@@ -398,11 +346,12 @@ impl<'a> Job<'a> {
     /// ends `cancelled` with every step skipped, rather than as a hand-back.
     fn cancelled_instead(
         &self,
-        outcome: Outcome,
+        outcome: JobOutcome,
         stop: &StopWatch,
         spec: &JobSpec,
-    ) -> Result<Outcome, Outcome> {
-        if !matches!(outcome, Outcome::Aborted { .. }) || !stop.current().is_some_and(|s| s.cancel)
+    ) -> Result<JobOutcome, JobOutcome> {
+        if !matches!(outcome, JobOutcome::Aborted { .. })
+            || !stop.current().is_some_and(|s| s.cancel)
         {
             return Err(outcome);
         }
@@ -412,15 +361,7 @@ impl<'a> Job<'a> {
             .enumerate()
             .map(|(index, step)| skipped(index, step))
             .collect();
-        self.finish(
-            steps,
-            Vec::new(),
-            End::of(
-                Status::Cancelled,
-                Some("cancelled by request".to_owned()),
-                Some(Reason::Cancelled),
-            ),
-        )
+        self.finish(steps, Vec::new(), End::cancelled())
     }
 
     /// Reads `job.json` and applies the request's steps. `Err` is the job's own problem.
@@ -447,7 +388,7 @@ impl<'a> Job<'a> {
             .replace(job.as_ref(), &self.start.job_dir.to_string_lossy())
     }
 
-    async fn stage(&self, interrupt: Arc<AtomicBool>) -> Result<Staged, Outcome> {
+    async fn stage(&self, interrupt: Arc<AtomicBool>) -> Result<Staged, JobOutcome> {
         let from = self.dir.clone();
         let to = self.start.workspace.clone();
         let staged = tokio::task::spawn_blocking(move || stage::stage(&from, &to, &interrupt))
@@ -463,7 +404,11 @@ impl<'a> Job<'a> {
         })
     }
 
-    async fn sync(&self, staged: &Staged, interrupt: Arc<AtomicBool>) -> Result<Synced, Outcome> {
+    async fn sync(
+        &self,
+        staged: &Staged,
+        interrupt: Arc<AtomicBool>,
+    ) -> Result<Synced, JobOutcome> {
         let workspace = self.start.workspace.clone();
         let results = self.results.clone();
         let snapshot = staged.snapshot.clone();
@@ -485,7 +430,8 @@ impl<'a> Job<'a> {
         }
     }
 
-    /// Runs step `index` and says how the job goes on.
+    /// Runs step `index` and says how the job goes on (`Err`: a fault, or a stop that hands
+    /// the job back).
     async fn run_step(
         &mut self,
         index: usize,
@@ -493,7 +439,7 @@ impl<'a> Job<'a> {
         terms: &Terms<'_>,
         report: &mut dyn Report,
         stops: &mut StopWatch,
-    ) -> Result<(StepRecord, Verdict), Outcome> {
+    ) -> Result<(StepRecord, End), JobOutcome> {
         let log_name = format!("step_{index}.log");
         let log_path = self.results.join(&log_name);
         let log = open_log(&log_path).map_err(|e| {
@@ -555,7 +501,7 @@ impl<'a> Job<'a> {
         }
         self.warn_leftovers(report, &label, &finished);
         let code = finished.exit_code();
-        let (status, verdict) = judge(
+        let (status, end) = judge(
             &finished,
             &Judging {
                 label: &label,
@@ -566,7 +512,10 @@ impl<'a> Job<'a> {
                 limits: &self.limits,
             },
         );
-        let verdict = self.judge_output(verdict, &label)?;
+        let end = match end {
+            Ok(end) => Ok(self.judge_output(end, &label)?),
+            handed_back => handed_back,
+        };
         report.event(&FromRunner::StepFinished {
             index,
             status,
@@ -585,7 +534,7 @@ impl<'a> Job<'a> {
             log: Some(log_name),
             resources: Some(finished.resources),
         };
-        Ok((record, verdict))
+        Ok((record, end?))
     }
 
     /// Warns about processes a step left behind.
@@ -615,45 +564,33 @@ impl<'a> Job<'a> {
     /// on a full drive failed because of the job's own output if the job has enough there
     /// (then the largest log is cut to make room for the manifest), and because of the host
     /// otherwise (a fault: the job is retried).
-    fn judge_output(&self, verdict: Verdict, label: &str) -> Result<Verdict, Outcome> {
+    fn judge_output(&self, end: End, label: &str) -> Result<End, JobOutcome> {
         // A step that failed on its own may have written past the quota too; then the quota is
         // what the job is told about (with the step's own code).
-        let (judged, code) = match &verdict {
-            Verdict::Success => (true, 1),
-            Verdict::Failed {
-                code,
-                reason: Reason::Exit | Reason::Signal,
-                ..
-            } => (true, *code),
-            _ => (false, 1),
-        };
-        if let (true, Some(quota)) = (judged, self.limits.output) {
+        let code = if end.goes_on() { 1 } else { end.exit_code };
+        if let (true, Some(quota)) = (end.goes_on() || end.failed_on_its_own(), self.limits.output)
+        {
             let used = nats_fs::tree::bytes_in(&self.results, None);
             if used > quota {
-                return Ok(Verdict::Failed {
+                return Ok(End::failed(
                     code,
-                    what: format!(
+                    format!(
                         "the job has {} in results/ after {label}, more than its output limit of {} (files a step writes there directly count too)",
                         size(used),
                         size(quota)
                     ),
-                    reason: Reason::Output,
-                });
+                    Reason::Output,
+                ));
             }
         }
-        let Verdict::Failed {
-            code,
-            reason: Reason::Exit | Reason::Signal,
-            ..
-        } = verdict
-        else {
-            return Ok(verdict);
-        };
+        if !end.failed_on_its_own() {
+            return Ok(end);
+        }
         let Some(free) = nats_fs::tree::free_space(&self.results)
             .ok()
             .filter(|f| *f < output::NEARLY_FULL)
         else {
-            return Ok(verdict);
+            return Ok(end);
         };
         let used = nats_fs::tree::bytes_in(&self.results, None);
         if used < output::JOB_FILLED_DRIVE {
@@ -665,14 +602,14 @@ impl<'a> Job<'a> {
             )));
         }
         output::make_room(&self.results, &self.logs);
-        Ok(Verdict::Failed {
-            code,
-            what: format!(
+        Ok(End::failed(
+            end.exit_code,
+            format!(
                 "{label} failed after the job's output ({}) filled the drive holding results/",
                 size(used)
             ),
-            reason: Reason::Output,
-        })
+            Reason::Output,
+        ))
     }
 
     /// The step's environment, in the order of contract §4.2: base, job variables, the job's and
@@ -714,7 +651,7 @@ impl<'a> Job<'a> {
         steps: Vec<StepRecord>,
         artifacts: Vec<Artifact>,
         end: End,
-    ) -> Result<Outcome, Outcome> {
+    ) -> Result<JobOutcome, JobOutcome> {
         let duration_ms = ms(self.started.elapsed());
         let ran: Vec<&Resources> = steps.iter().filter_map(|s| s.resources.as_ref()).collect();
         let mut manifest = Manifest {
@@ -771,14 +708,9 @@ impl<'a> Job<'a> {
                 self.shown_results.join(MANIFEST_FILE).display()
             ))
         })?;
-        Ok(Outcome::Finished {
-            status: manifest.status,
-            exit_code: manifest.exit_code,
-            error: manifest.error.clone(),
-            reason: manifest.reason,
-            manifest: Some(Box::new(manifest)),
-            duration_ms,
-        })
+        Ok(JobOutcome::final_result(ResultMessage::from_manifest(
+            &manifest,
+        )))
     }
 }
 
@@ -796,51 +728,6 @@ fn open_log(path: &Path) -> io::Result<fs::File> {
         .open(path)
 }
 
-/// How the job goes on after a step.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Verdict {
-    Success,
-    Failed {
-        code: i32,
-        what: String,
-        reason: Reason,
-    },
-    TimedOut {
-        what: String,
-        reason: Reason,
-    },
-    Stopped {
-        cancel: bool,
-    },
-}
-
-impl Verdict {
-    /// How the job ends after its steps; `Err` for a stop that hands the job back.
-    fn end(self) -> Result<End, Outcome> {
-        Ok(match self {
-            Self::Success => End::of(Status::Success, None, None),
-            Self::Failed { code, what, reason } => End {
-                status: Status::Failed,
-                exit_code: Status::Failed.exit_code(code),
-                error: Some(what),
-                reason: Some(reason),
-            },
-            Self::TimedOut { what, reason } => End::of(Status::Timeout, Some(what), Some(reason)),
-            Self::Stopped { cancel: true } => End::of(
-                Status::Cancelled,
-                Some("cancelled by request".to_owned()),
-                Some(Reason::Cancelled),
-            ),
-            Self::Stopped { cancel: false } => {
-                return Err(Outcome::Aborted {
-                    reason: "stopped by the supervisor before it finished; it will run again"
-                        .to_owned(),
-                })
-            }
-        })
-    }
-}
-
 /// What [`judge`] needs to know besides how the step ended.
 struct Judging<'a> {
     label: &'a str,
@@ -852,18 +739,16 @@ struct Judging<'a> {
     limits: &'a Limits,
 }
 
-/// The step's status and how the job goes on, from how the step ended.
-fn judge(finished: &step::Finished, at: &Judging<'_>) -> (StepStatus, Verdict) {
+/// The step's status and how the job goes on, from how the step ended (`Err`: a stop that
+/// hands the job back).
+fn judge(finished: &step::Finished, at: &Judging<'_>) -> (StepStatus, Result<End, JobOutcome>) {
     let label = at.label;
     let code = finished.exit_code();
-    match &finished.ending {
-        Ending::Exited if code == 0 => (StepStatus::Success, Verdict::Success),
+    let (status, end) = match &finished.ending {
+        Ending::Exited if code == 0 => (StepStatus::Success, End::success()),
         Ending::Exited => {
             let (what, reason) = failure(finished, at);
-            (
-                StepStatus::Failed,
-                Verdict::Failed { code, what, reason },
-            )
+            (StepStatus::Failed, End::failed(code, what, reason))
         }
         Ending::TimedOut => {
             let what = match at.step_timeout {
@@ -880,50 +765,36 @@ fn judge(finished: &step::Finished, at: &Judging<'_>) -> (StepStatus, Verdict) {
             };
             (
                 StepStatus::Timeout,
-                Verdict::TimedOut {
-                    what,
-                    reason: Reason::Timeout,
-                },
+                End::of(Status::Timeout, Some(what), Some(Reason::Timeout)),
             )
         }
-        Ending::Idle => (
-            StepStatus::Timeout,
-            Verdict::TimedOut {
-                what: format!(
-                    "{label} printed nothing for {}",
-                    humantime::format_duration(at.idle.unwrap_or_default())
-                ),
-                reason: Reason::Idle,
-            },
-        ),
-        Ending::OutputExceeded => (
-            StepStatus::Failed,
-            Verdict::Failed {
-                code,
-                what: format!(
-                    "{label} wrote more into results/ than the job's output limit of {} allows; it was stopped",
-                    size(at.limits.output.unwrap_or_default())
-                ),
-                reason: Reason::Output,
-            },
-        ),
+        Ending::Idle => {
+            let what = format!(
+                "{label} printed nothing for {}",
+                humantime::format_duration(at.idle.unwrap_or_default())
+            );
+            (
+                StepStatus::Timeout,
+                End::of(Status::Timeout, Some(what), Some(Reason::Idle)),
+            )
+        }
+        Ending::OutputExceeded => {
+            let what = format!(
+                "{label} wrote more into results/ than the job's output limit of {} allows; it was stopped",
+                size(at.limits.output.unwrap_or_default())
+            );
+            (StepStatus::Failed, End::failed(code, what, Reason::Output))
+        }
         Ending::Stopped(requested) => match &requested.exceeded {
             Some(exceeded) => (
                 StepStatus::Failed,
-                Verdict::Failed {
-                    code,
-                    what: exceeded.error.clone(),
-                    reason: exceeded.reason,
-                },
+                End::failed(code, exceeded.error.clone(), exceeded.reason),
             ),
-            None => (
-                StepStatus::Cancelled,
-                Verdict::Stopped {
-                    cancel: requested.cancel,
-                },
-            ),
+            None if requested.cancel => (StepStatus::Cancelled, End::cancelled()),
+            None => return (StepStatus::Cancelled, Err(handed_back())),
         },
-    }
+    };
+    (status, Ok(end))
 }
 
 /// Why a step that ended by itself failed. A signal of an rlimit (SIGXCPU, SIGXFSZ) names its
@@ -1024,14 +895,18 @@ fn step_label(index: usize, step: &Step) -> String {
     }
 }
 
-fn fault(error: String) -> Outcome {
-    Outcome::Fault { error }
+fn fault(error: String) -> JobOutcome {
+    JobOutcome::fault(error)
 }
 
-fn aborted() -> Outcome {
-    Outcome::Aborted {
-        reason: "stopped at once before it finished; nothing final was written".to_owned(),
-    }
+/// An immediate stop (of staging or syncing).
+fn aborted() -> JobOutcome {
+    JobOutcome::aborted("stopped at once before it finished; nothing final was written")
+}
+
+/// A stop between or during steps that hands the job back.
+fn handed_back() -> JobOutcome {
+    JobOutcome::aborted("stopped by the supervisor before it finished; it will run again")
 }
 
 /// The user the runner runs as, for error messages about permissions.

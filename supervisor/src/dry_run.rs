@@ -9,12 +9,11 @@ use std::process::ExitCode;
 use anyhow::{anyhow, Context};
 use nats_fs::job::JobRequest;
 use nats_fs::protocol::CancelMode;
-use nats_fs::ResultMessage;
 use serde_json::Value;
 use tokio::sync::{mpsc, watch};
 
 use crate::config::Settings;
-use crate::execute::{execute, Env, JobEnd, JobRun};
+use crate::execute::{execute, Env, JobRun};
 use crate::identity::Identities;
 use crate::reaper::Reaper;
 use crate::{sweep, Shutdown};
@@ -77,18 +76,13 @@ pub async fn run(
     };
     let (end, leftovers) = execute(&job, env, &mut control).await;
     leftovers.clear().await;
-    let result = match &end {
-        JobEnd::Final(result) => (**result).clone(),
-        JobEnd::Aborted(why) | JobEnd::Fault(why) | JobEnd::Busy(why) => {
-            ResultMessage::error(request.id.as_str(), why.clone())
-                .because(nats_fs::manifest::Reason::Host)
-        }
-    };
+    let success = end.is_success();
+    let result = end.into_result(request.id.as_str());
     println!("{}", serde_json::to_string(&result)?);
     if let Some(path) = result.manifest_file.as_deref() {
         eprintln!("manifest: {}", Path::new(&dir).join(path).display());
     }
-    Ok(if end.is_success() {
+    Ok(if success {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE

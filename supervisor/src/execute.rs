@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use nats_fs::folder::{fd_path, JobFolder, Unusable};
+use nats_fs::folder::{fd_path, JobFolder};
 use nats_fs::job::JobRequest;
 use nats_fs::limits::{size, Limits};
 use nats_fs::manifest::{
@@ -30,7 +30,7 @@ use nats_fs::manifest::{
 };
 use nats_fs::protocol::{CancelMode, FromRunner, StartJob, StepInfo, ToRunner, PROTOCOL_VERSION};
 use nats_fs::reap;
-use nats_fs::Status;
+use nats_fs::{JobOutcome, Status};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::{Gid, Pid, Uid};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -63,36 +63,6 @@ const FINISHING_ALLOWANCE: Duration = Duration::from_secs(30);
 const SWEEP_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long to wait for the runner's pipes to close once it has exited.
 const PIPES_AFTER_EXIT: Duration = Duration::from_secs(1);
-
-/// How a job ended, from the supervisor's side.
-#[derive(Debug, Clone, PartialEq)]
-pub enum JobEnd {
-    /// A final status; publish the result and settle the message.
-    Final(Box<ResultMessage>),
-    /// Stopped on purpose before it finished; nothing final was written.
-    Aborted(String),
-    /// A fault of the host: retry later.
-    Fault(String),
-    /// Another delivery of the same id is running (here or on another host): retry later.
-    Busy(String),
-}
-
-impl From<Unusable> for JobEnd {
-    /// The end of a job whose folder could not be used.
-    fn from(unusable: Unusable) -> Self {
-        match unusable {
-            Unusable::Final(result) => Self::Final(result),
-            Unusable::Fault(error) => Self::Fault(error),
-        }
-    }
-}
-
-impl JobEnd {
-    /// Whether the job ended in success.
-    pub fn is_success(&self) -> bool {
-        matches!(self, Self::Final(result) if result.status == Status::Success)
-    }
-}
 
 /// One job to run.
 #[derive(Debug)]
@@ -147,7 +117,7 @@ pub async fn execute<'a>(
     job: &JobRun<'_>,
     env: Env<'a>,
     control: &mut mpsc::Receiver<CancelMode>,
-) -> (JobEnd, Leftovers<'a>) {
+) -> (JobOutcome, Leftovers<'a>) {
     let held = env.identities.acquire().await;
     let identity = held.identity().clone();
     job.events.identity(identity.describe());
@@ -172,7 +142,12 @@ pub async fn execute<'a>(
     let prepared = match prepared {
         Ok(Ok(prepared)) => prepared,
         Ok(Err(end)) => return (end, leftovers),
-        Err(e) => return (JobEnd::Fault(format!("preparing the job: {e}")), leftovers),
+        Err(e) => {
+            return (
+                JobOutcome::fault(format!("preparing the job: {e}")),
+                leftovers,
+            )
+        }
     };
     let exclusive = leftovers.held.exclusive();
     let talk = converse(job, env, &prepared.folder, (&identity, exclusive), control).await;
@@ -249,11 +224,11 @@ fn prepare(
     pool: &Pool,
     id: &str,
     room: &Room,
-) -> Result<Prepared, JobEnd> {
-    let folder = JobFolder::open_job(job_dir, id).map_err(JobEnd::from)?;
+) -> Result<Prepared, JobOutcome> {
+    let folder = JobFolder::open_job(job_dir, id)?;
     preflight(&folder, room, id)?;
     let owner = results::owner_after(&folder, pool).map_err(|e| {
-        JobEnd::Fault(format!(
+        JobOutcome::fault(format!(
             "inspecting the job folder {}: {e}",
             job_dir.display()
         ))
@@ -261,7 +236,7 @@ fn prepare(
     // The workspace first: if it cannot be made, `results/` stays as it was.
     for folder in private {
         create_private(folder, identity, pool.switch).map_err(|e| {
-            JobEnd::Fault(format!("creating the workspace {}: {e}", folder.display()))
+            JobOutcome::fault(format!("creating the workspace {}: {e}", folder.display()))
         })?;
     }
     if pool.switch {
@@ -281,12 +256,12 @@ fn prepare(
 /// drive has less free space than the reserve, or than the job folder's copy plus the
 /// reserve. A full drive would otherwise fail the job half-way through staging, or starve the
 /// other jobs staged on it.
-fn preflight(folder: &JobFolder, room: &Room, id: &str) -> Result<(), JobEnd> {
+fn preflight(folder: &JobFolder, room: &Room, id: &str) -> Result<(), JobOutcome> {
     let drive = room.workspaces.display();
     let free = match nats_fs::tree::free_space(&room.workspaces) {
         Ok(free) => free,
         Err(e) => {
-            return Err(JobEnd::Fault(format!(
+            return Err(JobOutcome::fault(format!(
                 "checking the free space of the workspaces drive {drive}: {e}"
             )))
         }
@@ -312,7 +287,7 @@ fn preflight(folder: &JobFolder, room: &Room, id: &str) -> Result<(), JobEnd> {
             reserve_bytes = room.reserve,
             "not enough room to stage the job here; handing it back for another host: {message}"
         );
-        JobEnd::Fault(message)
+        JobOutcome::fault(message)
     };
     if free < room.reserve {
         return Err(refuse(None));
@@ -359,8 +334,8 @@ enum Forced {
 struct Talk {
     started_at: SystemTime,
     started: Instant,
-    /// The runner's final event, once it came.
-    last: Option<FromRunner>,
+    /// How the runner said the job ended, once it did.
+    ended: Option<JobOutcome>,
     /// How the runner process ended.
     exit: Option<Exit>,
     /// Set when the supervisor ended the job itself.
@@ -473,7 +448,7 @@ async fn converse(
             }
             () = sleep_until(deadlines.timeout_at), if running => {
                 if deadlines.timeout_passed(talk.steps_done) {
-                    if talk.last.is_none() {
+                    if talk.ended.is_none() {
                         warn!(
                             pid = pid.as_raw(),
                             timeout_ms = millis(talk.timeout),
@@ -490,7 +465,7 @@ async fn converse(
             () = until(deadlines.stop_by), if running => {
                 if let Some(forced) = deadlines.stop_passed(talk.steps_done) {
                     warn!(pid = pid.as_raw(), "the runner did not stop in time; ending the job here");
-                    if talk.last.is_none() {
+                    if talk.ended.is_none() {
                         talk.forced = Some(forced);
                     }
                     kill_runner(env.reaper, pid);
@@ -662,7 +637,7 @@ impl Talk {
             limits: ceilings,
             started_at: SystemTime::now(),
             started: Instant::now(),
-            last: None,
+            ended: None,
             exit: None,
             forced: None,
             timeout: default_timeout,
@@ -754,16 +729,18 @@ impl Talk {
                 self.events.synced(Duration::from_millis(*duration_ms));
             }
             FromRunner::Warning { message } => warn!("{message}"),
-            FromRunner::Finished { status, error, .. } => {
-                debug!(%status, error = error.as_deref(), "runner finished");
+            FromRunner::Ended(JobOutcome::Final(result)) => {
+                debug!(status = %result.status, error = result.error.as_deref(), "runner finished");
             }
-            FromRunner::Aborted { reason } => info!("runner stopped: {reason}"),
-            FromRunner::Fault { error } => warn!("runner fault: {error}"),
+            FromRunner::Ended(JobOutcome::Aborted { why }) => info!("runner stopped: {why}"),
+            FromRunner::Ended(JobOutcome::Fault { why } | JobOutcome::Busy { why }) => {
+                warn!("runner fault: {why}");
+            }
             FromRunner::Unknown => {}
         }
-        if event.is_last() {
+        if let FromRunner::Ended(outcome) = event {
             self.steps_done = true;
-            self.last = Some(event);
+            self.ended = Some(outcome);
         }
         loaded
     }
@@ -812,13 +789,17 @@ impl Talk {
 
     /// Whether the runner ended by itself, having said how the job ended.
     fn clean(&self) -> bool {
-        self.forced.is_none() && self.last.is_some() && matches!(self.exit, Some(Exit::Code(_)))
+        self.forced.is_none() && self.ended.is_some() && matches!(self.exit, Some(Exit::Code(_)))
     }
 
     /// Whether the runner wrote a final `result.json`.
     fn wrote_manifest(&self) -> bool {
         self.forced.is_none()
-            && matches!(self.last, Some(FromRunner::Finished { manifest: true, .. }))
+            && self
+                .ended
+                .as_ref()
+                .and_then(JobOutcome::result)
+                .is_some_and(|result| result.manifest_file.is_some())
     }
 
     /// The manifest of a job the supervisor ended as `timeout` or `cancelled`: every step the
@@ -898,46 +879,36 @@ impl Talk {
         })
     }
 
-    /// How the job ended; `forced_manifest` is what [`Talk::forced_manifest`] made.
-    fn end(self, job: &JobRun<'_>, forced_manifest: Option<Manifest>) -> JobEnd {
-        let id = job.request.id.as_str();
+    /// How the job ended; `forced_manifest` is what [`Talk::forced_manifest`] made. What the
+    /// runner says of the job is its status; who the job is, which delivery, and where the
+    /// manifest lies are the supervisor's to say.
+    fn end(self, job: &JobRun<'_>, forced_manifest: Option<Manifest>) -> JobOutcome {
         if let Some(error) = self.start_error {
-            return JobEnd::Fault(error);
+            return JobOutcome::fault(error);
         }
         if let Some(manifest) = forced_manifest {
-            return JobEnd::Final(Box::new(ResultMessage {
+            return JobOutcome::final_result(ResultMessage {
                 worker: Some(job.settings.worker_id.clone()),
                 ..ResultMessage::from_manifest(&manifest)
-            }));
+            });
         }
         if matches!(self.forced, Some(Forced::Aborted)) {
-            return JobEnd::Aborted(
-                "stopped by the supervisor (the runner did not stop in time); it will run again"
-                    .to_owned(),
+            return JobOutcome::aborted(
+                "stopped by the supervisor (the runner did not stop in time); it will run again",
             );
         }
-        match self.last {
-            Some(FromRunner::Finished {
-                status,
-                exit_code,
-                error,
-                reason,
-                manifest,
-                duration_ms,
-            }) => JobEnd::Final(Box::new(ResultMessage {
-                reason,
-                id: id.to_owned(),
-                status,
-                exit_code,
-                manifest_file: manifest.then(|| nats_fs::manifest::MANIFEST_PATH.to_owned()),
+        match self.ended {
+            Some(JobOutcome::Final(result)) => JobOutcome::final_result(ResultMessage {
+                id: job.request.id.to_string(),
+                manifest_file: result
+                    .manifest_file
+                    .map(|_| nats_fs::manifest::MANIFEST_PATH.to_owned()),
                 attempt: Some(job.attempt),
-                error,
-                duration_ms: Some(duration_ms),
                 worker: Some(job.settings.worker_id.clone()),
-            })),
-            Some(FromRunner::Aborted { reason }) => JobEnd::Aborted(reason),
-            Some(FromRunner::Fault { error }) => JobEnd::Fault(error),
-            _ => {
+                ..*result
+            }),
+            Some(other) => other,
+            None => {
                 let how = self
                     .exit
                     .map_or_else(|| "vanished".to_owned(), Exit::describe);
@@ -946,7 +917,7 @@ impl Talk {
                     .back()
                     .map(|l| format!("; it said: {l}"))
                     .unwrap_or_default();
-                JobEnd::Fault(format!("the runner {how} before finishing the job{said}"))
+                JobOutcome::fault(format!("the runner {how} before finishing the job{said}"))
             }
         }
     }

@@ -13,7 +13,7 @@ use async_nats::HeaderMap;
 use nats_fs::job::{JobId, JobRequest, RequestError};
 use nats_fs::manifest::Manifest;
 use nats_fs::protocol::CancelMode;
-use nats_fs::{ResultMessage, Status};
+use nats_fs::{JobOutcome, ResultMessage, Status};
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit};
 use tokio::task::JoinHandle;
 use tokio::time::{sleep, sleep_until, timeout, Instant};
@@ -22,7 +22,7 @@ use tracing::{debug, error, info, info_span, warn, Instrument, Span};
 use crate::backoff::Backoff;
 use crate::config::Settings;
 use crate::events::{JobEvents, JobState};
-use crate::execute::{execute, Env, JobEnd, JobRun};
+use crate::execute::{execute, Env, JobRun};
 use crate::identity::Identities;
 use crate::lock::{Acquired, JobLock, Locks, RefreshError};
 use crate::logging::event;
@@ -231,7 +231,7 @@ async fn process(
             ctx.metrics.host_fault();
             let decision = decide(
                 request.id.as_str(),
-                JobEnd::Fault(why),
+                JobOutcome::fault(why),
                 delivered,
                 ctx.max_deliver,
                 false,
@@ -267,7 +267,7 @@ async fn process(
         },
     };
     let ((end, leftovers), lease_lost) = lease.keep(execution).await;
-    if matches!(end, JobEnd::Fault(_)) {
+    if matches!(end, JobOutcome::Fault { .. }) {
         ctx.metrics.host_fault();
     }
     let decision = decide(
@@ -338,7 +338,7 @@ async fn busy(
 ) {
     let decision = decide(
         id.as_str(),
-        JobEnd::Busy(why),
+        JobOutcome::busy(why),
         delivered,
         ctx.max_deliver,
         false,

@@ -5,10 +5,9 @@
 use std::time::Duration;
 
 use nats_fs::manifest::Reason;
-use nats_fs::{ResultMessage, Status};
+use nats_fs::{JobOutcome, ResultMessage, Status};
 
 use crate::backoff::Backoff;
-use crate::execute::JobEnd;
 
 /// The first retry delay of a host fault; it doubles with every delivery.
 const FIRST_RETRY: Duration = Duration::from_secs(1);
@@ -62,31 +61,31 @@ pub fn retry_delay(delivered: u64) -> Duration {
 #[must_use]
 pub fn decide(
     id: &str,
-    end: JobEnd,
+    end: JobOutcome,
     delivered: u64,
     max_deliver: i64,
     lease_lost: bool,
 ) -> Decision {
     let last_delivery = i64::try_from(delivered).unwrap_or(i64::MAX) >= max_deliver;
     match end {
-        JobEnd::Final(result) => Decision::Publish {
+        JobOutcome::Final(result) => Decision::Publish {
             ack: ack_for(result.status),
             result,
             dead_letter: None,
         },
         // On the last delivery there is no copy to race: fall through to the final error.
-        JobEnd::Aborted(why) | JobEnd::Fault(why) if lease_lost && !last_delivery => {
+        JobOutcome::Aborted { why } | JobOutcome::Fault { why } if lease_lost && !last_delivery => {
             Decision::Leave { why }
         }
-        JobEnd::Aborted(why) if !last_delivery => Decision::Retry {
+        JobOutcome::Aborted { why } if !last_delivery => Decision::Retry {
             delay: Duration::ZERO,
             why,
         },
-        JobEnd::Fault(why) | JobEnd::Busy(why) if !last_delivery => Decision::Retry {
+        JobOutcome::Fault { why } | JobOutcome::Busy { why } if !last_delivery => Decision::Retry {
             delay: retry_delay(delivered),
             why,
         },
-        JobEnd::Aborted(why) | JobEnd::Fault(why) | JobEnd::Busy(why) => {
+        JobOutcome::Aborted { why } | JobOutcome::Fault { why } | JobOutcome::Busy { why } => {
             let error = format!("gave up after {delivered} of {max_deliver} deliveries; the last one ended with: {why}");
             Decision::Publish {
                 // The job itself may be fine: this host (or the hosts it met) could not run it.
@@ -123,7 +122,13 @@ mod tests {
             Status::Timeout,
             Status::Cancelled,
         ] {
-            let d = decide("j", JobEnd::Final(Box::new(result(status))), 1, 5, false);
+            let d = decide(
+                "j",
+                JobOutcome::Final(Box::new(result(status))),
+                1,
+                5,
+                false,
+            );
             assert!(
                 matches!(
                     d,
@@ -138,7 +143,7 @@ mod tests {
         }
         let d = decide(
             "j",
-            JobEnd::Final(Box::new(result(Status::Error))),
+            JobOutcome::Final(Box::new(result(Status::Error))),
             1,
             5,
             false,
@@ -147,7 +152,7 @@ mod tests {
         // A job that finished is published even if its lease was lost meanwhile.
         let d = decide(
             "j",
-            JobEnd::Final(Box::new(result(Status::Success))),
+            JobOutcome::Final(Box::new(result(Status::Success))),
             1,
             5,
             true,
@@ -159,14 +164,14 @@ mod tests {
     fn faults_retry_with_growing_delay_then_give_up() {
         let delays: Vec<_> = (1..5)
             .map(
-                |n| match decide("j", JobEnd::Fault("disk".into()), n, 5, false) {
+                |n| match decide("j", JobOutcome::fault("disk"), n, 5, false) {
                     Decision::Retry { delay, .. } => delay,
                     other => panic!("{other:?}"),
                 },
             )
             .collect();
         assert_eq!(delays, [1, 2, 4, 8].map(Duration::from_secs));
-        match decide("j", JobEnd::Fault("disk".into()), 5, 5, false) {
+        match decide("j", JobOutcome::fault("disk"), 5, 5, false) {
             Decision::Publish {
                 result,
                 ack,
@@ -186,10 +191,10 @@ mod tests {
     #[test]
     fn a_busy_id_waits_then_becomes_a_dead_letter() {
         assert!(matches!(
-            decide("j", JobEnd::Busy("running on h2".into()), 1, 5, false),
+            decide("j", JobOutcome::busy("running on h2"), 1, 5, false),
             Decision::Retry { delay, .. } if delay == FIRST_RETRY
         ));
-        match decide("j", JobEnd::Busy("running on h2".into()), 5, 5, false) {
+        match decide("j", JobOutcome::busy("running on h2"), 5, 5, false) {
             Decision::Publish {
                 result,
                 ack: Ack::Term,
@@ -205,27 +210,27 @@ mod tests {
     #[test]
     fn aborts_retry_at_once_unless_out_of_deliveries_or_lease() {
         assert_eq!(
-            decide("j", JobEnd::Aborted("drain".into()), 1, 5, false),
+            decide("j", JobOutcome::aborted("drain"), 1, 5, false),
             Decision::Retry {
                 delay: Duration::ZERO,
                 why: "drain".into()
             }
         );
         assert!(matches!(
-            decide("j", JobEnd::Aborted("drain".into()), 5, 5, false),
+            decide("j", JobOutcome::aborted("drain"), 5, 5, false),
             Decision::Publish { ack: Ack::Term, .. }
         ));
         assert!(matches!(
-            decide("j", JobEnd::Aborted("lease".into()), 1, 5, true),
+            decide("j", JobOutcome::aborted("lease"), 1, 5, true),
             Decision::Leave { .. }
         ));
         assert!(matches!(
-            decide("j", JobEnd::Fault("x".into()), 4, 5, true),
+            decide("j", JobOutcome::fault("x"), 4, 5, true),
             Decision::Leave { .. }
         ));
         // Out of deliveries, nothing else will run it: it must end with a final error.
         assert!(matches!(
-            decide("j", JobEnd::Aborted("lease".into()), 5, 5, true),
+            decide("j", JobOutcome::aborted("lease"), 5, 5, true),
             Decision::Publish { ack: Ack::Term, .. }
         ));
     }
