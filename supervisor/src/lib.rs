@@ -6,7 +6,7 @@
 //! commands itself. When the runner is done it publishes the result message and acks.
 //!
 //! ```text
-//!  jobs.pending ──pull (free slots only)──▶ intake ──▶ job_task ──▶ execute ──spawn──▶ runner
+//!  jobs.pending ──free slots only──▶ pull ───────────▶ job_task ──▶ execute ──spawn──▶ runner
 //!                                                        │  progress acks  │  JSON lines  │
 //!  jobs.results.{id} ◀──publish, then ack── settle ◀─────┘                 ◀──events──────┘
 //!  jobs.cancel.{id} ──▶ Running registry ──cancel──▶ runner
@@ -16,7 +16,11 @@
 //! - `backoff`: growing pauses between retries, and jitter.
 //! - `config`: flags and environment (contract §7), checked at start.
 //! - `identity`: the pool of identities (`--run-as`), one per running job.
-//! - `intake`: connection, stream and consumer, the pull loop, cancel requests.
+//! - `connection`: connecting to NATS, and reconnecting for as long as the supervisor runs.
+//! - `consumer`: the stream and the durable pull consumer (contract §7), set up and checked;
+//!   waiting while NATS is unreachable.
+//! - `pull`: the pull loop: asks for as many messages as there are free slots.
+//! - `cancel`: cancel requests on `jobs.cancel.{id}`.
 //! - `job_task`: one message from delivery to ack; the lease (progress acks).
 //! - `lock`: one run per job id at a time, across hosts (a key-value lease).
 //! - `execute`: one run through a runner: folders, spawn, pipe conversation, deadlines,
@@ -39,13 +43,15 @@
 //! - `dry_run`: `--dry-run`.
 
 pub mod backoff;
+pub mod cancel;
 pub mod config;
+pub mod connection;
+pub mod consumer;
 pub mod contain;
 pub mod dry_run;
 pub mod events;
 pub mod execute;
 pub mod identity;
-pub mod intake;
 pub mod job_task;
 pub mod lock;
 pub mod logging;
@@ -53,6 +59,7 @@ pub mod memory;
 pub mod metrics;
 pub mod notify;
 pub mod outbox;
+pub mod pull;
 pub mod reaper;
 pub mod results;
 pub mod service;
@@ -101,12 +108,12 @@ pub async fn run(
     spawn::lower_own_oom_score();
     check_surroundings(&settings);
     log_settings(&settings);
-    let client = intake::connect(&settings).await?;
+    let client = connection::connect(&settings).await?;
     let js = jetstream::new(client.clone());
-    let Some(intake) = intake::ensure_patiently(&settings, &js, &mut shutdown).await? else {
+    let Some(intake) = consumer::ensure_patiently(&settings, &js, &mut shutdown).await? else {
         return Ok(());
     };
-    let Some(locks) = intake::patiently(&mut shutdown, "the lock bucket", || {
+    let Some(locks) = consumer::patiently(&mut shutdown, "the lock bucket", || {
         lock::Locks::setup(&settings, &js, intake.replicas)
     })
     .await?
@@ -149,11 +156,11 @@ pub async fn run(
         max_deliver: intake.max_deliver,
         shutdown: shutdown.clone(),
     });
-    let cancels = tokio::spawn(intake::listen_for_cancels(ctx.clone()));
+    let cancels = tokio::spawn(cancel::listen_for_cancels(ctx.clone()));
     let statuses = tokio::spawn(report_status(ctx.clone()));
     let service = service::start(ctx.clone()).await?;
     let tracker = TaskTracker::new();
-    let pulled = intake::pull(ctx.clone(), intake, js, tracker.clone()).await;
+    let pulled = pull::pull(ctx.clone(), intake, js, tracker.clone()).await;
     ctx.notifier.stopping();
     // The pull loop fed the watchdog; a drain may take minutes and must not look wedged.
     let watchdog = ctx.notifier.watchdog_every().map(|every| {

@@ -32,7 +32,7 @@ use serde::{Deserialize, Serialize};
 use tracing::{debug, info};
 
 use crate::config::Settings;
-use crate::intake::EnsureError;
+use crate::consumer::EnsureError;
 
 /// How long a key lives without a refresh, in a bucket made here.
 const KEY_LIFETIME: Duration = Duration::from_secs(600);
