@@ -11,7 +11,7 @@ use tokio::time::sleep;
 use tracing::{debug, info, warn};
 
 use crate::backoff::Backoff;
-use crate::job_task::Ctx;
+use crate::ctx::Ctx;
 
 /// Stops running jobs named on `{cancel_subject}.{id}`. A subscription that ends is made
 /// again: cancels must keep working as long as the supervisor runs.

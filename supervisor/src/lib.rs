@@ -6,10 +6,10 @@
 //! commands itself. When the runner is done it publishes the result message and acks.
 //!
 //! ```text
-//!  jobs.pending ──free slots only──▶ pull ───────────▶ job_task ──▶ execute ──spawn──▶ runner
-//!                                                        │  progress acks  │  JSON lines  │
-//!  jobs.results.{id} ◀──publish, then ack── settle ◀─────┘                 ◀──events──────┘
-//!  jobs.cancel.{id} ──▶ Running registry ──cancel──▶ runner
+//!  jobs.pending ──free slots only──▶ pull ─────────▶ job_task ────────▶ execute ──spawn──▶ runner
+//!                                                     │ lease: progress acks │  JSON lines   │
+//!  jobs.results.{id} ◀──publish, then ack── settle ◀──┘                      ◀──events───────┘
+//!  jobs.cancel.{id} ──▶ cancel ──▶ running (registry) ──cancel──▶ runner
 //! ```
 //!
 //! # Layout
@@ -21,7 +21,13 @@
 //!   waiting while NATS is unreachable.
 //! - `pull`: the pull loop: asks for as many messages as there are free slots.
 //! - `cancel`: cancel requests on `jobs.cancel.{id}`.
-//! - `job_task`: one message from delivery to ack; the lease (progress acks).
+//! - `ctx`: what every job task shares with the rest of the supervisor.
+//! - `running`: the registry of running jobs: one delivery of an id at a time on this host.
+//! - `job_task`: one message from delivery to settlement: rejects, busy ids, the run.
+//! - `lease`: keeping a running job's lease: progress acks, and refreshes of its lock.
+//! - `redelivery`: recognising a redelivery of a job that already finished.
+//! - `settle`: how a message is settled: the pure decision, then publishing the result, the
+//!   dead letter and the ack (retried).
 //! - `lock`: one run per job id at a time, across hosts (a key-value lease).
 //! - `execute`: one run through a runner: folders, spawn, pipe conversation, deadlines,
 //!   cleanup.
@@ -29,7 +35,6 @@
 //!   the limits watched while it runs (its only caller is `execute`).
 //! - `memory`: the memory watch of a running job (`limits.memory`).
 //! - `results`: `results/` lent to a job's identity and taken back; believable manifests.
-//! - `settle`: the pure decision of how a message is settled.
 //! - `outbox`: results and dead letters, delivered so that they are not lost.
 //! - `events`: each job's lifecycle on `jobs.status.{id}`, best effort.
 //! - `metrics`: counters and gauges; `/metrics` and `/healthz` on `--metrics-listen`.
@@ -48,11 +53,13 @@ pub mod config;
 pub mod connection;
 pub mod consumer;
 pub mod contain;
+pub mod ctx;
 pub mod dry_run;
 pub mod events;
 pub mod execute;
 pub mod identity;
 pub mod job_task;
+pub mod lease;
 pub mod lock;
 pub mod logging;
 pub mod memory;
@@ -61,7 +68,9 @@ pub mod notify;
 pub mod outbox;
 pub mod pull;
 pub mod reaper;
+pub mod redelivery;
 pub mod results;
+pub mod running;
 pub mod service;
 pub mod settle;
 pub mod signals;
@@ -80,9 +89,10 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::config::Settings;
+use crate::ctx::Ctx;
 use crate::identity::Identities;
-use crate::job_task::{Ctx, Running};
 use crate::reaper::Reaper;
+use crate::running::Running;
 
 /// How far along shutdown is (contract §8).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

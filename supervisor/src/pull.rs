@@ -17,7 +17,8 @@ use tracing::{debug, info, warn};
 
 use crate::backoff::{jitter, Backoff};
 use crate::consumer::{ensure, Intake};
-use crate::job_task::{self, Ctx};
+use crate::ctx::Ctx;
+use crate::job_task;
 use crate::logging::event;
 use crate::Shutdown;
 
