@@ -6,18 +6,28 @@
 //! commands itself. When the runner is done it publishes the result message and acks.
 //!
 //! ```text
-//!  jobs.pending ──pull (free slots only)──▶ intake ──▶ job_task ──▶ execute ──spawn──▶ runner
-//!                                                        │  progress acks  │  JSON lines  │
-//!  jobs.results.{id} ◀──publish, then ack── settle ◀─────┘                 ◀──events──────┘
-//!  jobs.cancel.{id} ──▶ Running registry ──cancel──▶ runner
+//!  jobs.pending ──free slots only──▶ pull ─────────▶ job_task ────────▶ execute ──spawn──▶ runner
+//!                                                     │ lease: progress acks │  JSON lines   │
+//!  jobs.results.{id} ◀──publish, then ack── settle ◀──┘                      ◀──events───────┘
+//!  jobs.cancel.{id} ──▶ cancel ──▶ running (registry) ──cancel──▶ runner
 //! ```
 //!
 //! # Layout
 //! - `backoff`: growing pauses between retries, and jitter.
 //! - `config`: flags and environment (contract §7), checked at start.
 //! - `identity`: the pool of identities (`--run-as`), one per running job.
-//! - `intake`: connection, stream and consumer, the pull loop, cancel requests.
-//! - `job_task`: one message from delivery to ack; the lease (progress acks).
+//! - `connection`: connecting to NATS, and reconnecting for as long as the supervisor runs.
+//! - `consumer`: the stream and the durable pull consumer (contract §7), set up and checked;
+//!   waiting while NATS is unreachable.
+//! - `pull`: the pull loop: asks for as many messages as there are free slots.
+//! - `cancel`: cancel requests on `jobs.cancel.{id}`.
+//! - `ctx`: what every job task shares with the rest of the supervisor.
+//! - `running`: the registry of running jobs: one delivery of an id at a time on this host.
+//! - `job_task`: one message from delivery to settlement: rejects, busy ids, the run.
+//! - `lease`: keeping a running job's lease: progress acks, and refreshes of its lock.
+//! - `redelivery`: recognising a redelivery of a job that already finished.
+//! - `settle`: how a message is settled: the pure decision, then publishing the result, the
+//!   dead letter and the ack (retried).
 //! - `lock`: one run per job id at a time, across hosts (a key-value lease).
 //! - `execute`: one run through a runner: folders, spawn, pipe conversation, deadlines,
 //!   cleanup.
@@ -25,7 +35,6 @@
 //!   the limits watched while it runs (its only caller is `execute`).
 //! - `memory`: the memory watch of a running job (`limits.memory`).
 //! - `results`: `results/` lent to a job's identity and taken back; believable manifests.
-//! - `settle`: the pure decision of how a message is settled.
 //! - `outbox`: results and dead letters, delivered so that they are not lost.
 //! - `events`: each job's lifecycle on `jobs.status.{id}`, best effort.
 //! - `metrics`: counters and gauges; `/metrics` and `/healthz` on `--metrics-listen`.
@@ -39,22 +48,29 @@
 //! - `dry_run`: `--dry-run`.
 
 pub mod backoff;
+pub mod cancel;
 pub mod config;
+pub mod connection;
+pub mod consumer;
 pub mod contain;
+pub mod ctx;
 pub mod dry_run;
 pub mod events;
 pub mod execute;
 pub mod identity;
-pub mod intake;
 pub mod job_task;
+pub mod lease;
 pub mod lock;
 pub mod logging;
 pub mod memory;
 pub mod metrics;
 pub mod notify;
 pub mod outbox;
+pub mod pull;
 pub mod reaper;
+pub mod redelivery;
 pub mod results;
+pub mod running;
 pub mod service;
 pub mod settle;
 pub mod signals;
@@ -73,9 +89,10 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::config::Settings;
+use crate::ctx::Ctx;
 use crate::identity::Identities;
-use crate::job_task::{Ctx, Running};
 use crate::reaper::Reaper;
+use crate::running::Running;
 
 /// How far along shutdown is (contract §8).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -101,12 +118,12 @@ pub async fn run(
     spawn::lower_own_oom_score();
     check_surroundings(&settings);
     log_settings(&settings);
-    let client = intake::connect(&settings).await?;
+    let client = connection::connect(&settings).await?;
     let js = jetstream::new(client.clone());
-    let Some(intake) = intake::ensure_patiently(&settings, &js, &mut shutdown).await? else {
+    let Some(intake) = consumer::ensure_patiently(&settings, &js, &mut shutdown).await? else {
         return Ok(());
     };
-    let Some(locks) = intake::patiently(&mut shutdown, "the lock bucket", || {
+    let Some(locks) = consumer::patiently(&mut shutdown, "the lock bucket", || {
         lock::Locks::setup(&settings, &js, intake.replicas)
     })
     .await?
@@ -149,11 +166,11 @@ pub async fn run(
         max_deliver: intake.max_deliver,
         shutdown: shutdown.clone(),
     });
-    let cancels = tokio::spawn(intake::listen_for_cancels(ctx.clone()));
+    let cancels = tokio::spawn(cancel::listen_for_cancels(ctx.clone()));
     let statuses = tokio::spawn(report_status(ctx.clone()));
     let service = service::start(ctx.clone()).await?;
     let tracker = TaskTracker::new();
-    let pulled = intake::pull(ctx.clone(), intake, js, tracker.clone()).await;
+    let pulled = pull::pull(ctx.clone(), intake, js, tracker.clone()).await;
     ctx.notifier.stopping();
     // The pull loop fed the watchdog; a drain may take minutes and must not look wedged.
     let watchdog = ctx.notifier.watchdog_every().map(|every| {

@@ -10,7 +10,7 @@
 //!
 //! - it is the same message, delivered again: the server redelivers only once the holder lost
 //!   its lease on it, and a holder stops its job before its lease runs out (see
-//!   [`crate::job_task`]), or it crashed;
+//!   [`crate::lease`]), or it crashed;
 //! - its message has left the work-queue stream: the holder's job was settled (acked or
 //!   terminated). So a job that ends leaves its key to go stale rather than spend a write on
 //!   deleting it; only a job handed back for another delivery deletes it.
@@ -32,7 +32,7 @@ use serde::{Deserialize, Serialize};
 use tracing::{debug, info};
 
 use crate::config::Settings;
-use crate::intake::EnsureError;
+use crate::consumer::EnsureError;
 
 /// How long a key lives without a refresh, in a bucket made here.
 const KEY_LIFETIME: Duration = Duration::from_secs(600);

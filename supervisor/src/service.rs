@@ -13,8 +13,8 @@ use futures_util::StreamExt;
 use serde::Serialize;
 use tracing::{debug, info};
 
+use crate::ctx::Ctx;
 use crate::events::JobState;
-use crate::job_task::Ctx;
 
 /// The service's name, as `nats micro` lists it.
 pub const NAME: &str = "nats-fs-worker";

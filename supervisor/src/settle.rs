@@ -1,13 +1,24 @@
-//! Deciding how a job message is settled (contract §6), as a pure function so every row of the
-//! table is unit-tested: publish a final result then ack or terminate, nak with a delay to retry
-//! a host fault, or leave the message alone when its lease is already lost.
+//! Settling a job message (contract §6): deciding how, then doing it.
+//!
+//! Deciding is a pure function, [`decide`], so every row of the table is unit-tested: publish
+//! a final result then ack or terminate, nak with a delay to retry a host fault, or leave the
+//! message alone when its lease is already lost. `carry_out` does what was decided: it
+//! publishes the result and the dead letter, then acks, terminates or naks.
 
 use std::time::Duration;
 
+use async_nats::jetstream::{self, AckKind};
+use async_nats::HeaderMap;
+use nats_fs::job::JobId;
 use nats_fs::manifest::Reason;
 use nats_fs::{JobOutcome, ResultMessage, Status};
+use tokio::time::{sleep, Instant};
+use tracing::{debug, error, info, warn};
 
 use crate::backoff::Backoff;
+use crate::ctx::Ctx;
+use crate::logging::event;
+use crate::Shutdown;
 
 /// The first retry delay of a host fault; it doubles with every delivery.
 const FIRST_RETRY: Duration = Duration::from_secs(1);
@@ -100,6 +111,150 @@ pub fn decide(
                 dead_letter: Some(error),
             }
         }
+    }
+}
+
+/// Publishes, dead-letters and acks as decided.
+pub(crate) async fn carry_out(
+    ctx: &Ctx,
+    msg: &jetstream::Message,
+    decision: Decision,
+    id: &JobId,
+    delivered: u64,
+    seq: u64,
+) {
+    match decision {
+        Decision::Publish {
+            result,
+            ack,
+            dead_letter: reason,
+        } => {
+            ctx.events.finished((id.as_str(), seq, delivered), &result);
+            ctx.metrics
+                .finished(result.status, result.duration_ms.map(Duration::from_millis));
+            let level_ok = matches!(result.status, Status::Success);
+            if level_ok {
+                info!(event = event::JOB_FINISHED, status = %result.status, exit_code = result.exit_code, "job finished");
+            } else {
+                warn!(event = event::JOB_FINISHED, status = %result.status, exit_code = result.exit_code, reason = result.reason.map(nats_fs::manifest::Reason::as_str), error = result.error.as_deref(), "job finished");
+            }
+            if !publish_result(ctx, id, seq, &result).await {
+                warn!(event = event::RESULT_UNPUBLISHED, "the result could not be published before shutdown; the job will be redelivered and its result republished");
+                return;
+            }
+            if let Some(reason) = reason {
+                dead_letter(ctx, msg, &reason, delivered, seq).await;
+            }
+            acknowledge(ctx, msg, ack).await;
+        }
+        Decision::Retry { delay, why } => {
+            if delay.is_zero() {
+                info!(
+                    event = event::JOB_HANDED_BACK,
+                    "handing the job back for redelivery: {why}"
+                );
+            } else {
+                warn!(
+                    event = event::JOB_RETRY_LATER,
+                    retry_in_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
+                    "job could not run here: {why}"
+                );
+            }
+            if let Err(e) = msg.ack_with(AckKind::Nak(Some(delay))).await {
+                warn!("nak failed ({e}); the job will be redelivered after the ack wait");
+            }
+        }
+        Decision::Leave { why } => {
+            warn!(
+                event = event::JOB_LEFT,
+                "leaving the job to its redelivery: {why}"
+            );
+        }
+    }
+}
+
+/// Publishes the result on `{output}.{id}` with `Nats-Msg-Id: {id}-{seq}`, retrying through a
+/// disconnection. Gives up only when told to stop at once.
+async fn publish_result(ctx: &Ctx, id: &JobId, seq: u64, result: &ResultMessage) -> bool {
+    let subject = ctx.settings.result_subject(id.as_str());
+    let payload = match serde_json::to_vec(result) {
+        Ok(payload) => bytes::Bytes::from(payload),
+        Err(e) => {
+            error!("encoding the result: {e}");
+            return false;
+        }
+    };
+    let mut headers = HeaderMap::new();
+    headers.insert("Nats-Msg-Id", format!("{id}-{seq}").as_str());
+    ctx.outbox
+        .send(
+            "publishing the result",
+            &ctx.settings.output_subject,
+            subject,
+            headers,
+            payload,
+        )
+        .await
+}
+
+/// Republishes a request on the dead-letter subject, with why in `Nats-Fs-Reason`.
+pub(crate) async fn dead_letter(
+    ctx: &Ctx,
+    msg: &jetstream::Message,
+    reason: &str,
+    delivered: u64,
+    seq: u64,
+) {
+    let Some(subject) = &ctx.settings.dead_letter_subject else {
+        return;
+    };
+    let mut headers = HeaderMap::new();
+    // Header values cannot hold line breaks.
+    let reason: String = reason
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    headers.insert("Nats-Fs-Reason", reason.as_str());
+    headers.insert("Nats-Fs-Subject", msg.subject.as_str());
+    headers.insert("Nats-Fs-Stream-Sequence", seq.to_string().as_str());
+    headers.insert("Nats-Fs-Delivered", delivered.to_string().as_str());
+    headers.insert("Nats-Fs-Worker", ctx.settings.worker_id.as_str());
+    headers.insert("Nats-Msg-Id", format!("dead-{seq}").as_str());
+    let sent = ctx
+        .outbox
+        .send(
+            "publishing the dead letter",
+            subject,
+            subject.clone(),
+            headers,
+            msg.payload.clone(),
+        )
+        .await;
+    if sent {
+        ctx.metrics.dead_lettered();
+        info!(event = event::DEAD_LETTERED, subject = %subject, "republished on the dead-letter subject");
+    }
+}
+
+/// Acks or terminates, with the server's confirmation, retrying for up to an ack wait. If it
+/// never gets through, the message is redelivered and recognised as finished.
+pub(crate) async fn acknowledge(ctx: &Ctx, msg: &jetstream::Message, ack: Ack) {
+    let kind = match ack {
+        Ack::Ack => AckKind::Ack,
+        Ack::Term => AckKind::Term,
+    };
+    let give_up = Instant::now() + ctx.ack_wait;
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
+    loop {
+        match msg.double_ack_with(kind).await {
+            Ok(()) => return,
+            Err(e) if Instant::now() >= give_up || *ctx.shutdown.borrow() == Shutdown::Now => {
+                warn!(event = event::ACK_UNCONFIRMED, "could not confirm the {ack:?} ({e}); a redelivery will be recognised as finished");
+                return;
+            }
+            Err(e) => debug!("{ack:?} not confirmed yet: {e}"),
+        }
+        sleep(backoff.pause()).await;
     }
 }
 

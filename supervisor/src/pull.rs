@@ -1,31 +1,24 @@
-//! Where jobs come from: the NATS connection, the stream and durable pull consumer (contract §7),
-//! the pull loop, and cancel requests.
-//!
-//! The pull loop asks for exactly as many messages as there are free slots and waits for a
+//! The pull loop: it asks for exactly as many messages as there are free slots and waits for a
 //! slot before asking again, so a host never holds a job it cannot start while another host
-//! could.
+//! could. Each message goes to a job task ([`crate::job_task`]).
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context as _;
 use async_nats::jetstream::consumer::pull::BatchConfig;
-use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy, PullConsumer};
-use async_nats::jetstream::stream::{self, RetentionPolicy, StorageType};
 use async_nats::jetstream::{self, AckKind};
-use async_nats::{ConnectOptions, Event, ServerAddr, StatusCode};
+use async_nats::StatusCode;
 use futures_util::StreamExt;
-use nats_fs::job::JobId;
-use nats_fs::protocol::CancelMode;
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::time::{sleep, timeout, Instant};
 use tokio_util::task::TaskTracker;
-use tracing::{debug, error, info, warn};
+use tracing::{debug, info, warn};
 
 use crate::backoff::{jitter, Backoff};
-use crate::config::{Auth, Settings};
-use crate::job_task::{self, Ctx};
+use crate::consumer::{ensure, Intake};
+use crate::ctx::Ctx;
+use crate::job_task;
 use crate::logging::event;
 use crate::Shutdown;
 
@@ -38,223 +31,6 @@ use crate::Shutdown;
 /// whole seconds, so requests of a fixed whole-second length would meet them on the dot.
 fn pull_expiry() -> Duration {
     Duration::from_secs(15) + jitter(Duration::from_secs(10))
-}
-/// The longest pause between reconnection attempts.
-const MAX_RECONNECT_DELAY: Duration = Duration::from_secs(2);
-
-/// Connects to NATS. Returns at once: the client connects (and reconnects, forever) in the
-/// background, and every connection change is logged.
-pub async fn connect(settings: &Settings) -> anyhow::Result<async_nats::Client> {
-    let addrs = settings
-        .urls
-        .iter()
-        .map(|url| {
-            url.parse::<ServerAddr>()
-                .with_context(|| format!("--url: {url:?} is not a NATS server URL"))
-        })
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    let options = match &settings.auth {
-        Auth::None => ConnectOptions::new(),
-        Auth::UserPassword { user, password } => {
-            ConnectOptions::with_user_and_password(user.clone(), password.clone())
-        }
-        Auth::Token(token) => ConnectOptions::with_token(token.clone()),
-        Auth::Creds(path) => ConnectOptions::with_credentials_file(path)
-            .await
-            .with_context(|| format!("--creds: reading {}", path.display()))?,
-    };
-    let client = options
-        .name(&settings.worker_id)
-        .retry_on_initial_connect()
-        .max_reconnects(None)
-        .ping_interval(Duration::from_secs(10))
-        .reconnect_delay_callback(reconnect_delay)
-        .event_callback(|event| async move {
-            match event {
-                Event::Connected => info!(event = event::NATS_CONNECTED, "connected to NATS"),
-                Event::Disconnected => {
-                    warn!(
-                        event = event::NATS_DISCONNECTED,
-                        "disconnected from NATS; reconnecting"
-                    );
-                }
-                Event::LameDuckMode => warn!("the NATS server is entering lame duck mode"),
-                Event::SlowConsumer(sid) => warn!(sid, "NATS slow consumer"),
-                Event::ServerError(e) => error!("NATS server error: {e}"),
-                Event::ClientError(e) => warn!("NATS connection: {e}"),
-
-                Event::Draining | Event::Closed => debug!("NATS connection {event}"),
-            }
-        })
-        .connect(addrs)
-        .await
-        .context("connecting to NATS")?;
-    Ok(client)
-}
-
-/// The pause before connection attempt `attempts` (counted from 1, reset by a success): none
-/// for the first, then 100 ms doubling up to `MAX_RECONNECT_DELAY`. Short, because a job's
-/// lease runs out if the connection stays down for an ack wait.
-fn reconnect_delay(attempts: usize) -> Duration {
-    match attempts {
-        0 | 1 => Duration::ZERO,
-        n => Backoff::new(Duration::from_millis(100), MAX_RECONNECT_DELAY)
-            .nth(u32::try_from(n - 2).unwrap_or(u32::MAX)),
-    }
-}
-
-/// The consumer and the limits the server actually applies to it.
-#[derive(Debug)]
-pub struct Intake {
-    pub consumer: PullConsumer,
-    pub ack_wait: Duration,
-    pub max_deliver: i64,
-    /// The stream's replicas: state kept beside it (the lock bucket) is kept as safely.
-    pub replicas: usize,
-}
-
-/// Why the stream or consumer could not be set up.
-#[derive(Debug, thiserror::Error)]
-pub enum EnsureError {
-    /// Will not get better by waiting: a configuration mismatch.
-    #[error("{0}")]
-    Config(String),
-    /// NATS is unreachable or failing; try again.
-    #[error("{0}")]
-    Nats(String),
-}
-
-/// Creates the stream and the durable consumer when missing, reuses them when present, and
-/// checks that what exists can serve: the stream must capture the input subject, and the
-/// consumer must filter on it with explicit acks.
-pub async fn ensure(settings: &Settings, js: &jetstream::Context) -> Result<Intake, EnsureError> {
-    let nats = |what: &str| {
-        let what = what.to_owned();
-        move |e: Box<dyn std::error::Error + Send + Sync>| EnsureError::Nats(format!("{what}: {e}"))
-    };
-    let mut stream = js
-        .get_or_create_stream(stream::Config {
-            name: settings.stream.clone(),
-            subjects: vec![settings.input_subject.clone()],
-            retention: RetentionPolicy::WorkQueue,
-            storage: StorageType::File,
-            ..Default::default()
-        })
-        .await
-        .map_err(|e| nats(&format!("setting up stream {}", settings.stream))(e.into()))?;
-    let config = &stream
-        .info()
-        .await
-        .map_err(|e| nats(&format!("reading stream {}", settings.stream))(e.into()))?
-        .config;
-    let (subjects, replicas) = (config.subjects.clone(), config.num_replicas.max(1));
-    if !subjects.iter().any(|s| covers(s, &settings.input_subject)) {
-        return Err(EnsureError::Config(format!(
-            "stream {} exists but does not capture the input subject {} (its subjects: {}); \
-             add the subject to the stream or choose another --stream",
-            settings.stream,
-            settings.input_subject,
-            subjects.join(", ")
-        )));
-    }
-    let consumer: PullConsumer = stream
-        .get_or_create_consumer(
-            &settings.worker_id,
-            pull::Config {
-                durable_name: Some(settings.worker_id.clone()),
-                description: Some("nats-fs-worker job runners".to_owned()),
-                ack_policy: AckPolicy::Explicit,
-                deliver_policy: DeliverPolicy::All,
-                filter_subject: settings.input_subject.clone(),
-                ack_wait: settings.ack_wait,
-                max_deliver: settings.max_deliver,
-                ..Default::default()
-            },
-        )
-        .await
-        .map_err(|e| nats(&format!("setting up consumer {}", settings.worker_id))(e.into()))?;
-    let config = &consumer.cached_info().config;
-    if config.filter_subject != settings.input_subject || config.ack_policy != AckPolicy::Explicit {
-        return Err(EnsureError::Config(format!(
-            "consumer {} on stream {} exists with filter {:?} and ack policy {:?}; it needs filter {:?} \
-             and explicit acks: delete it or choose another --id",
-            settings.worker_id, settings.stream, config.filter_subject, config.ack_policy, settings.input_subject
-        )));
-    }
-    if config.ack_wait != settings.ack_wait || config.max_deliver != settings.max_deliver {
-        warn!(
-            "consumer {} already exists with ack wait {} and max deliver {}; using those, not the flags \
-             (ack wait {}, max deliver {}). Update or delete the consumer to change them.",
-            settings.worker_id,
-            humantime::format_duration(config.ack_wait),
-            config.max_deliver,
-            humantime::format_duration(settings.ack_wait),
-            settings.max_deliver
-        );
-    }
-    Ok(Intake {
-        replicas,
-        ack_wait: config.ack_wait,
-        // -1 (unlimited) on a consumer someone else made: never give up.
-        max_deliver: if config.max_deliver > 0 {
-            config.max_deliver
-        } else {
-            i64::MAX
-        },
-        consumer,
-    })
-}
-
-/// Whether stream subject `pattern` captures every subject `subject` stands for.
-fn covers(pattern: &str, subject: &str) -> bool {
-    let mut pattern = pattern.split('.');
-    let mut subject = subject.split('.');
-    loop {
-        match (pattern.next(), subject.next()) {
-            (None, None) | (Some(">"), Some(_)) => return true,
-            (Some("*"), Some(token)) if token != ">" => {}
-            (Some(p), Some(s)) if p == s => {}
-            _ => return false,
-        }
-    }
-}
-
-/// Sets up the stream and consumer, waiting (and saying so) while NATS is unreachable.
-/// `Ok(None)` when shutdown was requested meanwhile.
-pub async fn ensure_patiently(
-    settings: &Settings,
-    js: &jetstream::Context,
-    shutdown: &mut watch::Receiver<Shutdown>,
-) -> anyhow::Result<Option<Intake>> {
-    patiently(shutdown, "NATS JetStream", || ensure(settings, js)).await
-}
-
-/// Runs `attempt` until it succeeds, waiting (and saying for `what`) while NATS is unreachable;
-/// a configuration problem ends it. `Ok(None)` when shutdown was requested meanwhile.
-pub async fn patiently<T, F: std::future::Future<Output = Result<T, EnsureError>>>(
-    shutdown: &mut watch::Receiver<Shutdown>,
-    what: &str,
-    mut attempt: impl FnMut() -> F,
-) -> anyhow::Result<Option<T>> {
-    let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(10));
-    loop {
-        let attempted = tokio::select! {
-            attempted = attempt() => attempted,
-            _ = shutdown.wait_for(|s| *s != Shutdown::Run) => return Ok(None),
-        };
-        match attempted {
-            Ok(done) => return Ok(Some(done)),
-            Err(EnsureError::Config(problem)) => anyhow::bail!(problem),
-            Err(EnsureError::Nats(problem)) => warn!(
-                retry_in_ms = backoff.next_ms(),
-                "waiting for {what}: {problem}"
-            ),
-        }
-        tokio::select! {
-            () = sleep(backoff.pause()) => {}
-            _ = shutdown.wait_for(|s| *s != Shutdown::Run) => return Ok(None),
-        }
-    }
 }
 
 /// Pulls messages while there are free slots, and hands each to a job task. Returns once
@@ -536,67 +312,8 @@ impl Puller {
     }
 }
 
-/// Stops running jobs named on `{cancel_subject}.{id}`. A subscription that ends is made
-/// again: cancels must keep working as long as the supervisor runs.
-pub async fn listen_for_cancels(ctx: Arc<Ctx>) {
-    let prefix = format!("{}.", ctx.settings.cancel_subject);
-    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
-    loop {
-        let mut subscription = match ctx.client.subscribe(format!("{prefix}>")).await {
-            Ok(subscription) => subscription,
-            Err(e) => {
-                warn!(
-                    retry_in_ms = backoff.next_ms(),
-                    "subscribing to cancel requests: {e}"
-                );
-                sleep(backoff.pause()).await;
-                continue;
-            }
-        };
-        backoff.reset();
-        while let Some(msg) = subscription.next().await {
-            let Some(id) = msg.subject.strip_prefix(&prefix) else {
-                continue;
-            };
-            let Ok(id) = JobId::parse(id) else {
-                debug!(subject = %msg.subject, "ignoring a cancel request for an invalid id");
-                continue;
-            };
-            let stopped = ctx.running.stop(&id, CancelMode::Cancel);
-            if stopped > 0 {
-                info!(%id, "cancel requested: stopping the job");
-            } else {
-                debug!(%id, "cancel requested for a job that is not running here");
-            }
-        }
-        warn!("the cancel subscription ended; subscribing again");
-    }
-}
-
 #[cfg(test)]
 mod tests {
-    use super::covers;
-
-    #[test]
-    fn reconnects_at_once_then_backs_off_to_a_cap() {
-        use std::time::Duration;
-        let delays: Vec<_> = (1..=8).map(super::reconnect_delay).collect();
-        let ms = |n| Duration::from_millis(n);
-        assert_eq!(
-            delays,
-            [
-                ms(0),
-                ms(100),
-                ms(200),
-                ms(400),
-                ms(800),
-                ms(1600),
-                ms(2000),
-                ms(2000)
-            ]
-        );
-    }
-
     #[test]
     fn the_pull_loop_backs_off_from_200_ms_to_5_s() {
         use std::time::Duration;
@@ -615,19 +332,5 @@ mod tests {
                 ms(5000)
             ]
         );
-    }
-
-    #[test]
-    fn subject_coverage() {
-        assert!(covers("jobs.pending", "jobs.pending"));
-        assert!(covers("jobs.*", "jobs.pending"));
-        assert!(covers("jobs.>", "jobs.pending.x"));
-        assert!(covers(">", "jobs.pending"));
-        assert!(covers("jobs.>", "jobs.*"));
-        assert!(!covers("jobs.*", "jobs.pending.x"));
-        assert!(!covers("jobs.pending", "jobs.*"));
-        assert!(!covers("jobs.*", "jobs.>"));
-        assert!(!covers("other", "jobs.pending"));
-        assert!(!covers("jobs.pending.x", "jobs.pending"));
     }
 }
