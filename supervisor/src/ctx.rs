@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::watch;
+use tokio::sync::{watch, Semaphore};
 
 use crate::config::Settings;
 use crate::identity::Identities;
@@ -35,4 +35,8 @@ pub struct Ctx {
     pub ack_wait: Duration,
     pub max_deliver: i64,
     pub shutdown: watch::Receiver<Shutdown>,
+    /// Permits to flush a finished job's manifest before its ack, as many as job slots: a
+    /// job gives its slot back once its result is published and it holds one of these, so
+    /// at most twice `--concurrency` messages are in hand (see `settle::carry_out`).
+    pub flushing: Semaphore,
 }

@@ -21,7 +21,7 @@ use crate::lease::{Lease, Renewals};
 use crate::lock::Acquired;
 use crate::logging::event;
 use crate::redelivery::republished;
-use crate::settle::{acknowledge, carry_out, dead_letter, decide, Ack, Decision};
+use crate::settle::{acknowledge, carry_out, dead_letter, decide, publish, Ack, Decision};
 
 /// Handles one delivered message to the end. Every log line inside carries the job's id,
 /// attempt and stream sequence. `slot` is the pull loop's permit for this job: it is given
@@ -138,15 +138,19 @@ async fn process(
         lease_lost,
     );
     let settled = matches!(decision, Decision::Publish { .. });
-    carry_out(&ctx, &msg, decision, &request.id, delivered, seq).await;
-    // Settled (or handed back), and results/ is final: the id may run again, here or
+    let unacked = publish(&ctx, &msg, decision, &request.id, delivered, seq).await;
+    // Published (or handed back), and results/ is final: the id may run again, here or
     // elsewhere (a settled job's lock is stale by now), and the slot may take the next job
-    // while this one's leftovers go; its identity is only given back once they are gone.
+    // while this one's manifest is flushed and acked and its leftovers go; its identity is
+    // only given back once they are gone.
     if let (Some(lock), false) = (lock, settled) {
         ctx.locks.release(lock).await;
     }
     drop(registered);
     drop(slot);
+    if let Some(unacked) = unacked {
+        unacked.finish().await;
+    }
     leftovers.clear().await;
 }
 

@@ -157,6 +157,7 @@ pub async fn run(
         events,
         outbox: outbox::Outbox::new(client.clone(), shutdown.clone()),
         identities: Identities::new(settings.pool.clone()),
+        flushing: tokio::sync::Semaphore::new(settings.concurrency),
         settings,
         client,
         running: Running::default(),

@@ -72,6 +72,8 @@ pub mod event {
     pub const DEAD_LETTERED: &str = "dead_lettered";
     /// The result could not be published before shutdown.
     pub const RESULT_UNPUBLISHED: &str = "result_unpublished";
+    /// The manifest could not be flushed to the drive before the ack.
+    pub const MANIFEST_NOT_FLUSHED: &str = "manifest_not_flushed";
     /// The final ack or term was not confirmed.
     pub const ACK_UNCONFIRMED: &str = "ack_unconfirmed";
     /// The workspaces drive has no room for the job: handed back for another host.

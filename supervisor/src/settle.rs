@@ -5,13 +5,15 @@
 //! message alone when its lease is already lost. `carry_out` does what was decided: it
 //! publishes the result and the dead letter, then acks, terminates or naks.
 
+use std::io;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, AckKind};
 use async_nats::HeaderMap;
 use nats_fs::job::JobId;
-use nats_fs::manifest::Reason;
+use nats_fs::manifest::{Manifest, Reason};
 use nats_fs::{JobOutcome, ResultMessage, Status};
+use tokio::sync::SemaphorePermit;
 use tokio::time::{sleep, Instant};
 use tracing::{debug, error, info, warn};
 
@@ -123,6 +125,23 @@ pub(crate) async fn carry_out(
     delivered: u64,
     seq: u64,
 ) {
+    if let Some(unacked) = publish(ctx, msg, decision, id, delivered, seq).await {
+        unacked.finish().await;
+    }
+}
+
+/// The first half of [`carry_out`]: publishes the result, or naks, or leaves the message, as
+/// decided. What is left of a published result — flushing its manifest, the dead letter, the
+/// ack — is returned, for the caller to finish once it has given back what the job held: the
+/// job is over for everyone but the drive.
+pub(crate) async fn publish<'a>(
+    ctx: &'a Ctx,
+    msg: &'a jetstream::Message,
+    decision: Decision,
+    id: &'a JobId,
+    delivered: u64,
+    seq: u64,
+) -> Option<Unacked<'a>> {
     match decision {
         Decision::Publish {
             result,
@@ -136,16 +155,26 @@ pub(crate) async fn carry_out(
             if level_ok {
                 info!(event = event::JOB_FINISHED, status = %result.status, exit_code = result.exit_code, "job finished");
             } else {
-                warn!(event = event::JOB_FINISHED, status = %result.status, exit_code = result.exit_code, reason = result.reason.map(nats_fs::manifest::Reason::as_str), error = result.error.as_deref(), "job finished");
+                warn!(event = event::JOB_FINISHED, status = %result.status, exit_code = result.exit_code, reason = result.reason.map(Reason::as_str), error = result.error.as_deref(), "job finished");
             }
             if !publish_result(ctx, id, seq, &result).await {
                 warn!(event = event::RESULT_UNPUBLISHED, "the result could not be published before shutdown; the job will be redelivered and its result republished");
-                return;
+                return None;
             }
-            if let Some(reason) = reason {
-                dead_letter(ctx, msg, &reason, delivered, seq).await;
-            }
-            acknowledge(ctx, msg, ack).await;
+            // Taken before the caller gives the job's slot back: at most as many jobs wait
+            // for the drive as run.
+            let flushing = match result.manifest_file {
+                Some(_) => ctx.flushing.acquire().await.ok(),
+                None => None,
+            };
+            Some(Unacked {
+                ctx,
+                msg,
+                id,
+                ack,
+                dead_letter: reason.map(|reason| (reason, delivered, seq)),
+                flushing,
+            })
         }
         Decision::Retry { delay, why } => {
             if delay.is_zero() {
@@ -163,13 +192,68 @@ pub(crate) async fn carry_out(
             if let Err(e) = msg.ack_with(AckKind::Nak(Some(delay))).await {
                 warn!("nak failed ({e}); the job will be redelivered after the ack wait");
             }
+            None
         }
         Decision::Leave { why } => {
             warn!(
                 event = event::JOB_LEFT,
                 "leaving the job to its redelivery: {why}"
             );
+            None
         }
+    }
+}
+
+/// A published result, not yet acked.
+#[must_use = "the message is acked by `finish`"]
+pub(crate) struct Unacked<'a> {
+    ctx: &'a Ctx,
+    msg: &'a jetstream::Message,
+    id: &'a JobId,
+    ack: Ack,
+    /// Why to dead-letter the request, its delivery count and stream sequence.
+    dead_letter: Option<(String, u64, u64)>,
+    /// Held while the manifest is flushed; `None` when there is no manifest.
+    flushing: Option<SemaphorePermit<'a>>,
+}
+
+impl Unacked<'_> {
+    /// Flushes the manifest (contract §6.5: acked only once `result.json` is on disk),
+    /// dead-letters the request if so decided, and acks.
+    pub(crate) async fn finish(self) {
+        if let Some(permit) = self.flushing {
+            flush_manifest(self.ctx, self.id).await;
+            drop(permit);
+        }
+        if let Some((reason, delivered, seq)) = &self.dead_letter {
+            dead_letter(self.ctx, self.msg, reason, *delivered, *seq).await;
+        }
+        acknowledge(self.ctx, self.msg, self.ack).await;
+    }
+}
+
+/// Flushes the job's `results/result.json` to the drive, so that an acked job's manifest
+/// survives a crash of the host (contract §6.5). Written by the runner without a flush, to
+/// keep the flush off the dispatch path: the result is published first. A flush that fails
+/// (or hangs for an ack wait) is logged and the job acked all the same: its result is out,
+/// and a redelivery would meet the same drive.
+async fn flush_manifest(ctx: &Ctx, id: &JobId) {
+    let results = ctx
+        .settings
+        .jobs_dir
+        .join(id.as_str())
+        .join(nats_fs::manifest::RESULTS_DIR);
+    let flush = tokio::task::spawn_blocking(move || Manifest::flush(&results));
+    // A drive that hangs longer than the ack wait has lost the message anyway.
+    let flushed = match tokio::time::timeout(ctx.ack_wait, flush).await {
+        Ok(joined) => joined.map_err(io::Error::other).and_then(|r| r),
+        Err(_) => Err(io::Error::from(io::ErrorKind::TimedOut)),
+    };
+    if let Err(e) = flushed {
+        warn!(
+            event = event::MANIFEST_NOT_FLUSHED,
+            "flushing result.json to the drive: {e}; a crash of this host could lose it"
+        );
     }
 }
 
