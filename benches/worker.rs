@@ -10,27 +10,37 @@
 //!
 //! Select benchmarks with `BENCH_ONLY=dispatch,memory` (or `cargo bench --bench worker --
 //! dispatch memory`); repetition counts come from `BENCH_*` variables, see [`Config`].
+//!
+//! The servers, supervisors, job folders and the controller's connection come from the
+//! integration tests' harness, `tests/integration/support.rs`; as in the tests, `NATS_SERVER`
+//! names the nats-server binary (default: `nats-server` from `PATH`).
 
-#![allow(unsafe_code)] // pre_exec for PR_SET_PDEATHSIG, see `die_with_bench`.
 #![allow(clippy::cast_precision_loss)] // Statistics on counts and sizes far below 2^52.
+
+// The harness is written for the test binary: its items are `pub` for the test modules (here,
+// too, nothing escapes the program), an unwrap in it is a failure as any other, and it fails
+// by panicking, which fails one benchmark (see `run_one`). The part of it the bench does not
+// use is allowed in the file itself (`dead_code`), as each test module uses a part too.
+#[allow(unreachable_pub, clippy::unwrap_used)]
+#[path = "../tests/integration/support.rs"]
+mod support;
 
 use std::collections::HashSet;
 use std::fmt::Write as _;
 use std::fs;
 use std::io::{Read, Seek, SeekFrom, Write as _};
 use std::os::unix::fs::PermissionsExt;
-use std::os::unix::process::CommandExt;
+use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitCode, Stdio};
+use std::process::{Command, ExitCode, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use anyhow::{bail, ensure, Context, Result};
-use async_nats::jetstream;
+use anyhow::{anyhow, bail, ensure, Context, Result};
 use futures_util::StreamExt;
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
 use serde_json::{json, Value};
 use tempfile::TempDir;
+
+use support::{Jobs, Nats, Server, Supervisor};
 
 /// The benchmarks, in the order they run.
 const BENCHMARKS: [&str; 6] = [
@@ -42,7 +52,8 @@ const BENCHMARKS: [&str; 6] = [
     "sync-scaling",
 ];
 
-/// How long anything that should happen "soon" may take before the benchmark gives up.
+/// How long anything that should happen "soon" may take before the benchmark gives up (the
+/// harness has its own, shorter, for a server to start and a supervisor to be ready).
 const SOON: Duration = Duration::from_secs(60);
 
 fn main() -> ExitCode {
@@ -172,13 +183,8 @@ struct Env {
 
 impl Env {
     fn new() -> Result<Self> {
-        // This program is target/release/deps/worker-<hash>.
-        let exe = std::env::current_exe().context("finding the bench binary")?;
-        let bin_dir = exe
-            .parent()
-            .and_then(Path::parent)
-            .context("the bench binary is not in target/<profile>/deps")?
-            .to_owned();
+        // This program is target/release/deps/worker-<hash>: the release binaries.
+        let bin_dir = support::bin_dir();
         let target = bin_dir
             .parent()
             .context("the bench binary is not in target/<profile>/deps")?;
@@ -213,40 +219,29 @@ impl Env {
     /// A fresh folder `{name}.<random>` under the scratch folder, reachable by the runner
     /// user. Random, because ext4 places a new folder under a `chattr +T` one by a hash of its
     /// name: a fixed name would land where the same name was just deleted (see `spread_out`).
-    fn dir(&self, name: &str) -> Result<PathBuf> {
+    /// Dropping it does not delete it: nothing in the scratch folder is deleted before the end
+    /// of the run unless a benchmark says so, since deletions slow down the disk benchmarks
+    /// (see `spread_out`), and `BENCH_KEEP` keeps it all.
+    fn dir(&self, name: &str) -> Result<TempDir> {
         let dir = tempfile::Builder::new()
             .prefix(&format!("{name}."))
+            .disable_cleanup(true)
             .tempdir_in(self.work.path())
-            .with_context(|| format!("creating a folder for {name}"))?
-            .keep();
-        chmod(&dir, 0o755)?;
+            .with_context(|| format!("creating a folder for {name}"))?;
+        chmod(dir.path(), 0o755)?;
         Ok(dir)
     }
 }
 
 /// Refuses a missing binary, and warns about one older than its sources.
 fn check_fresh(path: &Path) -> Result<()> {
-    let built = fs::metadata(path)
-        .and_then(|m| m.modified())
-        .with_context(|| {
-            format!(
-                "{} is not built: run `cargo build --release --workspace` first (scripts/bench does)",
-                path.display()
-            )
-        })?;
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let name = path
-        .file_name()
-        .and_then(|n| n.to_str())
-        .unwrap_or_default();
-    let crate_dir = name.strip_prefix("nats-fs-").unwrap_or(name);
-    let newest = [root.join("src"), root.join(crate_dir).join("src")]
-        .iter()
-        .filter_map(|dir| fs::read_dir(dir).ok())
-        .flat_map(Iterator::flatten)
-        .filter_map(|entry| entry.metadata().and_then(|m| m.modified()).ok())
-        .max();
-    if newest.is_some_and(|newest| newest > built) {
+    let fresh = support::is_fresh(path).with_context(|| {
+        format!(
+            "{} is not built: run `cargo build --release --workspace` first (scripts/bench does)",
+            path.display()
+        )
+    })?;
+    if !fresh {
         eprintln!(
             "bench: WARNING: {} is older than its sources; run `cargo build --release --workspace`",
             path.display()
@@ -402,7 +397,7 @@ fn run(filter: &[String]) -> Result<()> {
     for name in BENCHMARKS.into_iter().filter(|n| cfg.selected(n)) {
         eprintln!("==> {name}");
         let clock = Instant::now();
-        let outcome = runtime.block_on(run_benchmark(name, &cfg, &env));
+        let outcome = run_one(&runtime, name, &cfg, &env);
         let seconds = clock.elapsed().as_secs_f64();
         let file = env.out_dir.join(format!("{name}.json"));
         let json = match outcome {
@@ -535,6 +530,28 @@ fn wait_after_last_cleanup(env: &Env) {
         );
         std::thread::sleep(Duration::from_secs(left));
     }
+}
+
+/// Runs one benchmark. The harness fails by panicking, as a test should; such a panic fails
+/// this benchmark as an error does (after the default hook has printed it), and the others
+/// still run.
+fn run_one(
+    runtime: &tokio::runtime::Runtime,
+    name: &str,
+    cfg: &Config,
+    env: &Env,
+) -> Result<Report> {
+    std::panic::catch_unwind(AssertUnwindSafe(|| {
+        runtime.block_on(run_benchmark(name, cfg, env))
+    }))
+    .unwrap_or_else(|panic| {
+        let message = panic
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| panic.downcast_ref::<&str>().copied())
+            .unwrap_or("a panic without a message");
+        Err(anyhow!("panicked: {message}"))
+    })
 }
 
 async fn run_benchmark(name: &str, cfg: &Config, env: &Env) -> Result<Report> {
@@ -731,7 +748,7 @@ fn machine() -> Value {
                 .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
         })
         .map_or(0.0, |kib| kib as f64 / 1024.0 / 1024.0);
-    let nats = Command::new("nats-server")
+    let nats = Command::new(support::nats_server())
         .arg("--version")
         .output()
         .ok()
@@ -795,250 +812,64 @@ fn round3(samples: &[f64]) -> Vec<f64> {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Processes: nats-server, the supervisor, the runner.
+// Processes: the supervisor, and a controller's connection (nats-server comes from the harness).
 
-/// Kills the spawned process when the bench's main thread ends, even if the bench is killed.
-fn die_with_bench(command: &mut Command) {
-    // SAFETY: prctl is a plain system call, async-signal-safe, and touches no memory of ours.
-    unsafe {
-        command.pre_exec(|| {
-            nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)?;
-            Ok(())
-        });
+/// Starts a supervisor of the release build with `concurrency` slots, against `url` and `jobs`;
+/// its log and workspaces go into a scratch folder `supervisor-{name}.<random>`.
+fn start_supervisor(
+    env: &Env,
+    url: &str,
+    jobs: &Jobs,
+    concurrency: usize,
+    name: &str,
+) -> Result<Supervisor> {
+    let dir = env.dir(&format!("supervisor-{name}"))?;
+    // Created by the supervisor.
+    let workspaces = dir.path().join("workspaces");
+    let log = dir.path().join("supervisor.log");
+    let mut command = support::supervisor_command(
+        &env.bin("nats-fs-supervisor"),
+        url,
+        jobs.path(),
+        &workspaces,
+    );
+    command
+        .args(["--id", "bench", "--concurrency"])
+        .arg(concurrency.to_string())
+        .args(["--ack-wait", "30s", "--kill-grace", "2s"])
+        .args(["--drain-timeout", "10s", "--log-format", "text"])
+        .env_remove("RUST_LOG");
+    if let Ok(filter) = std::env::var("BENCH_SUPERVISOR_LOG") {
+        command.env("RUST_LOG", filter);
     }
-}
-
-/// A `nats-server` with JetStream on a free loopback port and a store of its own.
-#[derive(Debug)]
-struct Server {
-    child: Child,
-    url: String,
-}
-
-impl Server {
-    fn start(dir: &Path) -> Result<Self> {
-        let ports = dir.join("ports");
-        fs::create_dir_all(&ports).context("creating the server's folder")?;
-        let log = fs::File::create(dir.join("nats-server.log")).context("server log")?;
-        let mut command = Command::new("nats-server");
-        command
-            .args(["-a", "127.0.0.1", "-p", "-1", "-js", "-sd"])
-            .arg(dir.join("js"))
-            .arg("--ports_file_dir")
-            .arg(&ports)
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(log));
-        die_with_bench(&mut command);
-        let mut child = command
-            .spawn()
-            .context("starting nats-server (is it installed?)")?;
-        let ports_file = ports.join(format!("nats-server_{}.ports", child.id()));
-        let deadline = Instant::now() + SOON;
-        let url = loop {
-            if let Some(url) = fs::read_to_string(&ports_file)
-                .ok()
-                .and_then(|text| serde_json::from_str::<Value>(&text).ok())
-                .and_then(|ports| ports["nats"][0].as_str().map(ToOwned::to_owned))
-            {
-                break url;
-            }
-            if child.try_wait().ok().flatten().is_some() || Instant::now() > deadline {
-                let log = fs::read_to_string(dir.join("nats-server.log")).unwrap_or_default();
-                let _ = child.kill();
-                bail!("nats-server did not start:\n{log}");
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        };
-        Ok(Self { child, url })
+    if support::is_root() {
+        // As a host is meant to run: one identity per slot, from a pool used by nothing
+        // else (every process of a job's uid is killed when it ends).
+        command.args(["--run-as", "3900000-3900015"]);
     }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// A running `nats-fs-supervisor`, logging to a file.
-#[derive(Debug)]
-struct Supervisor {
-    child: Option<Child>,
-    log: PathBuf,
-}
-
-impl Supervisor {
-    fn start(env: &Env, url: &str, jobs: &Path, concurrency: usize, name: &str) -> Result<Self> {
-        let log = env.work.path().join(format!("supervisor-{name}.log"));
-        let nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.subsec_nanos());
-        let file = fs::File::create(&log).context("supervisor log")?;
-        let mut command = Command::new(env.bin("nats-fs-supervisor"));
-        command
-            .arg("--url")
-            .arg(url)
-            .arg("--jobs-dir")
-            .arg(jobs)
-            // Created by the supervisor; one per supervisor, named apart (see `Env::dir`).
-            .arg("--workspaces-dir")
-            .arg(env.work.path().join(format!("workspaces-{name}-{nanos}")))
-            .args(["--id", "bench", "--concurrency"])
-            .arg(concurrency.to_string())
-            .args(["--ack-wait", "30s", "--kill-grace", "2s"])
-            .args(["--drain-timeout", "10s", "--log-format", "text"])
-            .env_remove("RUST_LOG")
-            .stdin(Stdio::null())
-            .stdout(Stdio::from(file.try_clone().context("supervisor log")?))
-            .stderr(Stdio::from(file));
-        if let Ok(filter) = std::env::var("BENCH_SUPERVISOR_LOG") {
-            command.env("RUST_LOG", filter);
-        }
-        if nix::unistd::geteuid().is_root() {
-            // As a host is meant to run: one identity per slot, from a pool used by nothing
-            // else (every process of a job's uid is killed when it ends).
-            command.args(["--run-as", "3900000-3900015"]);
-        }
-        die_with_bench(&mut command);
-        let child = command.spawn().context("starting nats-fs-supervisor")?;
-        Ok(Self {
-            child: Some(child),
-            log,
-        })
-    }
-
-    fn pid(&self) -> Result<i32> {
-        self.child
-            .as_ref()
-            .and_then(|c| i32::try_from(c.id()).ok())
-            .context("the supervisor is not running")
-    }
-
-    fn log(&self) -> String {
-        fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// Waits until it is connected and pulling.
-    async fn ready(&mut self) -> Result<()> {
-        let deadline = Instant::now() + SOON;
-        loop {
-            if self.log().contains("ready for jobs") {
-                return Ok(());
-            }
-            let exited = self
-                .child
-                .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten());
-            if let Some(status) = exited {
-                bail!("the supervisor exited ({status}):\n{}", self.log());
-            }
-            ensure!(
-                Instant::now() < deadline,
-                "the supervisor was not ready in time:\n{}",
-                self.log()
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-
-    /// `VmRSS` and `VmHWM`, in KiB.
-    fn memory(&self) -> Result<(u64, u64)> {
-        let pid = self.pid()?;
-        Ok((
-            proc_status_kib(pid, "VmRSS")?,
-            proc_status_kib(pid, "VmHWM")?,
-        ))
-    }
-
-    /// SIGTERM (drain), then SIGKILL if it does not exit in time.
-    fn stop(&mut self) {
-        let Some(mut child) = self.child.take() else {
-            return;
-        };
-        if let Ok(pid) = i32::try_from(child.id()) {
-            let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
-        }
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while Instant::now() < deadline {
-            if child.try_wait().ok().flatten().is_some() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        let _ = child.kill();
-        let _ = child.wait();
-    }
-}
-
-impl Drop for Supervisor {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
-/// A field of `/proc/PID/status`, in KiB.
-fn proc_status_kib(pid: i32, field: &str) -> Result<u64> {
-    let text = fs::read_to_string(format!("/proc/{pid}/status"))
-        .with_context(|| format!("reading /proc/{pid}/status"))?;
-    parse_kib(&text, field).with_context(|| format!("no {field} in /proc/{pid}/status"))
-}
-
-/// `field:   1234 kB` in a `/proc/PID/status` text.
-fn parse_kib(text: &str, field: &str) -> Option<u64> {
-    text.lines().find_map(|line| {
-        line.strip_prefix(field)?
-            .strip_prefix(':')?
-            .split_whitespace()
-            .next()?
-            .parse()
-            .ok()
-    })
-}
-
-/// A jobs folder with job folders the runner user can read.
-fn add_job(jobs: &Path, id: &str, job: &Value) -> Result<PathBuf> {
-    let dir = jobs.join(id);
-    fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    chmod(&dir, 0o755)?;
-    fs::write(dir.join("job.json"), job.to_string()).context("writing job.json")?;
-    Ok(dir)
+    Ok(Supervisor::launch(command, dir, workspaces, log))
 }
 
 /// A controller's connection: publishes requests, receives results.
 struct Controller {
-    client: async_nats::Client,
-    js: jetstream::Context,
-    results: async_nats::Subscriber,
+    nats: Nats,
 }
 
 impl Controller {
-    async fn connect(url: &str) -> Result<Self> {
-        let client = async_nats::connect(url)
-            .await
-            .context("connecting to nats-server")?;
-        let results = client.subscribe("jobs.results.>").await?;
-        client.flush().await?;
-        Ok(Self {
-            js: jetstream::new(client.clone()),
-            client,
-            results,
-        })
+    async fn connect(url: &str) -> Self {
+        Self {
+            nats: Nats::connect(url).await,
+        }
     }
 
     /// Publishes `{"id": id}` on `jobs.pending` and waits for the stream's ack.
-    async fn submit(&self, id: &str) -> Result<()> {
-        self.js
-            .publish("jobs.pending", json!({ "id": id }).to_string().into())
-            .await
-            .context("publishing a job")?
-            .await
-            .context("the stream did not store the job")?;
-        Ok(())
+    async fn submit(&self, id: &str) {
+        self.nats.submit_id(id).await;
     }
 
     /// The next result message: `(id, message)`.
     async fn next_result(&mut self, within: Duration) -> Result<(String, Value)> {
-        let msg = tokio::time::timeout(within, self.results.next())
+        let msg = tokio::time::timeout(within, self.nats.results.next())
             .await
             .with_context(|| format!("no result message within {within:?}"))?
             .context("the results subscription closed")?;
@@ -1096,7 +927,8 @@ impl Controller {
         let mut acks = Vec::with_capacity(ids.len());
         for id in ids {
             acks.push(
-                self.js
+                self.nats
+                    .js
                     .publish("jobs.pending", json!({ "id": id }).to_string().into())
                     .await
                     .context("publishing a job")?,
@@ -1116,15 +948,15 @@ impl Controller {
 async fn dispatch(cfg: &Config, env: &Env) -> Result<Report> {
     const WARMUP: usize = 5;
     let n = cfg.dispatch_jobs;
-    let jobs = env.dir("dispatch-jobs")?;
+    let jobs = Jobs::in_dir(env.dir("dispatch-jobs")?);
     let ids: Vec<String> = (0..WARMUP + n).map(|i| format!("d-{i:04}")).collect();
     for id in &ids {
-        add_job(&jobs, id, &json!({ "steps": ["true"] }))?;
+        jobs.add(id, &json!({ "steps": ["true"] }));
     }
-    let server = Server::start(&env.dir("dispatch-nats")?)?;
-    let mut supervisor = Supervisor::start(env, &server.url, &jobs, 1, "dispatch")?;
-    supervisor.ready().await?;
-    let mut controller = Controller::connect(&server.url).await?;
+    let server = Server::start_in(env.dir("dispatch-nats")?, &[]);
+    let mut supervisor = start_supervisor(env, &server.url, &jobs, 1, "dispatch")?;
+    supervisor.ready().await;
+    let mut controller = Controller::connect(&server.url).await;
 
     // The floor's NATS half: a responder on a connection of its own.
     let responder = async_nats::connect(&server.url).await?;
@@ -1147,7 +979,7 @@ async fn dispatch(cfg: &Config, env: &Env) -> Result<Report> {
     let mut failed = 0;
     for (i, id) in ids.iter().enumerate() {
         let clock = Instant::now();
-        controller.submit(id).await?;
+        controller.submit(id).await;
         let result = controller.result_of(id, SOON).await?;
         let job = ms(clock.elapsed());
 
@@ -1161,6 +993,7 @@ async fn dispatch(cfg: &Config, env: &Env) -> Result<Report> {
 
         let clock = Instant::now();
         controller
+            .nats
             .client
             .request("bench.echo", "ping".into())
             .await
@@ -1178,7 +1011,7 @@ async fn dispatch(cfg: &Config, env: &Env) -> Result<Report> {
         }
     }
     echo_task.abort();
-    let (rss, hwm) = supervisor.memory()?;
+    let (rss, hwm) = supervisor.memory();
     supervisor.stop();
     ensure!(failed == 0, "{failed} of {n} dispatch jobs did not succeed");
 
@@ -1243,11 +1076,11 @@ async fn dispatch(cfg: &Config, env: &Env) -> Result<Report> {
 /// burst runs against a fresh server, whose stream sequences start at 1 again, and a
 /// `result.json` recording the same sequence would make the supervisor republish it instead of
 /// running the job, as it does for a redelivery after a lost ack).
-fn burst_jobs(env: &Env, n: usize) -> Result<(PathBuf, Vec<String>)> {
-    let jobs = env.dir("burst-jobs")?;
+fn burst_jobs(env: &Env, n: usize) -> Result<(Jobs, Vec<String>)> {
+    let jobs = Jobs::in_dir(env.dir("burst-jobs")?);
     let ids: Vec<String> = (0..n).map(|i| format!("b-{i:04}")).collect();
     for id in &ids {
-        add_job(&jobs, id, &json!({ "steps": ["true"] }))?;
+        jobs.add(id, &json!({ "steps": ["true"] }));
     }
     Ok((jobs, ids))
 }
@@ -1261,10 +1094,10 @@ async fn throughput(cfg: &Config, env: &Env) -> Result<Report> {
         for (slot, &concurrency) in concurrencies.iter().enumerate() {
             let name = format!("throughput-c{concurrency}-{rep}");
             let (jobs, ids) = burst_jobs(env, n)?;
-            let server = Server::start(&env.dir(&format!("{name}-nats"))?)?;
-            let mut supervisor = Supervisor::start(env, &server.url, &jobs, concurrency, &name)?;
-            supervisor.ready().await?;
-            let mut controller = Controller::connect(&server.url).await?;
+            let server = Server::start_in(env.dir(&format!("{name}-nats"))?, &[]);
+            let mut supervisor = start_supervisor(env, &server.url, &jobs, concurrency, &name)?;
+            supervisor.ready().await;
+            let mut controller = Controller::connect(&server.url).await;
             let clock = Instant::now();
             controller.burst(&ids).await?;
             let published = ms(clock.elapsed());
@@ -1279,7 +1112,7 @@ async fn throughput(cfg: &Config, env: &Env) -> Result<Report> {
             let first_fifth =
                 fifth as f64 / arrivals[fifth - 1].duration_since(clock).as_secs_f64();
             let last_fifth = (fifth - 1) as f64 / since(n - fifth, n - 1);
-            let (rss, hwm) = supervisor.memory()?;
+            let (rss, hwm) = supervisor.memory();
             supervisor.stop();
             drop(server);
             ensure!(failed == 0, "{failed} of {n} jobs did not succeed");
@@ -1332,23 +1165,23 @@ async fn throughput(cfg: &Config, env: &Env) -> Result<Report> {
 async fn memory(cfg: &Config, env: &Env) -> Result<Report> {
     let n = cfg.memory_jobs.max(101);
     let (jobs, ids) = burst_jobs(env, n)?;
-    let server = Server::start(&env.dir("memory-nats")?)?;
-    let mut supervisor = Supervisor::start(env, &server.url, &jobs, 2, "memory")?;
-    supervisor.ready().await?;
-    let mut controller = Controller::connect(&server.url).await?;
+    let server = Server::start_in(env.dir("memory-nats")?, &[]);
+    let mut supervisor = start_supervisor(env, &server.url, &jobs, 2, "memory")?;
+    supervisor.ready().await;
+    let mut controller = Controller::connect(&server.url).await;
     // Idle: connected, consumer set up, pulling, nothing run yet.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let (idle, _) = supervisor.memory()?;
+    let (idle, _) = supervisor.memory();
     let settle = Duration::from_millis(500);
 
     controller.burst(&ids[..100]).await?;
     let mut failed = controller.results(100, SOON * 2).await?;
     tokio::time::sleep(settle).await;
-    let (after_100, _) = supervisor.memory()?;
+    let (after_100, _) = supervisor.memory();
     controller.burst(&ids[100..]).await?;
     failed += controller.results(n - 100, SOON * 5).await?;
     tokio::time::sleep(settle).await;
-    let (after_n, hwm) = supervisor.memory()?;
+    let (after_n, hwm) = supervisor.memory();
     ensure!(failed == 0, "{failed} of {n} jobs did not succeed");
     let growth = (after_n as f64 - after_100 as f64) / (n - 100) as f64;
 
@@ -1426,7 +1259,7 @@ async fn memory(cfg: &Config, env: &Env) -> Result<Report> {
 /// in KiB.
 async fn runner_peaks(
     cfg: &Config,
-    jobs: &Path,
+    jobs: &Jobs,
     controller: &mut Controller,
 ) -> Result<(Vec<f64>, Vec<f64>)> {
     let loud = format!(
@@ -1438,17 +1271,17 @@ async fn runner_peaks(
     for rep in 0..cfg.runner_memory_reps {
         for (label, step) in [("quiet", "echo small"), ("loud", loud.as_str())] {
             let id = format!("rss-{label}-{rep}");
-            let dir = add_job(
-                jobs,
+            let dir = jobs.add(
                 &id,
                 &json!({ "steps": [step, "grep VmHWM /proc/$PPID/status"] }),
-            )?;
+            );
             let clock = Instant::now();
-            controller.submit(&id).await?;
+            controller.submit(&id).await;
             let result = controller.result_of(&id, SOON * 2).await?;
             ensure!(result["status"] == "success", "{id}: {result}");
             let log = fs::read_to_string(dir.join("results/step_1.log")).unwrap_or_default();
-            let kib = parse_kib(&log, "VmHWM").with_context(|| format!("no VmHWM in {log:?}"))?;
+            let kib = support::parse_kib(&log, "VmHWM")
+                .with_context(|| format!("no VmHWM in {log:?}"))?;
             if label == "loud" {
                 let printed = fs::metadata(dir.join("results/step_0.log")).map_or(0, |m| m.len());
                 ensure!(
@@ -1475,21 +1308,21 @@ async fn runner_peaks(
 
 async fn log_latency(cfg: &Config, env: &Env) -> Result<Report> {
     let lines = cfg.log_lines;
-    let jobs = env.dir("log-jobs")?;
-    let server = Server::start(&env.dir("log-nats")?)?;
-    let mut supervisor = Supervisor::start(env, &server.url, &jobs, 1, "log")?;
-    supervisor.ready().await?;
-    let mut controller = Controller::connect(&server.url).await?;
+    let jobs = Jobs::in_dir(env.dir("log-jobs")?);
+    let server = Server::start_in(env.dir("log-nats")?, &[]);
+    let mut supervisor = start_supervisor(env, &server.url, &jobs, 1, "log")?;
+    supervisor.ready().await;
+    let mut controller = Controller::connect(&server.url).await;
     let script =
         format!("i=0; while [ $i -lt {lines} ]; do date +%s%N; sleep 0.02; i=$((i+1)); done");
     let mut latencies = Vec::new();
     for rep in 0..cfg.log_reps {
         let id = format!("log-{rep}");
-        let dir = add_job(&jobs, &id, &json!({ "steps": [script] }))?;
+        let dir = jobs.add(&id, &json!({ "steps": [script] }));
         let log = dir.join("results/step_0.log");
         // Poll on a thread of its own, so nothing in this runtime delays a read.
         let poller = tokio::task::spawn_blocking(move || poll_log(&log, lines, SOON));
-        controller.submit(&id).await?;
+        controller.submit(&id).await;
         let result = controller.result_of(&id, SOON).await?;
         ensure!(result["status"] == "success", "{id}: {result}");
         let samples = poller.await.context("the log poller")??;
@@ -1777,7 +1610,7 @@ fn compare_with_cp(
     cp_first: bool,
     label: &str,
 ) -> Result<Comparison> {
-    let root = env.dir(&format!("{label}-copies"))?;
+    let root = env.dir(&format!("{label}-copies"))?.keep();
     let spread = spread_out(&root);
     if !spread {
         eprintln!("    (chattr +T failed: copies may pay for earlier deletions)");
@@ -1854,7 +1687,7 @@ fn make_stage_tree(cfg: &Config, job: &Path) -> Result<()> {
 fn staging(cfg: &Config, env: &Env) -> Result<Report> {
     wait_after_last_cleanup(env);
     let pressure = report_io_pressure();
-    let job = env.dir("stage-src")?;
+    let job = env.dir("stage-src")?.keep();
     let clock = Instant::now();
     make_stage_tree(cfg, &job)?;
     settle_disk();
@@ -1974,7 +1807,7 @@ fn make_scale_tree(cfg: &Config, job: &Path) -> Result<(usize, Vec<String>)> {
 fn sync_scaling(cfg: &Config, env: &Env) -> Result<Report> {
     wait_after_last_cleanup(env);
     let pressure = report_io_pressure();
-    let job = env.dir("scale-src")?;
+    let job = env.dir("scale-src")?.keep();
     let clock = Instant::now();
     let (made, touched) = make_scale_tree(cfg, &job)?;
     settle_disk();

@@ -2,10 +2,13 @@
 //! binaries, real folders. Nothing is mocked.
 //!
 //! Every wait here polls a condition under a deadline and fails with what it was waiting for;
-//! none sleeps for a fixed time and hopes.
+//! none sleeps for a fixed time and hopes. A failure panics, as a test should.
+//!
+//! The benchmark (`benches/worker.rs`) includes this file too, for its servers, supervisors,
+//! job folders and controller: nothing here may depend on libtest or `cfg(test)`.
 
 #![allow(unsafe_code)] // pre_exec for PR_SET_PDEATHSIG, see `die_with_test`.
-#![allow(dead_code)] // Each test module uses its own part of this.
+#![allow(dead_code)] // Each test module, and the benchmark, uses its own part of this.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -40,7 +43,8 @@ pub fn skip(why: &str) {
     eprintln!("SKIPPED: {why}");
 }
 
-/// Kills the spawned process when the test's thread ends, even if the test binary is killed.
+/// Kills the spawned process when the thread that started it ends (the test's; the benchmark's
+/// main thread), even if the program is killed.
 fn die_with_test(command: &mut Command) {
     // SAFETY: prctl is a plain system call, async-signal-safe, and touches no memory of ours.
     unsafe {
@@ -51,24 +55,27 @@ fn die_with_test(command: &mut Command) {
     }
 }
 
-/// A built binary of this workspace, found next to the test binary (`target/<profile>/`).
-pub fn bin(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("the test binary's path");
-    let dir = exe
-        .parent()
+/// Where this workspace's binaries are built for the running program's profile:
+/// `target/<profile>/`, above the program itself (`target/<profile>/deps/`). The tests run the
+/// debug binaries, the benchmark the release ones.
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("this program's path");
+    exe.parent()
         .and_then(Path::parent)
-        .expect("target/<profile>/deps");
-    let path = dir.join(name);
-    let built = fs::metadata(&path)
-        .and_then(|m| m.modified())
-        .unwrap_or_else(|_| {
-            panic!(
-            "{} is not built: run `cargo build --workspace` before the tests (scripts/test does)",
-            path.display()
-        )
-        });
-    // `cargo test` does not rebuild another package's binaries: refuse to test a stale one.
+        .expect("target/<profile>/deps")
+        .to_owned()
+}
+
+/// Whether the built binary `path` (`target/<profile>/nats-fs-…`) is at least as new as its
+/// sources; an error if it is not built. `cargo test` and `cargo bench` do not rebuild another
+/// package's binaries.
+pub fn is_fresh(path: &Path) -> std::io::Result<bool> {
+    let built = fs::metadata(path)?.modified()?;
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or_default();
     let crate_dir = name.strip_prefix("nats-fs-").unwrap_or(name);
     let newest = [root.join("src"), root.join(crate_dir).join("src")]
         .iter()
@@ -76,8 +83,21 @@ pub fn bin(name: &str) -> PathBuf {
         .flat_map(Iterator::flatten)
         .filter_map(|entry| entry.metadata().and_then(|m| m.modified()).ok())
         .max();
+    Ok(newest.is_none_or(|newest| newest <= built))
+}
+
+/// A built binary of this workspace, found next to the test binary (`target/<profile>/`).
+pub fn bin(name: &str) -> PathBuf {
+    let path = bin_dir().join(name);
+    let fresh = is_fresh(&path).unwrap_or_else(|_| {
+        panic!(
+            "{} is not built: run `cargo build --workspace` before the tests (scripts/test does)",
+            path.display()
+        )
+    });
+    // Refuse to test a stale one.
     assert!(
-        newest.is_none_or(|newest| newest <= built),
+        fresh,
         "{} is older than its sources: run `cargo build --workspace` first (scripts/test does)",
         path.display()
     );
@@ -311,16 +331,22 @@ impl Server {
     /// Starts a server on a port the kernel chooses (`-p -1`); `extra` are additional
     /// nats-server arguments (e.g. `--auth TOKEN`).
     pub fn start(extra: &[&str]) -> Self {
-        Self::start_on(None, extra)
+        Self::start_in(tempfile::tempdir().expect("temp dir"), extra)
+    }
+
+    /// As [`Server::start`], with its store and its log (`nats-server.log`) in `dir`, which
+    /// goes when the server does unless its cleanup is disabled.
+    pub fn start_in(dir: TempDir, extra: &[&str]) -> Self {
+        Self::start_on(dir, None, extra)
     }
 
     /// Starts a server that the test will kill and restart, on a [`reserved_port`].
     pub fn start_restartable(extra: &[&str]) -> Self {
-        Self::start_on(Some(reserved_port()), extra)
+        let dir = tempfile::tempdir().expect("temp dir");
+        Self::start_on(dir, Some(reserved_port()), extra)
     }
 
-    fn start_on(port: Option<u16>, extra: &[&str]) -> Self {
-        let dir = tempfile::tempdir().expect("temp dir");
+    fn start_on(dir: TempDir, port: Option<u16>, extra: &[&str]) -> Self {
         let mut server = Self {
             child: None,
             port: 0,
@@ -339,7 +365,7 @@ impl Server {
         let log = fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(self.dir.path().join("server.log"))
+            .open(self.dir.path().join("nats-server.log"))
             .expect("log");
         let mut command = Command::new(nats_server());
         command
@@ -373,7 +399,7 @@ impl Server {
                     .as_mut()
                     .is_some_and(|c| c.try_wait().ok().flatten().is_none()),
                 "nats-server exited at start:\n{}",
-                fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
+                fs::read_to_string(self.dir.path().join("nats-server.log")).unwrap_or_default()
             );
             assert!(
                 Instant::now() < deadline,
@@ -411,7 +437,8 @@ impl Drop for Server {
     fn drop(&mut self) {
         self.kill();
         if std::thread::panicking() {
-            let log = fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default();
+            let log =
+                fs::read_to_string(self.dir.path().join("nats-server.log")).unwrap_or_default();
             let tail: Vec<&str> = log.lines().rev().take(30).collect();
             eprintln!("--- nats-server log (last lines) ---");
             for line in tail.iter().rev() {
@@ -601,24 +628,13 @@ impl Supervisor {
         args: &[&str],
         env: &[(&str, &str)],
     ) -> Self {
-        let log = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log_path)
-            .expect("log file");
-        let mut command = Command::new(bin("nats-fs-supervisor"));
+        let mut command = supervisor_command(&bin("nats-fs-supervisor"), url, jobs, &workspaces);
         if is_root() && !args.contains(&"--run-as") {
             // A pool of its own per supervisor: two supervisors sharing uids would kill each
             // other's jobs (every process of a finished job's uid is killed).
             command.arg("--run-as").arg(uid_pool().1);
         }
         command
-            .arg("--url")
-            .arg(url)
-            .arg("--jobs-dir")
-            .arg(jobs)
-            .arg("--workspaces-dir")
-            .arg(&workspaces)
             .args([
                 "--ack-wait",
                 "5s",
@@ -631,7 +647,25 @@ impl Supervisor {
             .envs(env.iter().copied())
             // JSON lines: tests wait on the `event` field of the key lines, not on their wording
             // (a test that needs the text format passes `--log-format text`).
-            .env("NATS_FS_LOG_FORMAT", "json")
+            .env("NATS_FS_LOG_FORMAT", "json");
+        Self::launch(command, dir, workspaces, log_path)
+    }
+
+    /// Starts `command` (see [`supervisor_command`]; the caller adds the rest of the
+    /// arguments and the environment), its output appended to `log_path`. `dir` lives as long
+    /// as this does (it holds the log and the workspaces, unless they are elsewhere).
+    pub fn launch(
+        mut command: Command,
+        dir: TempDir,
+        workspaces: PathBuf,
+        log_path: PathBuf,
+    ) -> Self {
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .expect("log file");
+        command
             .stdin(Stdio::null())
             .stdout(Stdio::from(log.try_clone().expect("log")))
             .stderr(Stdio::from(log));
@@ -705,9 +739,32 @@ impl Supervisor {
         .await;
     }
 
-    /// Waits until it is connected and pulling.
+    /// Waits until it is connected and pulling; fails at once if it exits first.
     pub async fn ready(&self) {
-        self.wait_event("supervisor_ready", 1).await;
+        let pid = self.pid();
+        let ready = || self.count_event("supervisor_ready") >= 1;
+        eventually(SOON, "the supervisor to be ready", || {
+            if ready() {
+                return Some(());
+            }
+            // Checked after the log: it may have logged readiness and exited since.
+            assert!(
+                alive(pid) || ready(),
+                "the supervisor exited before it was ready"
+            );
+            None
+        })
+        .await;
+    }
+
+    /// Its `VmRSS` and `VmHWM` (peak), in KiB.
+    pub fn memory(&self) -> (u64, u64) {
+        let pid = self.pid();
+        let kib = |field| {
+            proc_status_kib(pid, field)
+                .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
+        };
+        (kib("VmRSS"), kib("VmHWM"))
     }
 
     pub fn signal(&self, signal: Signal) {
@@ -737,6 +794,59 @@ impl Supervisor {
             let _ = child.wait();
         }
     }
+
+    /// SIGTERM (a drain), then SIGKILL if it has not exited within 15 s.
+    pub fn stop(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        if let Ok(pid) = i32::try_from(child.id()) {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            if child.try_wait().ok().flatten().is_some() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+/// A `nats-fs-supervisor` command, the binary at `bin` (the tests': [`bin`]), against `url` and
+/// the jobs folder `jobs`, its workspaces in `workspaces`: for [`Supervisor::launch`].
+pub fn supervisor_command(bin: &Path, url: &str, jobs: &Path, workspaces: &Path) -> Command {
+    let mut command = Command::new(bin);
+    command
+        .arg("--url")
+        .arg(url)
+        .arg("--jobs-dir")
+        .arg(jobs)
+        .arg("--workspaces-dir")
+        .arg(workspaces);
+    command
+}
+
+/// A field of `/proc/PID/status` (`VmRSS`, `VmHWM`, …), in KiB.
+pub fn proc_status_kib(pid: i32, field: &str) -> Option<u64> {
+    parse_kib(
+        &fs::read_to_string(format!("/proc/{pid}/status")).ok()?,
+        field,
+    )
+}
+
+/// The value of `field:   1234 kB` in a text such as `/proc/PID/status`.
+pub fn parse_kib(text: &str, field: &str) -> Option<u64> {
+    text.lines().find_map(|line| {
+        line.strip_prefix(field)?
+            .strip_prefix(':')?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()
+    })
 }
 
 impl Drop for Supervisor {
@@ -790,6 +900,12 @@ impl Jobs {
             .prefix("nats-fs-test.")
             .tempdir_in(parent)
             .expect("temp dir");
+        Self::in_dir(dir)
+    }
+
+    /// The jobs folder `dir`, made readable by runners; it goes when this does unless its
+    /// cleanup is disabled.
+    pub fn in_dir(dir: TempDir) -> Self {
         fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).expect("chmod");
         Self { dir }
     }
@@ -826,7 +942,8 @@ impl Jobs {
 pub struct Nats {
     pub client: async_nats::Client,
     pub js: jetstream::Context,
-    results: async_nats::Subscriber,
+    /// The subscription to `jobs.results.>`.
+    pub results: async_nats::Subscriber,
 }
 
 /// A result message with its headers.
