@@ -46,7 +46,7 @@ pub struct Args {
         env = "NATS_URL",
         default_value = "nats://localhost:4222"
     )]
-    pub url: String,
+    pub url: ServerUrl,
 
     /// User name for NATS.
     #[arg(short = 'n', long, env = "NATS_USERNAME")]
@@ -277,6 +277,61 @@ impl std::fmt::Debug for Secret {
     }
 }
 
+/// A NATS server URL, or in [`Args`] a comma-separated list of them, as given. A URL may
+/// carry a user and password (`nats://u:p@host`): debug and display output show
+/// `nats://***@host`, never them; [`ServerUrl::as_str`] is for connecting.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ServerUrl(String);
+
+impl From<String> for ServerUrl {
+    fn from(value: String) -> Self {
+        Self(value)
+    }
+}
+
+impl ServerUrl {
+    /// The URL as given, credentials and all.
+    #[must_use]
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The URLs of a comma-separated list, without blanks.
+    fn split(&self) -> Vec<Self> {
+        self.0
+            .split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .map(|u| Self(u.to_owned()))
+            .collect()
+    }
+}
+
+impl std::fmt::Display for ServerUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let shown: Vec<String> = self.0.split(',').map(without_secret).collect();
+        f.write_str(&shown.join(","))
+    }
+}
+
+impl std::fmt::Debug for ServerUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "\"{self}\"")
+    }
+}
+
+/// A server URL without the user and password it may carry (`nats://u:p@host` →
+/// `nats://***@host`).
+fn without_secret(url: &str) -> String {
+    match url.split_once("://") {
+        Some((scheme, rest)) => match rest.rsplit_once('@') {
+            Some((_, host)) => format!("{scheme}://***@{host}"),
+            None => url.to_owned(),
+        },
+        None => url.to_owned(),
+    }
+}
+
 /// How to authenticate to NATS.
 #[derive(Clone)]
 pub enum Auth {
@@ -337,7 +392,7 @@ fn set(value: Option<&String>) -> Option<&str> {
 /// Checked configuration.
 #[derive(Debug, Clone)]
 pub struct Settings {
-    pub urls: Vec<String>,
+    pub urls: Vec<ServerUrl>,
     pub auth: Auth,
     pub worker_id: String,
     pub jobs_dir: PathBuf,
@@ -379,13 +434,7 @@ pub struct Settings {
 impl Settings {
     /// Checks the arguments; every error names the option and what is wrong with it.
     pub fn from_args(args: &Args) -> anyhow::Result<Self> {
-        let urls: Vec<String> = args
-            .url
-            .split(',')
-            .map(str::trim)
-            .filter(|u| !u.is_empty())
-            .map(str::to_owned)
-            .collect();
+        let urls = args.url.split();
         if urls.is_empty() {
             bail!("--url (NATS_URL) names no server");
         }
@@ -674,7 +723,7 @@ mod tests {
     #[test]
     fn defaults_match_the_spec() {
         let args = Args::try_parse_from(["nats-fs-supervisor"]).unwrap();
-        assert_eq!(args.url, "nats://localhost:4222");
+        assert_eq!(args.url.as_str(), "nats://localhost:4222");
         assert_eq!(args.worker_id, "worker-01");
         assert_eq!(args.stream, "JOBS");
         assert_eq!(args.input_subject, "jobs.pending");
@@ -711,7 +760,8 @@ mod tests {
     #[test]
     fn url_lists_and_auth() {
         let s = parse(&["-u", "nats://a:4222, nats://b:4222"]).unwrap();
-        assert_eq!(s.urls, ["nats://a:4222", "nats://b:4222"]);
+        let urls: Vec<&str> = s.urls.iter().map(ServerUrl::as_str).collect();
+        assert_eq!(urls, ["nats://a:4222", "nats://b:4222"]);
         assert!(matches!(
             parse(&["-n", "u", "-p", "pw"]).unwrap().auth,
             Auth::UserPassword { .. }
@@ -728,6 +778,32 @@ mod tests {
         ));
         let debug = format!("{:?}", parse(&["-t", "s3cret"]).unwrap());
         assert!(!debug.contains("s3cret"), "{debug}");
+    }
+
+    #[test]
+    fn urls_never_show_their_user_and_password() {
+        let args = Args::try_parse_from([
+            "x",
+            "-u",
+            "nats://alice:pa55word@a:4222, nats://t0ken@b,c:4222",
+        ])
+        .unwrap();
+        let settings = Settings::from_args(&args).unwrap();
+        for shown in [
+            format!("{args:?}"),
+            format!("{settings:?}"),
+            format!("{:#?}", settings.urls),
+            args.url.to_string(),
+        ] {
+            assert!(
+                !shown.contains("pa55word") && !shown.contains("alice") && !shown.contains("t0ken"),
+                "{shown}"
+            );
+        }
+        let shown: Vec<String> = settings.urls.iter().map(ToString::to_string).collect();
+        assert_eq!(shown, ["nats://***@a:4222", "nats://***@b", "c:4222"]);
+        // The values themselves still reach the connection.
+        assert_eq!(settings.urls[0].as_str(), "nats://alice:pa55word@a:4222");
     }
 
     #[test]

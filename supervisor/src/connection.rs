@@ -20,7 +20,8 @@ pub async fn connect(settings: &Settings) -> anyhow::Result<async_nats::Client> 
         .urls
         .iter()
         .map(|url| {
-            url.parse::<ServerAddr>()
+            url.as_str()
+                .parse::<ServerAddr>()
                 .with_context(|| format!("--url: {url:?} is not a NATS server URL"))
         })
         .collect::<anyhow::Result<Vec<_>>>()?;

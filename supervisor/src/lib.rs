@@ -204,11 +204,11 @@ pub async fn run(
 /// The effective settings, in one line at start (secrets only by kind: `token`, never the
 /// value).
 fn log_settings(settings: &Settings) {
-    let millis = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+    let millis = nats_fs::millis;
     info!(
         event = logging::event::SUPERVISOR_STARTING,
         version = env!("CARGO_PKG_VERSION"),
-        url = %settings.urls.iter().map(|u| without_secret(u)).collect::<Vec<_>>().join(","),
+        url = %settings.urls.iter().map(ToString::to_string).collect::<Vec<_>>().join(","),
         auth = ?settings.auth,
         worker = %settings.worker_id,
         jobs_dir = %settings.jobs_dir.display(),
@@ -236,17 +236,6 @@ fn log_settings(settings: &Settings) {
         min_free_space = %nats_fs::limits::size(settings.min_free_space),
         "starting"
     );
-}
-
-/// A server URL without the user and password it may carry (`nats://u:p@host` → `nats://***@host`).
-fn without_secret(url: &str) -> String {
-    match url.split_once("://") {
-        Some((scheme, rest)) => match rest.rsplit_once('@') {
-            Some((_, host)) => format!("{scheme}://***@{host}"),
-            None => url.to_owned(),
-        },
-        None => url.to_owned(),
-    }
 }
 
 /// Keeps systemd's status line (`systemctl status`) saying how many jobs run.
@@ -336,6 +325,7 @@ fn check_surroundings(settings: &Settings) {
     let pool = &settings.pool;
     if pool.shared_by_slots(settings.concurrency) {
         warn!(
+            event = logging::event::SHARED_IDENTITY,
             "--run-as gives one user ({}) for {} slots: jobs running at the same time share it and \
              can see, signal and change each other's processes and files. Give each slot a user of \
              its own (a comma-separated list, or a uid range such as 61184-61215)",
@@ -523,13 +513,5 @@ mod tests {
         jobs.spawn(&tracker, Duration::from_secs(3600));
         assert_eq!(drain(&jobs, &tracker, Some(Duration::ZERO)).await, 0);
         assert_now(&jobs.stops(), 0);
-    }
-
-    #[test]
-    fn urls_are_logged_without_their_secrets() {
-        assert_eq!(without_secret("nats://u:p@h:4222"), "nats://***@h:4222");
-        assert_eq!(without_secret("nats://token@h"), "nats://***@h");
-        assert_eq!(without_secret("nats://h:4222"), "nats://h:4222");
-        assert_eq!(without_secret("h:4222"), "h:4222");
     }
 }
