@@ -41,6 +41,12 @@ pub use manifest::{Manifest, ResultMessage, Status};
 pub use outcome::JobOutcome;
 pub use protocol::{FromRunner, StartJob, ToRunner, PROTOCOL_VERSION};
 
+/// A duration in whole milliseconds, as every `…_ms` / `…Ms` field has it (saturating).
+#[must_use]
+pub fn millis(d: std::time::Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
 /// This host's name, as results, events and locks report it (empty if it cannot be read).
 #[must_use]
 pub fn host_name() -> String {

@@ -57,7 +57,7 @@ use nats_fs::folder::JobFolder;
 use nats_fs::generate::Generate;
 use nats_fs::job::{parse_default_timeout, parse_duration, steps_from_value, JobId, Step};
 use nats_fs::protocol::{CancelMode, FromRunner, StartJob, ToRunner, PROTOCOL_VERSION};
-use nats_fs::JobOutcome;
+use nats_fs::{millis, JobOutcome};
 use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::sync::mpsc;
 use tracing::warn;
@@ -478,8 +478,4 @@ fn exit_code(outcome: &JobOutcome) -> ExitCode {
     } else {
         ExitCode::FAILURE
     }
-}
-
-fn millis(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }

@@ -31,7 +31,7 @@ use nats_fs::manifest::{
     RESULTS_DIR,
 };
 use nats_fs::protocol::{FromRunner, StartJob, StepInfo, PROTOCOL_VERSION};
-use nats_fs::{JobOutcome, ResultMessage, Status};
+use nats_fs::{millis, JobOutcome, ResultMessage, Status};
 use nix::sys::signal::Signal;
 use tokio::time::Instant;
 
@@ -197,7 +197,7 @@ impl<'a> Job<'a> {
         self.limits = grant.limits;
         report.event(&FromRunner::Loaded {
             limits: grant.limits,
-            timeout_ms: ms(grant.timeout),
+            timeout_ms: millis(grant.timeout),
             steps: spec
                 .steps
                 .iter()
@@ -219,7 +219,7 @@ impl<'a> Job<'a> {
             Ok(staged) => staged,
             Err(outcome) => return self.cancelled_instead(outcome, stop, &spec),
         };
-        self.stage_ms = ms(clock.elapsed());
+        self.stage_ms = millis(clock.elapsed());
         report.event(&FromRunner::Staged {
             files: staged.files,
             bytes: staged.bytes,
@@ -239,7 +239,7 @@ impl<'a> Job<'a> {
 
         let clock = Instant::now();
         let synced = self.sync(&staged, interrupt).await?;
-        self.sync_ms = ms(clock.elapsed());
+        self.sync_ms = millis(clock.elapsed());
         report.event(&FromRunner::Synced {
             files: synced.artifacts.len() as u64,
             bytes: synced.bytes,
@@ -486,7 +486,7 @@ impl<'a> Job<'a> {
             .wait(stops)
             .await
             .map_err(|e| fault(format!("waiting for step {index}: {e}")))?;
-        let duration_ms = ms(began.elapsed());
+        let duration_ms = millis(began.elapsed());
         let label = step_label(index, step);
         if let (Ending::OutputExceeded, Some(keep), Some(quota)) =
             (&finished.ending, log_quota, self.limits.output)
@@ -652,7 +652,7 @@ impl<'a> Job<'a> {
         artifacts: Vec<Artifact>,
         end: End,
     ) -> Result<JobOutcome, JobOutcome> {
-        let duration_ms = ms(self.started.elapsed());
+        let duration_ms = millis(self.started.elapsed());
         let ran: Vec<&Resources> = steps.iter().filter_map(|s| s.resources.as_ref()).collect();
         let mut manifest = Manifest {
             job_id: self.start.id.to_string(),
@@ -916,8 +916,4 @@ fn whoami() -> String {
         Ok(Some(user)) => format!("{} (uid {uid})", user.name),
         _ => format!("uid {uid}"),
     }
-}
-
-fn ms(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }

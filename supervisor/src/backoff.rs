@@ -25,7 +25,7 @@ impl Backoff {
 
     /// The pause before the next attempt, in milliseconds, for messages.
     pub fn next_ms(&self) -> u64 {
-        u64::try_from(self.next.as_millis()).unwrap_or(u64::MAX)
+        nats_fs::millis(self.next)
     }
 
     /// The pause to take now; the next one is twice as long.
@@ -52,7 +52,7 @@ impl Backoff {
 /// A random length from zero up to (not including) `max`, to the millisecond: the one source
 /// of jitter, so that hosts started together do not act in step.
 pub fn jitter(max: Duration) -> Duration {
-    let max_ms = u64::try_from(max.as_millis()).unwrap_or(u64::MAX);
+    let max_ms = nats_fs::millis(max);
     Duration::from_millis(if max_ms == 0 {
         0
     } else {

@@ -30,7 +30,7 @@ use nats_fs::manifest::{
 };
 use nats_fs::protocol::{CancelMode, FromRunner, StartJob, StepInfo, ToRunner, PROTOCOL_VERSION};
 use nats_fs::reap;
-use nats_fs::{JobOutcome, Status};
+use nats_fs::{millis, JobOutcome, Status};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::{Gid, Pid, Uid};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -1005,10 +1005,6 @@ impl Cleanup {
             }
         }
     }
-}
-
-fn millis(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 #[cfg(test)]

@@ -163,6 +163,7 @@ async fn busy(
     delivered: u64,
     seq: u64,
 ) {
+    info!(event = event::JOB_BUSY, "{why}");
     let decision = decide(
         id.as_str(),
         JobOutcome::busy(why),

@@ -145,8 +145,8 @@ impl<R: Renew> Lease<'_, R> {
                     lease_lost = true;
                     error!(
                         event = event::LEASE_LOST,
-                        unconfirmed_ms = u64::try_from(confirmed.elapsed().as_millis()).unwrap_or(u64::MAX),
-                        ack_wait_ms = u64::try_from(ack_wait.as_millis()).unwrap_or(u64::MAX),
+                        unconfirmed_ms = nats_fs::millis(confirmed.elapsed()),
+                        ack_wait_ms = nats_fs::millis(ack_wait),
                         "lost the lease on this job (no progress ack confirmed within the ack wait): stopping it so that it does not run twice"
                     );
                     let _ = self.control.try_send(CancelMode::AbortNow);

@@ -39,6 +39,11 @@ pub mod event {
     /// The supervisor is done.
     pub const SUPERVISOR_STOPPED: &str = "supervisor_stopped";
 
+    /// `--run-as` gives one identity to several slots: jobs can reach each other.
+    pub const SHARED_IDENTITY: &str = "shared_identity";
+    /// A NATS password or token was given on the command line (field `secret`).
+    pub const SECRET_ON_COMMAND_LINE: &str = "secret_on_command_line";
+
     // One job.
     /// The job runs here (its delivery is registered and its id locked).
     pub const JOB_STARTED: &str = "job_started";
@@ -74,6 +79,8 @@ pub mod event {
     pub const RESULT_UNPUBLISHED: &str = "result_unpublished";
     /// The manifest could not be flushed to the drive before the ack.
     pub const MANIFEST_NOT_FLUSHED: &str = "manifest_not_flushed";
+    /// Another delivery of the job's id is running (here or on another host): retried later.
+    pub const JOB_BUSY: &str = "job_busy";
     /// The final ack or term was not confirmed.
     pub const ACK_UNCONFIRMED: &str = "ack_unconfirmed";
     /// The workspaces drive has no room for the job: handed back for another host.

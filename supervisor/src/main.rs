@@ -36,6 +36,8 @@ fn main() -> ExitCode {
     for secret in ["password", "token"] {
         if matches.value_source(secret) == Some(clap::parser::ValueSource::CommandLine) {
             warn!(
+                event = logging::event::SECRET_ON_COMMAND_LINE,
+                secret,
                 "the NATS {secret} was given on the command line, where every process on this host \
                  (every job step included) can read it with ps: set it in the environment instead \
                  (/etc/default/nats-fs-supervisor) or use --creds"

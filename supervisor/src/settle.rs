@@ -185,7 +185,7 @@ pub(crate) async fn publish<'a>(
             } else {
                 warn!(
                     event = event::JOB_RETRY_LATER,
-                    retry_in_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
+                    retry_in_ms = nats_fs::millis(delay),
                     "job could not run here: {why}"
                 );
             }

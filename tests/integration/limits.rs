@@ -318,7 +318,14 @@ async fn a_job_that_fills_the_drive_fails_once_and_the_next_job_gets_its_result(
     // fault of the host and retried — and succeeds once there is room.
     let filler = drive.fill();
     nats.submit_id("after").await;
-    supervisor.wait_log("the host is the cause", 1).await;
+    supervisor.wait_event("job_retry_later", 1).await;
+    let retry = &supervisor.events("job_retry_later")[0];
+    assert!(
+        retry["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("full")),
+        "{retry}"
+    );
     fs::remove_file(&filler).expect("freeing the drive");
     let received = nats.result_within(Duration::from_secs(60)).await;
     assert_eq!(received.result.id, "after", "{:?}", received.raw);

@@ -56,7 +56,7 @@ async fn systemd_hears_ready_status_watchdog_and_stopping() {
     .await;
     let consumer = nats.consumer("worker-01").await;
     assert_eq!(consumer.config.durable_name.as_deref(), Some("worker-01"));
-    assert!(supervisor.log().contains("ready for jobs"));
+    assert_eq!(supervisor.count_event("supervisor_ready"), 1);
 
     // A running job shows in the status line.
     let (token, sleep) = sleeper();
