@@ -386,23 +386,13 @@ async fn converse(
     let switch = env.identities.pool().switch;
     let mut contain = Containment::new(settings.ceilings);
     let rlimits = contain.for_runner();
-    // Fork and exec on the blocking pool: the fork copies the supervisor's page tables, and
-    // std waits for the exec; the runtime thread keeps every other job's lease meanwhile.
-    let started = {
-        let (reaper, runner, identity) = (
-            env.reaper.clone(),
-            settings.runner.clone(),
-            identity.clone(),
-        );
-        tokio::task::spawn_blocking(move || {
-            reaper.spawn(|| {
-                spawn_runner(&runner, &identity, switch, keep, rlimits)
-                    .map(|spawned| (spawned.pid, spawned))
-            })
-        })
-        .await
-        .unwrap_or_else(|e| Err(io::Error::other(e)))
-    };
+    // On this thread, never the blocking pool: the runner's PR_SET_PDEATHSIG fires when the
+    // thread that forked it exits, and the pool retires idle threads (see main.rs). The fork
+    // and exec take well under a millisecond of this thread per job.
+    let started = env.reaper.spawn(|| {
+        spawn_runner(&settings.runner, identity, switch, keep, rlimits)
+            .map(|spawned| (spawned.pid, spawned))
+    });
     let (spawned, mut exited) = match started {
         Ok(started) => started,
         Err(e) => {

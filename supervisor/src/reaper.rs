@@ -58,10 +58,7 @@ impl Reaper {
                     _ = children.recv() => {}
                     _ = safety_net.tick() => {}
                 }
-                // On the blocking pool: a runner being started holds the lock for its fork
-                // and exec, and the runtime thread must not wait for that.
-                let reaper = task.clone();
-                let _ = tokio::task::spawn_blocking(move || reaper.reap()).await;
+                task.reap();
             }
         });
         Ok(reaper)
