@@ -346,19 +346,14 @@ impl Manifest {
 
     /// Flushes `results_dir/result.json`, written by [`Manifest::write_atomic`], to the drive:
     /// the file, then the folder that holds its name. Once this returns the manifest survives
-    /// a crash of the host. No manifest is not an error (there is nothing to keep); anything
-    /// but a regular file at its name is.
+    /// a crash of the host. A missing manifest, or anything but a regular file at its name,
+    /// is an error: the caller flushes a manifest it was told is there.
     pub fn flush(results_dir: &Path) -> io::Result<()> {
         let path = results_dir.join(MANIFEST_FILE);
-        let file = match OpenOptions::new()
+        let file = OpenOptions::new()
             .read(true)
             .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK | nix::libc::O_CLOEXEC)
-            .open(&path)
-        {
-            Ok(file) => file,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-            Err(e) => return Err(e),
-        };
+            .open(&path)?;
         if !file.metadata()?.is_file() {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
@@ -569,8 +564,8 @@ mod tests {
     #[test]
     fn a_written_manifest_is_flushed_and_a_planted_one_refused() {
         let dir = tempfile::tempdir().unwrap();
-        // Nothing written yet: nothing to keep.
-        Manifest::flush(dir.path()).unwrap();
+        // Told to flush a manifest that is not there.
+        assert!(Manifest::flush(dir.path()).is_err());
         sample().write_atomic(dir.path()).unwrap();
         Manifest::flush(dir.path()).unwrap();
         // A FIFO at the name would block a plain open; a link would be followed.

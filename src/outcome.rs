@@ -67,15 +67,6 @@ impl JobOutcome {
         }
     }
 
-    /// Why the job has no final result (`None` when it has one).
-    #[must_use]
-    pub fn why(&self) -> Option<&str> {
-        match self {
-            Self::Final(_) => None,
-            Self::Aborted { why } | Self::Fault { why } | Self::Busy { why } => Some(why),
-        }
-    }
-
     /// The result to show where nothing will try job `id` again (`nats-fs-runner --job`,
     /// `--dry-run`): the final one, or an `error` saying why there is none — reason
     /// `cancelled` for a stop, `host` for a fault.
@@ -115,6 +106,5 @@ mod tests {
         );
         let r = JobOutcome::busy("running on h2").into_result("j");
         assert_eq!((r.status, r.reason), (Status::Error, Some(Reason::Host)));
-        assert_eq!(JobOutcome::fault("disk").why(), Some("disk"));
     }
 }

@@ -3,11 +3,14 @@
 //! JSON lines in both directions. The supervisor writes one [`ToRunner::Start`] and, later, at
 //! most a [`ToRunner::Cancel`]; closing the runner's stdin means "the supervisor is gone: stop
 //! now". The runner answers with [`FromRunner`] events and ends with exactly one
-//! [`FromRunner::Ended`], which carries the job's [`JobOutcome`]. Step output never crosses the pipe: it goes to `results/step_N.log`.
+//! [`FromRunner::Ended`], which carries the job's [`JobOutcome`]. Step output never crosses
+//! the pipe: it goes to `results/step_N.log`.
 //!
 //! Both enums are internally tagged (`"type": "…"`) and carry an `Unknown` fallback, so a
-//! supervisor and a runner of neighbouring versions ignore what they do not know instead of
-//! failing. [`PROTOCOL_VERSION`] changes only when a message changes meaning.
+//! supervisor and a runner of neighbouring versions ignore the messages they do not know
+//! instead of failing. [`JobOutcome`] has none: an `ended` line whose outcome is unknown is
+//! unreadable, and the job ends as a fault of the host when the runner exits. The
+//! [`PROTOCOL_VERSION`] changes only when a message changes meaning.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -170,14 +173,6 @@ pub struct StepInfo {
     pub command: String,
 }
 
-impl FromRunner {
-    /// Whether this event ends the conversation.
-    #[must_use]
-    pub fn is_last(&self) -> bool {
-        matches!(self, Self::Ended(_))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -216,7 +211,6 @@ mod tests {
         );
         let back: FromRunner = serde_json::from_str(&line).unwrap();
         assert_eq!(back, ended);
-        assert!(back.is_last());
         for outcome in [
             JobOutcome::aborted("drain"),
             JobOutcome::fault("disk"),

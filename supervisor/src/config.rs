@@ -323,12 +323,22 @@ impl std::fmt::Debug for ServerUrl {
 /// A server URL without the user and password it may carry (`nats://u:p@host` →
 /// `nats://***@host`).
 fn without_secret(url: &str) -> String {
-    match url.split_once("://") {
-        Some((scheme, rest)) => match rest.rsplit_once('@') {
-            Some((_, host)) => format!("{scheme}://***@{host}"),
-            None => url.to_owned(),
-        },
+    let (scheme, rest) = match url.split_once("://") {
+        Some((scheme, rest)) => (format!("{scheme}://"), rest),
+        // The client takes `user:password@host` without a scheme too.
+        None => (String::new(), url),
+    };
+    match rest.rsplit_once('@') {
+        Some((_, host)) => format!("{scheme}***@{host}"),
         None => url.to_owned(),
+    }
+}
+
+impl ServerUrl {
+    /// Whether a URL of the list carries a user, password or token.
+    #[must_use]
+    pub fn has_secret(&self) -> bool {
+        self.0.contains('@')
     }
 }
 
@@ -782,12 +792,9 @@ mod tests {
 
     #[test]
     fn urls_never_show_their_user_and_password() {
-        let args = Args::try_parse_from([
-            "x",
-            "-u",
-            "nats://alice:pa55word@a:4222, nats://t0ken@b,c:4222",
-        ])
-        .unwrap();
+        let args =
+            Args::try_parse_from(["x", "-u", "nats://alice:pa55word@a:4222, t0ken@b,c:4222"])
+                .unwrap();
         let settings = Settings::from_args(&args).unwrap();
         for shown in [
             format!("{args:?}"),
@@ -801,7 +808,7 @@ mod tests {
             );
         }
         let shown: Vec<String> = settings.urls.iter().map(ToString::to_string).collect();
-        assert_eq!(shown, ["nats://***@a:4222", "nats://***@b", "c:4222"]);
+        assert_eq!(shown, ["nats://***@a:4222", "***@b", "c:4222"]);
         // The values themselves still reach the connection.
         assert_eq!(settings.urls[0].as_str(), "nats://alice:pa55word@a:4222");
     }

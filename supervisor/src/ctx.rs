@@ -36,7 +36,8 @@ pub struct Ctx {
     pub max_deliver: i64,
     pub shutdown: watch::Receiver<Shutdown>,
     /// Permits to flush a finished job's manifest before its ack, as many as job slots: a
-    /// job gives its slot back once its result is published and it holds one of these, so
-    /// at most twice `--concurrency` messages are in hand (see `settle::carry_out`).
-    pub flushing: Semaphore,
+    /// job gives its slot back once its result is published and it holds one of these (see
+    /// `settle::publish`), and the permit goes back when the flush returns, so at most
+    /// `--concurrency` flushes are in flight.
+    pub flushing: Arc<Semaphore>,
 }

@@ -910,6 +910,8 @@ impl Talk {
                 worker: Some(job.settings.worker_id.clone()),
                 ..*result
             }),
+            // Only the supervisor knows of other deliveries: a runner saying so is confused.
+            Some(JobOutcome::Busy { why }) => JobOutcome::fault(why),
             Some(other) => other,
             None => {
                 let how = self

@@ -25,8 +25,9 @@ use crate::settle::{acknowledge, carry_out, dead_letter, decide, publish, Ack, D
 
 /// Handles one delivered message to the end. Every log line inside carries the job's id,
 /// attempt and stream sequence. `slot` is the pull loop's permit for this job: it is given
-/// back as soon as the message is settled, so the next job is asked for while this one's
-/// leftovers are cleared.
+/// back as soon as the result is published (or the message handed back), so the next job is
+/// asked for while this one's manifest is flushed, its message acked and its leftovers
+/// cleared.
 pub async fn handle(ctx: Arc<Ctx>, msg: jetstream::Message, slot: OwnedSemaphorePermit) {
     let received = Instant::now();
     let (delivered, seq) = match msg.info() {
@@ -139,19 +140,22 @@ async fn process(
     );
     let settled = matches!(decision, Decision::Publish { .. });
     let unacked = publish(&ctx, &msg, decision, &request.id, delivered, seq).await;
-    // Published (or handed back), and results/ is final: the id may run again, here or
-    // elsewhere (a settled job's lock is stale by now), and the slot may take the next job
-    // while this one's manifest is flushed and acked and its leftovers go; its identity is
-    // only given back once they are gone.
+    // Published (or handed back), and results/ is final: the id may run again here (on
+    // another host once the ack has taken the message out of the stream: a settled job's
+    // lock is left to go stale), and the slot may take the next job while this one's
+    // manifest is flushed and acked and its leftovers go; its identity is given back once
+    // they are gone, which does not wait for the ack.
     if let (Some(lock), false) = (lock, settled) {
         ctx.locks.release(lock).await;
     }
     drop(registered);
     drop(slot);
-    if let Some(unacked) = unacked {
-        unacked.finish().await;
-    }
-    leftovers.clear().await;
+    let settling = async {
+        if let Some(unacked) = unacked {
+            unacked.finish().await;
+        }
+    };
+    tokio::join!(settling, leftovers.clear());
 }
 
 /// Hands back a delivery of a job that is running elsewhere (see [`decide`]).

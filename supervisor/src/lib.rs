@@ -26,8 +26,8 @@
 //! - `job_task`: one message from delivery to settlement: rejects, busy ids, the run.
 //! - `lease`: keeping a running job's lease: progress acks, and refreshes of its lock.
 //! - `redelivery`: recognising a redelivery of a job that already finished.
-//! - `settle`: how a message is settled: the pure decision, then publishing the result, the
-//!   dead letter and the ack (retried).
+//! - `settle`: how a message is settled: the pure decision, then publishing the result,
+//!   flushing the manifest to the drive, the dead letter and the ack (retried).
 //! - `lock`: one run per job id at a time, across hosts (a key-value lease).
 //! - `execute`: one run through a runner: folders, spawn, pipe conversation, deadlines,
 //!   cleanup.
@@ -157,7 +157,7 @@ pub async fn run(
         events,
         outbox: outbox::Outbox::new(client.clone(), shutdown.clone()),
         identities: Identities::new(settings.pool.clone()),
-        flushing: tokio::sync::Semaphore::new(settings.concurrency),
+        flushing: Arc::new(tokio::sync::Semaphore::new(settings.concurrency)),
         settings,
         client,
         running: Running::default(),

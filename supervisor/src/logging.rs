@@ -41,7 +41,8 @@ pub mod event {
 
     /// `--run-as` gives one identity to several slots: jobs can reach each other.
     pub const SHARED_IDENTITY: &str = "shared_identity";
-    /// A NATS password or token was given on the command line (field `secret`).
+    /// A NATS password, token or URL with credentials was given on the command line (field
+    /// `secret`: `password`, `token` or `url`).
     pub const SECRET_ON_COMMAND_LINE: &str = "secret_on_command_line";
 
     // One job.

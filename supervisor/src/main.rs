@@ -33,12 +33,17 @@ fn main() -> ExitCode {
         return nats_fs::generate::generate(Args::command(), what, ExitCode::FAILURE);
     }
     logging::init(args.log_format);
-    for secret in ["password", "token"] {
-        if matches.value_source(secret) == Some(clap::parser::ValueSource::CommandLine) {
+    for (secret, what) in [
+        ("password", "password"),
+        ("token", "token"),
+        ("url", "user and password in --url"),
+    ] {
+        let given = matches.value_source(secret) == Some(clap::parser::ValueSource::CommandLine);
+        if given && (secret != "url" || args.url.has_secret()) {
             warn!(
                 event = logging::event::SECRET_ON_COMMAND_LINE,
                 secret,
-                "the NATS {secret} was given on the command line, where every process on this host \
+                "the NATS {what} was given on the command line, where every process on this host \
                  (every job step included) can read it with ps: set it in the environment instead \
                  (/etc/default/nats-fs-supervisor) or use --creds"
             );
@@ -72,6 +77,9 @@ fn main() -> ExitCode {
                 .map(|()| ExitCode::SUCCESS)
         }
     });
+    // A blocking task stuck on a drive that hangs (a flush, a workspace removal) must not
+    // keep the process from exiting; what it leaves is swept at the next start.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(5));
     match outcome {
         Ok(code) => code,
         Err(e) => {

@@ -3,7 +3,8 @@
 //! Deciding is a pure function, [`decide`], so every row of the table is unit-tested: publish
 //! a final result then ack or terminate, nak with a delay to retry a host fault, or leave the
 //! message alone when its lease is already lost. `carry_out` does what was decided: it
-//! publishes the result and the dead letter, then acks, terminates or naks.
+//! publishes the result (`publish`), then flushes the manifest to the drive, dead-letters the
+//! request and acks or terminates (`Unacked::finish`) — or naks.
 
 use std::io;
 use std::time::Duration;
@@ -13,7 +14,7 @@ use async_nats::HeaderMap;
 use nats_fs::job::JobId;
 use nats_fs::manifest::{Manifest, Reason};
 use nats_fs::{JobOutcome, ResultMessage, Status};
-use tokio::sync::SemaphorePermit;
+use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::{sleep, Instant};
 use tracing::{debug, error, info, warn};
 
@@ -161,11 +162,22 @@ pub(crate) async fn publish<'a>(
                 warn!(event = event::RESULT_UNPUBLISHED, "the result could not be published before shutdown; the job will be redelivered and its result republished");
                 return None;
             }
-            // Taken before the caller gives the job's slot back: at most as many jobs wait
-            // for the drive as run.
-            let flushing = match result.manifest_file {
-                Some(_) => ctx.flushing.acquire().await.ok(),
-                None => None,
+            // Taken before the caller gives the job's slot back, and held until the flush
+            // returns (even one given up on): at most `--concurrency` flushes are in flight,
+            // and a drive that hangs stops this host from taking jobs instead of piling up
+            // threads that wait for it.
+            let flush = if result.manifest_file.is_some() {
+                let permit = tokio::select! {
+                    permit = ctx.flushing.clone().acquire_owned() => permit.ok(),
+                    () = stopping_now(ctx) => None,
+                };
+                if permit.is_none() {
+                    warn!(event = event::MANIFEST_NOT_FLUSHED, "stopping now before result.json was flushed: the job is left to its redelivery, which republishes its result");
+                    return None;
+                }
+                permit
+            } else {
+                None
             };
             Some(Unacked {
                 ctx,
@@ -173,7 +185,7 @@ pub(crate) async fn publish<'a>(
                 id,
                 ack,
                 dead_letter: reason.map(|reason| (reason, delivered, seq)),
-                flushing,
+                flush,
             })
         }
         Decision::Retry { delay, why } => {
@@ -213,17 +225,18 @@ pub(crate) struct Unacked<'a> {
     ack: Ack,
     /// Why to dead-letter the request, its delivery count and stream sequence.
     dead_letter: Option<(String, u64, u64)>,
-    /// Held while the manifest is flushed; `None` when there is no manifest.
-    flushing: Option<SemaphorePermit<'a>>,
+    /// The permit to flush the manifest; `None` when there is no manifest.
+    flush: Option<OwnedSemaphorePermit>,
 }
 
 impl Unacked<'_> {
     /// Flushes the manifest (contract §6.5: acked only once `result.json` is on disk),
     /// dead-letters the request if so decided, and acks.
     pub(crate) async fn finish(self) {
-        if let Some(permit) = self.flushing {
-            flush_manifest(self.ctx, self.id).await;
-            drop(permit);
+        if let Some(permit) = self.flush {
+            if !flush_manifest(self.ctx, self.id, permit).await {
+                return;
+            }
         }
         if let Some((reason, delivered, seq)) = &self.dead_letter {
             dead_letter(self.ctx, self.msg, reason, *delivered, *seq).await;
@@ -234,26 +247,46 @@ impl Unacked<'_> {
 
 /// Flushes the job's `results/result.json` to the drive, so that an acked job's manifest
 /// survives a crash of the host (contract §6.5). Written by the runner without a flush, to
-/// keep the flush off the dispatch path: the result is published first. A flush that fails
-/// (or hangs for an ack wait) is logged and the job acked all the same: its result is out,
-/// and a redelivery would meet the same drive.
-async fn flush_manifest(ctx: &Ctx, id: &JobId) {
+/// keep the flush off the dispatch path: the result is published first. A flush that fails,
+/// or takes longer than the ack wait (the message is redelivered by then, and the redelivery
+/// republishes the result), is logged and the job acked all the same: its result is out, and
+/// a redelivery would meet the same drive. False when the supervisor is stopping now: then
+/// nothing is acked, and the redelivery republishes.
+async fn flush_manifest(ctx: &Ctx, id: &JobId, permit: OwnedSemaphorePermit) -> bool {
     let results = ctx
         .settings
         .jobs_dir
         .join(id.as_str())
         .join(nats_fs::manifest::RESULTS_DIR);
-    let flush = tokio::task::spawn_blocking(move || Manifest::flush(&results));
-    // A drive that hangs longer than the ack wait has lost the message anyway.
-    let flushed = match tokio::time::timeout(ctx.ack_wait, flush).await {
-        Ok(joined) => joined.map_err(io::Error::other).and_then(|r| r),
-        Err(_) => Err(io::Error::from(io::ErrorKind::TimedOut)),
+    let flush = tokio::task::spawn_blocking(move || {
+        let flushed = Manifest::flush(&results);
+        drop(permit);
+        flushed
+    });
+    let flushed = tokio::select! {
+        flushed = tokio::time::timeout(ctx.ack_wait, flush) => match flushed {
+            Ok(joined) => joined.map_err(io::Error::other).and_then(|r| r),
+            Err(_) => Err(io::Error::from(io::ErrorKind::TimedOut)),
+        },
+        () = stopping_now(ctx) => {
+            warn!(event = event::MANIFEST_NOT_FLUSHED, "stopping now before result.json was flushed: the job is left to its redelivery, which republishes its result");
+            return false;
+        }
     };
     if let Err(e) = flushed {
         warn!(
             event = event::MANIFEST_NOT_FLUSHED,
             "flushing result.json to the drive: {e}; a crash of this host could lose it"
         );
+    }
+    true
+}
+
+/// Resolves once the supervisor is told to stop at once (a second signal).
+async fn stopping_now(ctx: &Ctx) {
+    let mut shutdown = ctx.shutdown.clone();
+    if shutdown.wait_for(|s| *s == Shutdown::Now).await.is_err() {
+        std::future::pending::<()>().await;
     }
 }
 

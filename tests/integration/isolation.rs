@@ -689,3 +689,27 @@ async fn one_user_for_several_slots_and_secrets_on_the_command_line_are_warned_a
     assert_eq!(secrets[0]["secret"], "token");
     assert!(!supervisor.log().contains("s3cret"));
 }
+
+#[test]
+fn a_url_with_credentials_on_the_command_line_is_warned_about_and_never_shown() {
+    // An option error after the warning: the supervisor exits before connecting anywhere.
+    let output = run_with_timeout(
+        Command::new(bin("nats-fs-supervisor")).args([
+            "--url",
+            "nats://alice:pa55word@127.0.0.1:1,t0ken@127.0.0.1:2",
+            "--concurrency",
+            "0",
+        ]),
+        SOON,
+    );
+    assert_eq!(output.status.code(), Some(2), "{output:?}");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains(r#"event="secret_on_command_line""#) && stderr.contains(r#"secret="url""#),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains("pa55word") && !stderr.contains("alice") && !stderr.contains("t0ken"),
+        "{stderr}"
+    );
+}
