@@ -182,12 +182,24 @@ pub(crate) fn stage(src: &Path, dst: &Path, interrupt: &AtomicBool) -> Result<St
 
 /// Copies one regular file, keeping mode and times; returns the copy's metadata, or `None`
 /// when `from` is no longer a regular file.
-///
-/// The job folder can change while it is staged: the source is opened without following a
-/// link and without blocking (a FIFO swapped in would otherwise wait for a writer forever),
-/// and only copied if the opened file is a regular one.
 fn copy_file(from: &Path, to: &Path) -> Result<Option<fs::Metadata>, StageError> {
-    let mut source = match OpenOptions::new()
+    let Some((mut source, meta)) = open_regular(from).map_err(io_err("opening", from))? else {
+        return Ok(None);
+    };
+    let mut target = create_copy(to).map_err(io_err("creating", to))?;
+    io::copy(&mut source, &mut target).map_err(io_err("copying", from))?;
+    finish_copy(&target, &meta).map_err(io_err("setting mode and times of", to))?;
+    target
+        .metadata()
+        .map(Some)
+        .map_err(io_err("inspecting", to))
+}
+
+/// Opens the source of a copy as it is now, staging or syncing: a tree a job can change while
+/// it is copied. Opened without following a link and without blocking (a FIFO swapped in
+/// would otherwise wait for a writer forever); `None` unless it is a regular file.
+pub(crate) fn open_regular(from: &Path) -> io::Result<Option<(File, fs::Metadata)>> {
+    let source = match OpenOptions::new()
         .read(true)
         .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK | nix::libc::O_NOCTTY)
         .open(from)
@@ -196,25 +208,21 @@ fn copy_file(from: &Path, to: &Path) -> Result<Option<fs::Metadata>, StageError>
         Err(e) if matches!(e.raw_os_error(), Some(nix::libc::ELOOP | nix::libc::ENXIO)) => {
             return Ok(None)
         }
-        Err(e) => return Err(io_err("opening", from)(e)),
+        Err(e) => return Err(e),
     };
-    let meta = source.metadata().map_err(io_err("inspecting", from))?;
-    if !meta.is_file() {
-        return Ok(None);
-    }
-    let mut target = OpenOptions::new()
+    let meta = source.metadata()?;
+    Ok(meta.is_file().then_some((source, meta)))
+}
+
+/// Creates the target of a copy: a new file, never an existing one and never through a link,
+/// readable by no one else until [`finish_copy`] gives it its source's mode.
+pub(crate) fn create_copy(to: &Path) -> io::Result<File> {
+    OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
         .custom_flags(nix::libc::O_NOFOLLOW)
         .open(to)
-        .map_err(io_err("creating", to))?;
-    io::copy(&mut source, &mut target).map_err(io_err("copying", from))?;
-    finish_copy(&target, &meta).map_err(io_err("setting mode and times of", to))?;
-    target
-        .metadata()
-        .map(Some)
-        .map_err(io_err("inspecting", to))
 }
 
 /// Gives a freshly written copy the mode and times of its source.

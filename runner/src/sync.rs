@@ -10,9 +10,9 @@
 //! grows past it is removed), and a copy that fills the drive is removed and ends the sync:
 //! no partial artifact stays in `results/` ([`crate::output`] says what counts).
 
-use std::fs::{self, OpenOptions};
+use std::fs;
 use std::io::{self, Read, Write};
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -20,7 +20,7 @@ use nats_fs::manifest::Artifact;
 use sha2::{Digest, Sha256};
 
 use crate::output::is_no_space;
-use crate::stage::{finish_copy, Snapshot};
+use crate::stage::{create_copy, finish_copy, open_regular, Snapshot};
 
 /// What one sync copied.
 #[derive(Debug, Default)]
@@ -203,23 +203,10 @@ enum CopyError {
 /// Copies one file while hashing it: one pass over the data, memory bounded by the buffer.
 /// A file longer than `max` bytes is not copied whole ([`CopyError::TooBig`]).
 fn copy_hashed(from: &Path, to: &Path, max: u64) -> Result<(u64, String), CopyError> {
-    // Without blocking: a FIFO where a file was listed must not hang the sync.
-    let mut source = OpenOptions::new()
-        .read(true)
-        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK | nix::libc::O_NOCTTY)
-        .open(from)
-        .map_err(CopyError::Read)?;
-    let meta = source.metadata().map_err(CopyError::Read)?;
-    if !meta.is_file() {
-        return Err(CopyError::Read(io::Error::other("not a regular file")));
-    }
-    let mut target = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .custom_flags(nix::libc::O_NOFOLLOW)
-        .open(to)
-        .map_err(CopyError::Write)?;
+    let (mut source, meta) = open_regular(from)
+        .map_err(CopyError::Read)?
+        .ok_or_else(|| CopyError::Read(io::Error::other("not a regular file")))?;
+    let mut target = create_copy(to).map_err(CopyError::Write)?;
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 256 * 1024];
     let mut size = 0u64;
