@@ -549,6 +549,53 @@ mod tests {
     }
 
     #[test]
+    fn names_for_people_are_the_names_in_json() {
+        use Reason as R;
+        fn json<T: Serialize>(value: T) -> String {
+            serde_json::to_value(value)
+                .unwrap()
+                .as_str()
+                .unwrap()
+                .to_owned()
+        }
+        for status in [
+            Status::Success,
+            Status::Failed,
+            Status::Timeout,
+            Status::Cancelled,
+            Status::Error,
+        ] {
+            assert_eq!(status.as_str(), json(status));
+        }
+        for status in [
+            StepStatus::Success,
+            StepStatus::Failed,
+            StepStatus::Timeout,
+            StepStatus::Cancelled,
+            StepStatus::Skipped,
+        ] {
+            assert_eq!(status.as_str(), json(status));
+        }
+        // `Other` stands for what a newer version may send; it is never written.
+        for reason in [
+            R::Exit,
+            R::Signal,
+            R::Timeout,
+            R::Idle,
+            R::Cancelled,
+            R::Memory,
+            R::Output,
+            R::Processes,
+            R::CpuTime,
+            R::FileSize,
+            R::Invalid,
+            R::Host,
+        ] {
+            assert_eq!(reason.as_str(), json(reason));
+        }
+    }
+
+    #[test]
     fn write_then_read_round_trips_and_leaves_no_temp_file() {
         let dir = tempfile::tempdir().unwrap();
         let m = sample();
