@@ -290,26 +290,16 @@ impl Manifest {
     /// that path; until then, a crash of the host may leave the file empty or missing, and
     /// the job, not acked, runs again.
     pub fn write_atomic(&self, results_dir: &Path) -> io::Result<PathBuf> {
-        self.write(results_dir, |_| Ok(()), false)
+        self.write_with(results_dir, |_| Ok(()))
     }
 
-    /// [`Manifest::write_atomic`], durably: `prepare` is called on the written temp file (to
-    /// give it an owner, say: the manifest then never appears under its name without it), the
-    /// file is flushed to the drive before the rename and the folder after it, so once this
-    /// returns the manifest survives a crash of the host.
-    pub fn write_durable_with(
+    /// [`Manifest::write_atomic`], with `prepare` called on the written temp file before the
+    /// rename (to give it an owner, say: the manifest then never appears under its name
+    /// without it).
+    pub fn write_with(
         &self,
         results_dir: &Path,
         prepare: impl FnOnce(&File) -> io::Result<()>,
-    ) -> io::Result<PathBuf> {
-        self.write(results_dir, prepare, true)
-    }
-
-    fn write(
-        &self,
-        results_dir: &Path,
-        prepare: impl FnOnce(&File) -> io::Result<()>,
-        flush: bool,
     ) -> io::Result<PathBuf> {
         let target = results_dir.join(MANIFEST_FILE);
         let tmp = results_dir.join(format!(".{MANIFEST_FILE}.{}.tmp", std::process::id()));
@@ -324,19 +314,10 @@ impl Manifest {
                 .open(&tmp)?;
             file.write_all(&bytes)?;
             prepare(&file)?;
-            // The contents reach the drive before the name does: a crash after the rename
-            // never leaves an empty result.json behind.
-            if flush {
-                file.sync_all()?;
-            }
             if fs::symlink_metadata(&target).is_ok_and(|m| m.is_dir()) {
                 crate::tree::remove_entry(&target)?;
             }
-            fs::rename(&tmp, &target)?;
-            if flush {
-                sync_dir(results_dir)?;
-            }
-            Ok(())
+            fs::rename(&tmp, &target)
         })();
         if written.is_err() {
             let _ = fs::remove_file(&tmp);
@@ -350,10 +331,7 @@ impl Manifest {
     /// is an error: the caller flushes a manifest it was told is there.
     pub fn flush(results_dir: &Path) -> io::Result<()> {
         let path = results_dir.join(MANIFEST_FILE);
-        let file = OpenOptions::new()
-            .read(true)
-            .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK | nix::libc::O_CLOEXEC)
-            .open(&path)?;
+        let file = open_manifest(&path)?;
         if !file.metadata()?.is_file() {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
@@ -368,11 +346,7 @@ impl Manifest {
     /// larger than a manifest can be. `Ok(None)` when there is no manifest.
     pub fn read(results_dir: &Path) -> io::Result<Option<Self>> {
         let path = results_dir.join(MANIFEST_FILE);
-        let file = match OpenOptions::new()
-            .read(true)
-            .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK)
-            .open(&path)
-        {
+        let file = match open_manifest(&path) {
             Ok(file) => file,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(e),
@@ -396,6 +370,15 @@ impl Manifest {
     }
 }
 
+/// Opens a manifest for reading without following a link or blocking on a FIFO planted at
+/// its name.
+fn open_manifest(path: &Path) -> io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK)
+        .open(path)
+}
+
 /// Flushes a folder's entries (a rename into it) to the drive. `results_dir` may be a
 /// `/proc/self/fd/N` path, so the last component is followed; nothing is written through it.
 /// A file system that cannot flush a folder (`EINVAL`) has nothing more to offer: not an error.
@@ -408,6 +391,12 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
         Err(e) if e.raw_os_error() == Some(nix::libc::EINVAL) => Ok(()),
         other => other,
     }
+}
+
+/// The name of step `index`'s log in `results/` (contract §4.3).
+#[must_use]
+pub fn step_log(index: usize) -> String {
+    format!("step_{index}.log")
 }
 
 /// The message published on `{output_subject}.{id}` when a job ends (contract §6).
@@ -646,14 +635,14 @@ mod tests {
     }
 
     #[test]
-    fn a_prepared_temp_file_is_flushed_and_renamed_through_a_descriptor_path() {
+    fn a_prepared_temp_file_is_renamed_through_a_descriptor_path() {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
         let results = crate::folder::open_dir(nix::fcntl::AT_FDCWD, dir.path()).unwrap();
         let through = crate::folder::fd_path(&results);
         let target = dir.path().join(MANIFEST_FILE);
         let written = sample()
-            .write_durable_with(&through, |file| {
+            .write_with(&through, |file| {
                 // Before the rename: the name is not there yet, and what is done here shows.
                 assert!(!target.exists());
                 file.set_permissions(fs::Permissions::from_mode(0o600))
@@ -668,7 +657,7 @@ mod tests {
         // A failing preparation leaves the old manifest and no temp file.
         let mut other = sample();
         other.job_id = "other".into();
-        let failed = other.write_durable_with(&through, |_| Err(io::Error::other("no")));
+        let failed = other.write_with(&through, |_| Err(io::Error::other("no")));
         assert!(failed.is_err());
         assert_eq!(Manifest::read(dir.path()).unwrap(), Some(sample()));
         assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);

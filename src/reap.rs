@@ -48,7 +48,7 @@ fn scan() -> Vec<Proc> {
         .collect()
 }
 
-/// Parses state, ppid and pgrp from a `/proc/<pid>/stat` line. The command name is in
+/// Parses state, ppid, pgrp, thread count and resident pages from a `/proc/<pid>/stat` line. The command name is in
 /// parentheses and may itself hold spaces and parentheses, so fields are counted after the
 /// last `)`.
 fn parse_stat(pid: i32, stat: &str) -> Option<Proc> {

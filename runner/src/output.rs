@@ -3,7 +3,7 @@
 //! **What counts.** Everything the job has in `results/`: the step logs, the artifacts the
 //! runner copies, and files a step writes there directly through `$JOB_RESULTS_DIR`. The logs
 //! are watched while their step runs (the step's poll); files written directly are counted
-//! when their step ends (one walk of `results/`, only under an output limit), and a job whose
+//! when their step ends (a walk of `results/`, only under an output limit), and a job whose
 //! total then passes the quota fails `output` at that point — they are not removed, they are
 //! the job's. Artifacts are checked against what is left before each is copied.
 //!

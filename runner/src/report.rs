@@ -4,7 +4,6 @@
 use std::io::{self, Write};
 
 use nats_fs::protocol::FromRunner;
-use nats_fs::JobOutcome;
 use tracing::{info, warn};
 
 /// Receives the events of a run.
@@ -70,15 +69,8 @@ impl Report for Human {
                 duration_ms,
             } => info!("synced {files} artifacts ({bytes} bytes) in {duration_ms} ms"),
             FromRunner::Warning { message } => warn!("{message}"),
-            FromRunner::Ended(JobOutcome::Final(result)) => {
-                let reason = result.reason.map(nats_fs::manifest::Reason::as_str);
-                info!(status = %result.status, reason, error = result.error.as_deref(), "job finished");
-            }
-            FromRunner::Ended(JobOutcome::Aborted { why }) => warn!("job aborted: {why}"),
-            FromRunner::Ended(JobOutcome::Fault { why } | JobOutcome::Busy { why }) => {
-                warn!("job could not run: {why}");
-            }
-            FromRunner::Unknown => {}
+            // The end goes to the pipe only; standalone, the result is printed instead.
+            FromRunner::Ended(_) | FromRunner::Unknown => {}
         }
     }
 }

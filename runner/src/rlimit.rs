@@ -24,8 +24,8 @@ use std::process::Command;
 use nats_fs::limits::{Kind, Limits, RLIMITS};
 use nix::sys::resource::{getrlimit, setrlimit, Resource};
 
-/// At most four settings: processes, open files, file size and CPU time.
-const MAX: usize = 4;
+/// At most one setting per rlimit a job may lower (processes, open files, file size, CPU time).
+const MAX: usize = RLIMITS.len();
 
 /// The rlimits a step gets, worked out before `fork` so that the child only makes system calls.
 #[derive(Debug, Clone, Copy)]

@@ -121,11 +121,12 @@ impl End {
         Self::of(Status::Success, None, None)
     }
 
-    /// `failed` with the failing step's exit `code`.
+    /// `failed` with the failing step's exit `code` (1 for a step that exited 0 just as a
+    /// limit ended it: a failed job never exits 0).
     fn failed(code: i32, error: String, reason: Reason) -> Self {
         Self {
             status: Status::Failed,
-            exit_code: Status::Failed.exit_code(code),
+            exit_code: Status::Failed.exit_code(if code == 0 { 1 } else { code }),
             error: Some(error),
             reason: Some(reason),
         }
@@ -440,7 +441,7 @@ impl<'a> Job<'a> {
         report: &mut dyn Report,
         stops: &mut StopWatch,
     ) -> Result<(StepRecord, End), JobOutcome> {
-        let log_name = format!("step_{index}.log");
+        let log_name = nats_fs::manifest::step_log(index);
         let log_path = self.results.join(&log_name);
         let log = open_log(&log_path).map_err(|e| {
             fault(format!(
@@ -482,10 +483,17 @@ impl<'a> Job<'a> {
             name: step.name.clone(),
             pid: running.pid(),
         });
-        let finished = running
+        let mut finished = running
             .wait(stops)
             .await
             .map_err(|e| fault(format!("waiting for step {index}: {e}")))?;
+        // A step that wrote past its share and ended before the poll's first look got away
+        // with it: the same as one the poll caught.
+        if finished.ending == Ending::Exited
+            && log_quota.is_some_and(|keep| fs::metadata(&log_path).is_ok_and(|m| m.len() > keep))
+        {
+            finished.ending = Ending::OutputExceeded;
+        }
         let duration_ms = millis(began.elapsed());
         let label = step_label(index, step);
         if let (Ending::OutputExceeded, Some(keep), Some(quota)) =
@@ -780,7 +788,7 @@ fn judge(finished: &step::Finished, at: &Judging<'_>) -> (StepStatus, Result<End
         }
         Ending::OutputExceeded => {
             let what = format!(
-                "{label} wrote more into results/ than the job's output limit of {} allows; it was stopped",
+                "{label} wrote more into results/ than the job's output limit of {} allows; its log was cut there",
                 size(at.limits.output.unwrap_or_default())
             );
             (StepStatus::Failed, End::failed(code, what, Reason::Output))
@@ -819,12 +827,17 @@ fn failure(finished: &step::Finished, at: &Judging<'_>) -> (String, Reason) {
         && limits
             .cpu_time
             .is_some_and(|secs| cpu_ms + 100 >= secs.saturating_mul(1000));
-    // The shell's own death says it; a shell that exited 128+n gets the signal named.
+    // The shell's own death says it; a shell that exited 128+n gets the signal named (the one
+    // seen: SIGKILL at the hard CPU limit).
     let by = |signal: Signal| {
         if own_signal {
             how.clone()
         } else {
-            format!("{how} (its command was killed by {})", signal.as_str())
+            let seen = finished.killed_by().unwrap_or(signal as i32);
+            format!(
+                "{how} (its command was killed by {})",
+                nats_fs::reap::signal_name(seen)
+            )
         }
     };
     if killed_at_hard_cpu_limit || limit_signal(Signal::SIGXCPU, Kind::CpuTime) {

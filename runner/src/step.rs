@@ -106,8 +106,9 @@ pub(crate) struct Finished {
     /// What the step used.
     pub(crate) resources: Resources,
     /// The most processes of the job seen at once, counted as `RLIMIT_NPROC` counts them: every
-    /// thread, the runner's included. Only when [`Watched::processes`] asked for them to be
-    /// counted; 0 otherwise. A lower bound: the poll sees what lives at its moments, and the
+    /// thread, the runner's included. Counted at each scan of a watched step (every [`SCAN`])
+    /// and, when [`Watched::processes`] asks for it, once more at the end; 0 for a step that
+    /// was never scanned. A lower bound: the poll sees what lives at its moments, and the
     /// limit counts every process of the uid (standalone, the invoking user's others too).
     pub(crate) peak_processes: u64,
 }
@@ -278,7 +279,9 @@ impl Running {
     /// One look at the log and, when due, the processes; the ending, if a limit was passed.
     fn look(&mut self, state: &mut LogState) -> Option<Ending> {
         let now = Instant::now();
-        if now.duration_since(state.scanned_at) >= SCAN {
+        // Half a period of slack: the ticks come at fixed times, and a look that is a little
+        // early must not put the scan off by a whole period.
+        if now.duration_since(state.scanned_at) + self.watched.interval() / 2 >= SCAN {
             state.scanned_at = now;
             self.scan();
         }

@@ -1,17 +1,18 @@
 //! Containment: how the supervisor makes a job's limits hold, whatever its runner does.
 //!
-//! A run knows containment through one [`Containment`] and three moments: what the runner's
-//! process is given before it drops privileges ([`Containment::for_runner`]), the limits the
-//! job was granted once its runner reports them ([`Containment::granted`]), and a limit that
-//! the job passed ([`Containment::exceeded`]). Which mechanism stands behind them is this
-//! module's business alone.
+//! A run knows containment through one [`Containment`]: what the runner's process is given
+//! before it drops privileges ([`Containment::for_runner`]), the runner's pid once it runs
+//! ([`Containment::started`]), the limits the job was granted once its runner reports them
+//! ([`Containment::granted`]), a limit that the job passed ([`Containment::exceeded`]), and
+//! the end of the run ([`Containment::stopped`]).
 //!
-//! Today's: the operator's ceilings as the runner's hard rlimits, `RLIMIT_CORE` 0 and an
-//! `oom_score_adj` of 1000 ([`RunnerLimits`], set between fork and exec), and the job's memory
-//! summed over the runner's process tree a few times a second ([`MemoryWatch`]). A cgroup v2
-//! backend (a delegated subtree: `memory.max`, `pids.max`, `cgroup.kill`) would place the runner
-//! in a cgroup of its own from the same child-side hook and report `memory.events` through
-//! [`Containment::exceeded`], without a change to its callers. It is not here because these
+//! Today's: the operator's ceilings as the runner's hard rlimits and `RLIMIT_CORE` 0
+//! ([`RunnerLimits`], set between fork and exec, where `spawn` also writes an
+//! `oom_score_adj` of 1000), and the job's memory summed over the runner's process tree a few
+//! times a second ([`MemoryWatch`]). A cgroup v2 backend (a delegated subtree: `memory.max`,
+//! `pids.max`, `cgroup.kill`) would place the runner in a cgroup of its own from the same
+//! child-side hook (so `RunnerLimits` would carry the cgroup) and report `memory.events`
+//! through [`Containment::exceeded`]. It is not here because these
 //! hosts have hybrid cgroups v1, where it could not be tested.
 
 use nats_fs::limits::Limits;

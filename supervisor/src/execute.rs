@@ -10,7 +10,7 @@
 //! (which the runner reports before any step runs) plus the kill grace and a little slack — and
 //! its own deadline for a stop request; a runner that has not finished its steps by then is
 //! killed with everything of its identity, and the job ends `timeout` or `cancelled` all the
-//! same, with a manifest the supervisor writes. A drain or a lost lease, which hand the job
+//! same (or `failed` for a limit it passed), with a manifest the supervisor writes. A drain or a lost lease, which hand the job
 //! back, stay hand-backs.
 
 use std::collections::VecDeque;
@@ -26,7 +26,7 @@ use nats_fs::folder::{fd_path, JobFolder};
 use nats_fs::job::JobRequest;
 use nats_fs::limits::{size, Limits};
 use nats_fs::manifest::{
-    Manifest, Reason, ResultMessage, StepRecord, StepStatus, Timing, RESULTS_DIR,
+    step_log, Manifest, Reason, ResultMessage, StepRecord, StepStatus, Timing, RESULTS_DIR,
 };
 use nats_fs::protocol::{CancelMode, FromRunner, StartJob, StepInfo, ToRunner, PROTOCOL_VERSION};
 use nats_fs::reap;
@@ -134,10 +134,7 @@ pub async fn execute<'a>(
             workspaces: job.settings.workspaces_dir.clone(),
             reserve: job.settings.min_free_space,
         };
-        tokio::task::spawn_blocking(move || {
-            prepare(&job_dir, &private, &identity, &pool, &id, &room)
-        })
-        .await
+        crate::blocking(move || prepare(&job_dir, &private, &identity, &pool, &id, &room)).await
     };
     let prepared = match prepared {
         Ok(Ok(prepared)) => prepared,
@@ -163,9 +160,14 @@ pub async fn execute<'a>(
         manifest: forced_manifest.clone(),
         reaper: env.reaper.clone(),
     };
-    if let Err(e) = tokio::task::spawn_blocking(move || cleanup.run()).await {
-        warn!("cleaning up after the job: {e}");
-    }
+    let forced_written = match crate::blocking(move || cleanup.run()).await {
+        Ok(written) => written,
+        Err(e) => {
+            warn!("cleaning up after the job: {e}");
+            false
+        }
+    };
+    let forced_manifest = forced_manifest.map(|manifest| (manifest, forced_written));
     (talk.end(job, forced_manifest), leftovers)
 }
 
@@ -182,7 +184,7 @@ impl Leftovers<'_> {
     /// Removes the private folders, then gives the identity back.
     pub async fn clear(self) {
         let private = self.private;
-        let removed = tokio::task::spawn_blocking(move || {
+        let removed = crate::blocking(move || {
             for folder in &private {
                 if let Err(e) = nats_fs::tree::remove_tree(folder) {
                     warn!(
@@ -611,7 +613,7 @@ fn start_message(job: &JobRun<'_>, fds: [i32; 2], exclusive: bool) -> ToRunner {
         steps: job.request.steps.clone(),
         default_timeout_ms: millis(settings.default_timeout),
         kill_grace_ms: millis(settings.kill_grace),
-        base_env: crate::base_env(),
+        base_env: nats_fs::step_env::base_env(),
         pass_env: settings
             .pass_env
             .iter()
@@ -781,7 +783,7 @@ impl Talk {
                 exit_code,
                 signal,
                 duration_ms,
-                log: Some(format!("step_{index}.log")),
+                log: Some(step_log(index)),
                 resources: None,
             });
         }
@@ -805,7 +807,8 @@ impl Talk {
                 .is_some_and(|result| result.manifest_file.is_some())
     }
 
-    /// The manifest of a job the supervisor ended as `timeout` or `cancelled`: every step the
+    /// The manifest of a job the supervisor ended as `timeout`, `cancelled` or `failed` (a
+    /// limit): every step the
     /// runner reported, the one it was running ended by the supervisor, the rest skipped.
     fn forced_manifest(&self, job: &JobRun<'_>) -> Option<Manifest> {
         let (status, step_status, reason) = match self.forced.as_ref()? {
@@ -835,7 +838,7 @@ impl Talk {
                     exit_code: None,
                     signal: running.map(|_| "SIGKILL".to_owned()),
                     duration_ms: running.map_or(0, |(_, at)| millis(at.elapsed())),
-                    log: running.map(|_| format!("step_{index}.log")),
+                    log: running.map(|_| step_log(index)),
                     resources: None,
                 }
             })
@@ -882,17 +885,18 @@ impl Talk {
         })
     }
 
-    /// How the job ended; `forced_manifest` is what [`Talk::forced_manifest`] made. What the
-    /// runner says of the job is its status; who the job is, which delivery, and where the
-    /// manifest lies are the supervisor's to say.
-    fn end(self, job: &JobRun<'_>, forced_manifest: Option<Manifest>) -> JobOutcome {
+    /// How the job ended; `forced_manifest` is what [`Talk::forced_manifest`] made, and
+    /// whether it was written. What the runner says of the job is its status; who the job is,
+    /// which delivery, and where the manifest lies are the supervisor's to say.
+    fn end(self, job: &JobRun<'_>, forced_manifest: Option<(Manifest, bool)>) -> JobOutcome {
         if let Some(error) = self.start_error {
             return JobOutcome::fault(error);
         }
-        if let Some(manifest) = forced_manifest {
+        if let Some((manifest, written)) = forced_manifest {
+            let result = ResultMessage::from_manifest(&manifest);
             return JobOutcome::final_result(ResultMessage {
-                worker: Some(job.settings.worker_id.clone()),
-                ..ResultMessage::from_manifest(&manifest)
+                manifest_file: result.manifest_file.filter(|_| written),
+                ..result
             });
         }
         if matches!(self.forced, Some(Forced::Aborted)) {
@@ -947,7 +951,8 @@ struct Cleanup {
 }
 
 impl Cleanup {
-    fn run(self) {
+    /// Returns whether the supervisor's own manifest, when it has one, was written.
+    fn run(self) -> bool {
         // First, nothing of the job may run any more. A runner that finished cleanly has seen
         // to that itself (and, with an identity of its own, killed every process of its uid
         // before it said so). One that did not cannot have: its steps were re-parented to us
@@ -991,9 +996,14 @@ impl Cleanup {
                 ),
             }
         }
-        if let Some(manifest) = &self.manifest {
-            if let Err(e) = results::write_manifest(&self.folder.results, manifest, self.owner) {
-                warn!("writing the manifest of the ended job: {e}");
+        let Some(manifest) = &self.manifest else {
+            return false;
+        };
+        match results::write_manifest(&self.folder.results, manifest, self.owner) {
+            Ok(()) => true,
+            Err(e) => {
+                warn!("writing the manifest of the ended job: {e}; its result names none");
+                false
             }
         }
     }

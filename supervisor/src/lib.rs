@@ -363,7 +363,14 @@ pub(crate) async fn until(at: Option<tokio::time::Instant>) {
     }
 }
 
-pub use nats_fs::step_env::base_env;
+/// Runs `work` on tokio's blocking pool inside the current tracing span, so that what it
+/// logs still names the job (its id, attempt and stream sequence).
+pub(crate) fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> T + Send + 'static,
+) -> tokio::task::JoinHandle<T> {
+    let span = tracing::Span::current();
+    tokio::task::spawn_blocking(move || span.in_scope(work))
+}
 
 #[cfg(test)]
 mod tests {

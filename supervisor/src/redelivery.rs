@@ -27,7 +27,7 @@ pub(crate) async fn republished(
         let job_dir = ctx.settings.jobs_dir.join(id.as_str());
         let ctx = ctx.clone();
         let id = id.clone();
-        tokio::task::spawn_blocking(move || already_finished(&job_dir, &id, seq, &ctx.settings))
+        crate::blocking(move || already_finished(&job_dir, &id, seq, &ctx.settings))
             .await
             .ok()
             .flatten()

@@ -186,16 +186,16 @@ fn remove(dir: &OwnedFd, name: &std::ffi::OsStr, kind: SFlag) -> io::Result<()> 
     }
 }
 
-/// Writes the manifest of a job the supervisor ended itself into `results`, owned by `owner`,
-/// durably ([`Manifest::write_durable_with`]: a rare path, where a flush costs nothing that
-/// matters). The owner is given to the temp file before it is flushed and renamed, so the
-/// manifest never appears (nor survives a crash) without it.
+/// Writes the manifest of a job the supervisor ended itself into `results`, owned by `owner`
+/// ([`Manifest::write_with`]). The owner is given to the temp file before it is renamed, so
+/// the manifest never appears without it; it reaches the drive before the ack, with every
+/// other manifest (`settle`).
 pub fn write_manifest(
     results: &OwnedFd,
     manifest: &Manifest,
     owner: Option<(Uid, Gid)>,
 ) -> io::Result<()> {
-    manifest.write_durable_with(&fd_path(results), |file| match owner {
+    manifest.write_with(&fd_path(results), |file| match owner {
         Some((uid, gid)) => Ok(fchown(file, Some(uid), Some(gid))?),
         None => Ok(()),
     })?;

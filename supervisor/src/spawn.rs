@@ -36,13 +36,9 @@ use tokio::sync::oneshot::error::TryRecvError;
 use crate::identity::Identity;
 use crate::reaper::{Exit, Reaper};
 
-/// `PATH` for runners and steps when the supervisor has none.
-pub use nats_fs::step_env::DEFAULT_PATH;
-
-/// What every runner's `oom_score_adj` is set to: the kernel's OOM killer picks the largest
-/// job's processes first, and never the supervisor (see [`lower_own_oom_score`]).
-pub const RUNNER_OOM_SCORE_ADJ: i32 = 1000;
-/// The same value as the bytes written to `/proc/self/oom_score_adj`.
+/// What every runner's `oom_score_adj` is set to, as the bytes written to
+/// `/proc/self/oom_score_adj` (1000): the kernel's OOM killer picks the largest job's
+/// processes first, and never the supervisor (see [`lower_own_oom_score`]).
 const RUNNER_OOM_SCORE_ADJ_TEXT: &[u8] = b"1000";
 /// What the supervisor sets its own `oom_score_adj` to, when it may (`CAP_SYS_RESOURCE`).
 pub const SUPERVISOR_OOM_SCORE_ADJ: i32 = -900;
@@ -184,7 +180,7 @@ pub fn spawn_runner(
     command
         .arg("--pipe")
         .env_clear()
-        .envs(crate::base_env())
+        .envs(nats_fs::step_env::base_env())
         .current_dir("/")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())

@@ -67,6 +67,27 @@ fn a_step_printing_forever_is_stopped_at_the_output_limit() {
     assert!(took < Duration::from_secs(20), "took {took:?}");
 }
 
+#[test]
+fn a_step_that_passes_the_output_limit_and_ends_before_the_first_look_is_cut_too() {
+    // 2 MiB in a few milliseconds, well before the poll's first look at 50 ms.
+    let (result, manifest, _, jobs) = run_limited(
+        "burst",
+        &json!(["head -c 2097152 /dev/zero | tr '\\0' x"]),
+        &json!({"output": "1MiB"}),
+    );
+    assert_eq!(result["status"], "failed", "{result}");
+    assert_eq!(result["reason"], "output");
+    assert_ne!(result["exitCode"], 0, "{result}");
+    assert_eq!(manifest.steps[0].status, StepStatus::Failed);
+    let log = jobs.log("burst", 0);
+    assert_one_marker_at_the_end(&log, QUOTA_MARKER);
+    assert!(
+        log.len() <= (1 << 20) + QUOTA_MARKER.len() + 1,
+        "the log has {} bytes",
+        log.len()
+    );
+}
+
 /// A step that writes past the quota straight into `$JOB_RESULTS_DIR` (around the log and the
 /// sync, where the quota is watched) is caught when it ends — whether it then succeeds or fails
 /// on its own — and the next step does not run.
@@ -148,7 +169,8 @@ fn resources_are_reported_per_step_and_in_total() {
     let jobs = Jobs::new();
     jobs.add(
         "busy",
-        &json!({"steps": ["timeout 1.2 sh -c 'while :; do :; done' || true", "echo done"]}),
+        // CPU time, not wall time: a busy machine must not starve the loop below a second.
+        &json!({"steps": ["perl -e '1 while (times)[0] < 1.1'", "echo done"]}),
     );
     let (_, result, _) = run(&jobs, "busy");
     assert_eq!(result["status"], "success", "{result}");

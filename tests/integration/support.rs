@@ -614,7 +614,7 @@ impl Supervisor {
         self.kill();
         let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().expect("temp dir"));
         let workspaces = self.workspaces.clone();
-        // A fresh log, so that waiting for "ready for jobs" means the new process is ready.
+        // A fresh log, so that waiting for `supervisor_ready` means the new process is ready.
         let log_path = self.log_path.with_extension("restarted.log");
         Self::start_in(dir, workspaces, log_path, url, jobs, args, env)
     }
@@ -689,23 +689,6 @@ impl Supervisor {
     /// Everything it has logged so far.
     pub fn log(&self) -> String {
         fs::read_to_string(&self.log_path).unwrap_or_default()
-    }
-
-    /// How many log lines contain `needle`. For lines without an `event` field only: prefer
-    /// [`Supervisor::count_event`], which does not depend on the wording.
-    pub fn count(&self, needle: &str) -> usize {
-        self.log().lines().filter(|l| l.contains(needle)).count()
-    }
-
-    /// Waits until the log has `needle` at least `times` times (see [`Supervisor::count`];
-    /// prefer [`Supervisor::wait_event`]).
-    pub async fn wait_log(&self, needle: &str, times: usize) {
-        eventually(
-            SOON,
-            &format!("{times}× {needle:?} in the supervisor log"),
-            || (self.count(needle) >= times).then_some(()),
-        )
-        .await;
     }
 
     /// The log lines whose `event` field is `event` (the supervisor's `logging::event`), as
