@@ -480,7 +480,11 @@ impl Settings {
             pass_env.push(name.to_owned());
         }
         let runner = match args.runner.as_ref().filter(|p| !p.as_os_str().is_empty()) {
-            Some(path) => path.clone(),
+            // Absolute, as every runner is started from /: a relative --runner is found from
+            // the directory the supervisor was started in.
+            Some(path) => {
+                std::path::absolute(path).with_context(|| format!("--runner {}", path.display()))?
+            }
             None => default_runner()?,
         };
         let pool = Arc::new(Pool::resolve(

@@ -14,22 +14,25 @@
 //! and an `oom_score_adj` of 1000, both while it is still root, so neither the runner nor its
 //! steps can take them back ([`RunnerLimits`]).
 //!
-//! Runners are plain `std` children, not tokio's: [`crate::reaper`] reaps every child of the
-//! supervisor, runners and orphaned steps alike, with one `waitpid(-1)` loop.
-#![allow(unsafe_code)] // pre_exec and fork; each block carries its SAFETY argument.
+//! Runners are started the way `posix_spawn` starts a process (a `CLONE_VM | CLONE_VFORK`
+//! child that executes the runner), not as `std` or tokio children: [`crate::reaper`] reaps
+//! every child of the supervisor, runners and orphaned steps alike, with one `waitpid(-1)` loop.
+#![allow(unsafe_code)] // clone, fork and what their children do; each block says why it is safe.
 
+use std::ffi::CString;
 use std::io;
-use std::os::fd::{OwnedFd, RawFd};
-use std::os::unix::process::CommandExt;
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
-use std::process::{Command, Stdio};
-
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::time::{Duration, Instant};
 
 use nats_fs::limits::{Kind, Limits, RLIMITS};
+use nix::fcntl::OFlag;
+use nix::libc;
 use nix::sys::resource::{getrlimit, setrlimit, Resource};
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::{fork, getpid, getppid, ForkResult, Pid, Uid};
+use nix::sys::signal::{kill, SigSet, SigmaskHow, Signal};
+use nix::unistd::{fork, getpid, pipe2, ForkResult, Pid, Uid};
 use tokio::net::unix::pipe;
 use tokio::sync::oneshot::error::TryRecvError;
 
@@ -169,6 +172,14 @@ pub struct Spawned {
 /// Starts `runner --pipe` as `identity` (when `switch`), with stdin, stdout and stderr piped
 /// and the descriptors `keep` left open across exec, at the same numbers; every other
 /// descriptor is closed at exec. Start it through [`Reaper::spawn`], which registers it.
+///
+/// The child is made the way `posix_spawn` makes one: `clone(CLONE_VM | CLONE_VFORK)` on a
+/// stack of its own, so the supervisor's memory is neither copied nor write-protected (with
+/// `fork`, the copy and the copy-on-write faults after it were about 7 % of all CPU time
+/// when trivial jobs ran back to back).
+/// This thread waits until the child has called `execve` or failed. Until then the child
+/// shares the supervisor's memory, so it only reads a [`Plan`] made beforehand and makes
+/// plain system calls ([`Plan::become_runner`]).
 pub fn spawn_runner(
     runner: &Path,
     identity: &Identity,
@@ -176,91 +187,319 @@ pub fn spawn_runner(
     keep: [RawFd; 2],
     limits: RunnerLimits,
 ) -> io::Result<Spawned> {
-    let mut command = Command::new(runner);
-    command
-        .arg("--pipe")
-        .env_clear()
-        .envs(nats_fs::step_env::base_env())
-        .current_dir("/")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
+    let (stdin, to_stdin) = pipe2(OFlag::O_CLOEXEC)?;
+    let (from_stdout, stdout) = pipe2(OFlag::O_CLOEXEC)?;
+    let (from_stderr, stderr) = pipe2(OFlag::O_CLOEXEC)?;
+    let plan = Plan::new(
+        runner,
+        [stdin.as_raw_fd(), stdout.as_raw_fd(), stderr.as_raw_fd()],
+        keep,
+        limits,
+        switch.then(|| Switch {
+            uid: identity.uid.as_raw(),
+            gid: identity.gid.as_raw(),
+            groups: identity.groups.iter().map(|g| g.as_raw()).collect(),
+        }),
+    )?;
+    let pid = plan.start()?;
+    // The child's ends: it has its own copies now.
+    drop((stdin, stdout, stderr));
+    Ok(Spawned {
+        pid,
+        stdin: pipe::Sender::from_owned_fd(to_stdin)?,
+        stdout: pipe::Receiver::from_owned_fd(from_stdout)?,
+        stderr: pipe::Receiver::from_owned_fd(from_stderr)?,
+    })
+}
+
+/// The identity a runner switches to, as raw ids.
+struct Switch {
+    uid: libc::uid_t,
+    gid: libc::gid_t,
+    groups: Vec<libc::gid_t>,
+}
+
+/// The step of [`Plan::become_runner`] that failed, for the error message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(i32)]
+enum Step {
+    Stdio = 1,
+    ProcessGroup,
+    WorkingDirectory,
+    Rlimits,
+    Groups,
+    Gid,
+    Uid,
+    NoNewPrivs,
+    DeathSignal,
+    Orphaned,
+    Descriptors,
+    Exec,
+}
+
+impl Step {
+    const ALL: [Self; 12] = [
+        Self::Stdio,
+        Self::ProcessGroup,
+        Self::WorkingDirectory,
+        Self::Rlimits,
+        Self::Groups,
+        Self::Gid,
+        Self::Uid,
+        Self::NoNewPrivs,
+        Self::DeathSignal,
+        Self::Orphaned,
+        Self::Descriptors,
+        Self::Exec,
+    ];
+
+    fn describe(self) -> &'static str {
+        match self {
+            Self::Stdio => "connecting its pipes",
+            Self::ProcessGroup => "giving it a process group of its own",
+            Self::WorkingDirectory => "changing to /",
+            Self::Rlimits => "setting its rlimits",
+            Self::Groups => "setting its supplementary groups",
+            Self::Gid => "setting its group id",
+            Self::Uid => "setting its user id",
+            Self::NoNewPrivs => "setting PR_SET_NO_NEW_PRIVS",
+            Self::DeathSignal => "setting PR_SET_PDEATHSIG",
+            Self::Orphaned => "checking that the supervisor is still its parent",
+            Self::Descriptors => "closing the supervisor's descriptors",
+            Self::Exec => "executing it",
+        }
+    }
+}
+
+/// Everything the child of [`spawn_runner`] needs, made before the clone: the child may read
+/// it but allocates nothing, takes no lock and touches no other memory of the supervisor's.
+struct Plan {
+    /// The runner's path, `argv` and `envp` point into these.
+    _strings: Vec<CString>,
+    path: *const libc::c_char,
+    argv: Vec<*const libc::c_char>,
+    envp: Vec<*const libc::c_char>,
+    /// The child's ends of its stdin, stdout and stderr pipes.
+    stdio: [RawFd; 3],
+    keep: [RawFd; 2],
+    limits: RunnerLimits,
+    switch: Option<Switch>,
+    /// The supervisor's pid: the runner's parent must still be it once `PR_SET_PDEATHSIG` is set.
+    parent: libc::pid_t,
+    /// Written by the child when it fails: the [`Step`] and the errno.
+    failed: [AtomicI32; 2],
+}
+
+impl Plan {
+    fn new(
+        runner: &Path,
+        stdio: [RawFd; 3],
+        keep: [RawFd; 2],
+        limits: RunnerLimits,
+        switch: Option<Switch>,
+    ) -> io::Result<Self> {
+        let c = |bytes: Vec<u8>| {
+            CString::new(bytes)
+                .map_err(|_| io::Error::other("a NUL byte in the runner's path or environment"))
+        };
+        let mut strings = vec![
+            c(runner.as_os_str().as_bytes().to_vec())?,
+            c(b"--pipe".to_vec())?,
+        ];
+        for (name, value) in nats_fs::step_env::base_env() {
+            strings.push(c(format!("{name}={value}").into_bytes())?);
+        }
+        let pointers: Vec<_> = strings.iter().map(|s| s.as_ptr()).collect();
+        let null = std::ptr::null();
+        Ok(Self {
+            path: pointers[0],
+            argv: vec![pointers[0], pointers[1], null],
+            envp: pointers[2..].iter().copied().chain([null]).collect(),
+            _strings: strings,
+            stdio,
+            keep,
+            limits,
+            switch,
+            parent: getpid().as_raw(),
+            failed: [AtomicI32::new(0), AtomicI32::new(0)],
+        })
+    }
+
+    /// Clones the child that becomes the runner, and returns its pid once it has executed the
+    /// runner. If it failed before, it has exited (the reaper collects it) and `Err` says why.
+    fn start(&self) -> io::Result<Pid> {
+        const STACK: usize = 64 * 1024;
+        // SAFETY: a fresh anonymous private mapping, unmapped below, after the child is done
+        // with it (CLONE_VFORK: clone returns once the child has exited or executed).
+        let stack = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                STACK,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_STACK,
+                -1,
+                0,
+            )
+        };
+        if stack == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        // Every signal is blocked across the clone, so that none runs one of the supervisor's
+        // handlers in the child (on the shared memory); the child resets them before it
+        // unblocks any. Ours are restored right after.
+        let before = SigSet::all().thread_swap_mask(SigmaskHow::SIG_SETMASK);
+        // SAFETY: `child` only reads `self`, which outlives the call (this thread is suspended
+        // until the child has executed or exited), and runs on `stack`, whose top is 16-byte
+        // aligned. SIGCHLD makes it an ordinary child for the reaper's waitpid(-1).
+        let (pid, clone_error) = unsafe {
+            let top = stack.cast::<u8>().add(STACK).cast::<libc::c_void>();
+            let pid = libc::clone(
+                child,
+                top,
+                libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
+                std::ptr::from_ref(self).cast_mut().cast(),
+            );
+            (pid, io::Error::last_os_error())
+        };
+        if let Ok(before) = before {
+            let _ = before.thread_set_mask();
+        }
+        // SAFETY: mapped above; the child no longer runs on it.
+        unsafe { libc::munmap(stack, STACK) };
+        if pid < 0 {
+            return Err(clone_error);
+        }
+        let [step, errno] = self.failed.each_ref().map(|a| a.load(Ordering::SeqCst));
+        if step == 0 {
+            return Ok(Pid::from_raw(pid));
+        }
+        let step = Step::ALL
+            .into_iter()
+            .find(|s| *s as i32 == step)
+            .map_or("starting it", Step::describe);
+        let errno = io::Error::from_raw_os_error(errno);
+        Err(io::Error::new(errno.kind(), format!("{step}: {errno}")))
+    }
+
+    /// What the child does between the clone and the runner. It returns only when a step
+    /// failed; on success `execve` does not return.
+    ///
+    /// # Safety
+    /// Only in the child of [`Plan::start`], which shares the supervisor's memory: everything
+    /// here is a plain system call on values of `self`. The uid, gid and groups are changed
+    /// with raw system calls, not glibc's wrappers, which would signal every *supervisor*
+    /// thread to change its credentials too (they share the supervisor's thread list).
+    unsafe fn become_runner(&self) -> (Step, i32) {
+        let errno = || nix::errno::Errno::last_raw();
+        // Every signal at its default: no handler of the supervisor's may run here, and the
+        // runner ignores nothing the supervisor ignores (Rust programs ignore SIGPIPE). The
+        // kernel's struct sigaction (handler, flags, restorer, mask) all zero is SIG_DFL. A raw
+        // system call, as glibc's wrapper refuses glibc's own two signals, which the
+        // supervisor may have been started with ignored.
+        let default = [0_u64; 4];
+        for signal in 1..=libc::SIGRTMAX() {
+            // SIGKILL and SIGSTOP refuse; they need no reset.
+            libc::syscall(
+                libc::SYS_rt_sigaction,
+                signal,
+                default.as_ptr(),
+                std::ptr::null_mut::<u64>(),
+                8,
+            );
+        }
+        for (fd, target) in self.stdio.into_iter().zip(0..) {
+            let done = if fd == target {
+                libc::fcntl(fd, libc::F_SETFD, 0)
+            } else {
+                libc::dup2(fd, target)
+            };
+            if done < 0 {
+                return (Step::Stdio, errno());
+            }
+        }
         // Its own process group: a Ctrl-C at the supervisor's terminal reaches only the
         // supervisor, which then decides what happens to the jobs.
-        .process_group(0);
-
-    let (uid, gid, groups) = (identity.uid, identity.gid, identity.groups.clone());
-    let parent = getpid();
-    // SAFETY: the closure runs in the forked child before exec, where only async-signal-safe
-    // calls are allowed. It calls nothing but setrlimit, open, write, close, setgroups,
-    // setgid, setuid, prctl, getppid, close_range and fcntl — direct system calls — on values
-    // computed before the fork (`groups` and `limits` are only read; the path is a static C
-    // string), and turns errors into io::Error with from_raw_os_error, which does not allocate.
-    unsafe {
-        command.pre_exec(move || {
-            // While still root: a process may lower its hard limits but not raise them.
-            limits.apply()?;
-            // Also while still root (`CAP_SYS_RESOURCE`): the kernel then records 1000 as the
-            // lowest score this process and its children may set, so neither the runner nor a
-            // step can make itself less likely to be picked by the OOM killer. Best effort: a
-            // system without /proc/self/oom_score_adj still runs jobs.
-            let fd = nix::libc::open(
-                c"/proc/self/oom_score_adj".as_ptr(),
-                nix::libc::O_WRONLY | nix::libc::O_CLOEXEC,
+        if libc::setpgid(0, 0) != 0 {
+            return (Step::ProcessGroup, errno());
+        }
+        if libc::chdir(c"/".as_ptr()) != 0 {
+            return (Step::WorkingDirectory, errno());
+        }
+        // While still root: a process may lower its hard limits but not raise them.
+        if let Err(e) = self.limits.apply() {
+            return (Step::Rlimits, e as i32);
+        }
+        // Also while still root (`CAP_SYS_RESOURCE`): the kernel then records 1000 as the
+        // lowest score this process and its children may set, so neither the runner nor a step
+        // can make itself less likely to be picked by the OOM killer. Best effort: a system
+        // without /proc/self/oom_score_adj still runs jobs.
+        let fd = libc::open(
+            c"/proc/self/oom_score_adj".as_ptr(),
+            libc::O_WRONLY | libc::O_CLOEXEC,
+        );
+        if fd >= 0 {
+            libc::write(
+                fd,
+                RUNNER_OOM_SCORE_ADJ_TEXT.as_ptr().cast(),
+                RUNNER_OOM_SCORE_ADJ_TEXT.len(),
             );
-            if fd >= 0 {
-                nix::libc::write(
-                    fd,
-                    RUNNER_OOM_SCORE_ADJ_TEXT.as_ptr().cast(),
-                    RUNNER_OOM_SCORE_ADJ_TEXT.len(),
-                );
-                nix::libc::close(fd);
+            libc::close(fd);
+        }
+        if let Some(to) = &self.switch {
+            // Order matters: groups and gid while we still may, uid last.
+            if libc::syscall(libc::SYS_setgroups, to.groups.len(), to.groups.as_ptr()) != 0 {
+                return (Step::Groups, errno());
             }
-            if switch {
-                // Order matters: groups and gid while we still may, uid last.
-                nix::unistd::setgroups(&groups)?;
-                nix::unistd::setgid(gid)?;
-                nix::unistd::setuid(uid)?;
+            if libc::syscall(libc::SYS_setresgid, to.gid, to.gid, to.gid) != 0 {
+                return (Step::Gid, errno());
             }
-            nix::sys::prctl::set_no_new_privs()?;
-            // After setuid, which clears it. The runner treats SIGTERM as "stop now".
-            nix::sys::prctl::set_pdeathsig(Signal::SIGTERM)?;
-            // The supervisor may have died between fork and prctl; then nobody would tell us.
-            if getppid() != parent {
-                return Err(io::Error::from_raw_os_error(nix::libc::ESRCH));
+            if libc::syscall(libc::SYS_setresuid, to.uid, to.uid, to.uid) != 0 {
+                return (Step::Uid, errno());
             }
-            // Nothing but stdio and `keep` may cross the exec, whatever the supervisor holds.
-            // (Marked, not closed: std reports a failed exec through a close-on-exec pipe.)
-            if nix::libc::close_range(
-                3,
-                nix::libc::c_uint::MAX,
-                nix::libc::CLOSE_RANGE_CLOEXEC.cast_signed(),
-            ) != 0
-            {
-                return Err(io::Error::last_os_error());
+        }
+        // No setuid binary can give the job privileges back.
+        if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
+            return (Step::NoNewPrivs, errno());
+        }
+        // After the uid change, which clears it. The runner treats SIGTERM as "stop now".
+        if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM, 0, 0, 0) != 0 {
+            return (Step::DeathSignal, errno());
+        }
+        // The supervisor may have died before the prctl; then nobody would tell us.
+        if libc::getppid() != self.parent {
+            return (Step::Orphaned, libc::ESRCH);
+        }
+        // Nothing but stdio and `keep` may cross the exec, whatever the supervisor holds.
+        if libc::close_range(
+            3,
+            libc::c_uint::MAX,
+            libc::CLOSE_RANGE_CLOEXEC.cast_signed(),
+        ) != 0
+        {
+            return (Step::Descriptors, errno());
+        }
+        for fd in self.keep {
+            if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
+                return (Step::Descriptors, errno());
             }
-            for fd in keep {
-                if nix::libc::fcntl(fd, nix::libc::F_SETFD, 0) != 0 {
-                    return Err(io::Error::last_os_error());
-                }
-            }
-            Ok(())
-        });
+        }
+        let empty: libc::sigset_t = std::mem::zeroed();
+        libc::sigprocmask(libc::SIG_SETMASK, &raw const empty, std::ptr::null_mut());
+        libc::execve(self.path, self.argv.as_ptr(), self.envp.as_ptr());
+        (Step::Exec, errno())
     }
-    let mut child = command.spawn()?;
-    let pid = i32::try_from(child.id()).map_err(|_| io::Error::other("a pid out of range"))?;
-    let pipes = (child.stdin.take(), child.stdout.take(), child.stderr.take());
-    let (Some(stdin), Some(stdout), Some(stderr)) = pipes else {
-        return Err(io::Error::other("the runner's pipes are missing"));
-    };
-    // The std handle is dropped without waiting: the reaper collects the exit status.
-    drop(child);
-    Ok(Spawned {
-        pid: Pid::from_raw(pid),
-        stdin: pipe::Sender::from_owned_fd(OwnedFd::from(stdin))?,
-        stdout: pipe::Receiver::from_owned_fd(OwnedFd::from(stdout))?,
-        stderr: pipe::Receiver::from_owned_fd(OwnedFd::from(stderr))?,
-    })
+}
+
+/// The child's entry point: becomes the runner, or records why not and exits.
+extern "C" fn child(plan: *mut libc::c_void) -> libc::c_int {
+    // SAFETY: `plan` is the `Plan` that `Plan::start` passed, alive while the parent waits.
+    unsafe {
+        let plan = &*plan.cast::<Plan>();
+        let (step, errno) = plan.become_runner();
+        plan.failed[1].store(errno, Ordering::SeqCst);
+        plan.failed[0].store(step as i32, Ordering::SeqCst);
+        libc::_exit(127)
+    }
 }
 
 /// Sends SIGKILL to every process whose uid is `uid`: what a job left behind, wherever it is
@@ -320,6 +559,115 @@ pub fn kill_all_as(uid: Uid, reaper: &Reaper) -> io::Result<()> {
                     "the process killing them did not finish (stopped by one of them?)",
                 ));
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write as _;
+    use std::os::unix::fs::PermissionsExt as _;
+
+    use nix::sys::wait::{waitpid, WaitStatus};
+    use nix::unistd::{Gid, Uid};
+    use tokio::io::AsyncReadExt as _;
+
+    use super::*;
+
+    fn me() -> Identity {
+        Identity {
+            name: "me".to_owned(),
+            uid: Uid::current(),
+            gid: Gid::current(),
+            groups: Vec::new(),
+        }
+    }
+
+    /// A "runner" that reports how it was started, then exits 7.
+    fn reporter(dir: &Path) -> std::path::PathBuf {
+        let path = dir.join("report");
+        let mut file = std::fs::File::create(&path).unwrap();
+        // The keep descriptors are /dev/null's, opened close-on-exec by this test.
+        file.write_all(
+            b"#!/bin/sh\n\
+              echo \"args=$1 cwd=$(pwd) pgid=$(ps -o pgid= $$ | tr -d ' ') pid=$$\"\n\
+              grep -E '^(SigBlk|SigIgn):' /proc/self/status\n\
+              env | sort\n\
+              ls /proc/self/fd | sort -n | tr '\\n' ' '\n\
+              echo to-stderr >&2\n\
+              exit 7\n",
+        )
+        .unwrap();
+        file.set_permissions(std::fs::Permissions::from_mode(0o755))
+            .unwrap();
+        path
+    }
+
+    #[tokio::test]
+    async fn a_runner_starts_from_slash_with_its_pipes_defaults_and_nothing_else() {
+        let dir = tempfile::tempdir().unwrap();
+        let keep = [
+            std::fs::File::open("/dev/null").unwrap(),
+            std::fs::File::open("/dev/null").unwrap(),
+        ];
+        // A descriptor that must not reach the child.
+        let stray = std::fs::File::open("/dev/null").unwrap();
+        let mut spawned = spawn_runner(
+            &reporter(dir.path()),
+            &me(),
+            false,
+            keep.each_ref().map(AsRawFd::as_raw_fd),
+            RunnerLimits::default(),
+        )
+        .unwrap();
+        drop(spawned.stdin);
+        let (mut out, mut err) = (String::new(), String::new());
+        spawned.stdout.read_to_string(&mut out).await.unwrap();
+        spawned.stderr.read_to_string(&mut err).await.unwrap();
+        assert_eq!(
+            waitpid(spawned.pid, None).unwrap(),
+            WaitStatus::Exited(spawned.pid, 7)
+        );
+        let pid = spawned.pid.as_raw();
+        assert!(
+            out.contains(&format!("args=--pipe cwd=/ pgid={pid} pid={pid}\n")),
+            "{out}"
+        );
+        // This test process ignores SIGPIPE (as every Rust program does) and the clone ran with
+        // every signal blocked: the runner has neither.
+        assert!(out.contains("SigBlk:\t0000000000000000\n"), "{out}");
+        assert!(out.contains("SigIgn:\t0000000000000000\n"), "{out}");
+        let env: Vec<&str> = out
+            .lines()
+            .filter(|l| l.contains('=') && !l.starts_with("args="))
+            .filter(|l| !l.starts_with("PWD=") && !l.starts_with("SHLVL=") && !l.starts_with("_="))
+            .collect();
+        let names: Vec<&str> = env.iter().map(|l| l.split('=').next().unwrap()).collect();
+        assert_eq!(names, ["LANG", "PATH"], "{out}");
+        // stdio, the two kept descriptors and ls's own directory handle; not `stray`.
+        let fds = out.lines().last().unwrap().trim().to_owned();
+        let [a, b] = keep.each_ref().map(AsRawFd::as_raw_fd);
+        let listed: Vec<i32> = fds.split(' ').map(|n| n.parse().unwrap()).collect();
+        assert!(listed.starts_with(&[0, 1, 2]), "{fds}");
+        assert!(listed.contains(&a) && listed.contains(&b), "{fds}");
+        assert!(!listed.contains(&stray.as_raw_fd()), "{fds}");
+        assert_eq!(listed.len(), 6, "{fds}");
+        assert_eq!(err, "to-stderr\n");
+    }
+
+    #[test]
+    fn a_runner_that_cannot_be_executed_is_an_error_naming_the_step() {
+        let dir = tempfile::tempdir().unwrap();
+        let not_executable = dir.path().join("runner");
+        std::fs::write(&not_executable, "#!/bin/sh\n").unwrap();
+        for (path, why) in [
+            (not_executable.as_path(), io::ErrorKind::PermissionDenied),
+            (Path::new("/nonexistent/runner"), io::ErrorKind::NotFound),
+        ] {
+            let e = spawn_runner(path, &me(), false, [0, 0], RunnerLimits::default())
+                .expect_err("it cannot start");
+            assert_eq!(e.kind(), why, "{e}");
+            assert!(e.to_string().starts_with("executing it: "), "{e}");
         }
     }
 }

@@ -315,7 +315,9 @@ async fn a_missing_runner_is_retried_with_growing_delays_then_ends_as_error() {
     let error = got.result.error.unwrap_or_default();
     assert!(error.contains("gave up after 3 of 3 deliveries"), "{error}");
     assert!(
-        error.contains("starting the runner /nonexistent/nats-fs-runner"),
+        error.contains(
+            "starting the runner /nonexistent/nats-fs-runner: executing it: No such file or directory"
+        ),
         "{error}"
     );
     // Naks of 1 s, then 2 s: the delay grows.
