@@ -664,7 +664,8 @@ What the rows mean:
   the last result; a fresh server and supervisor for each burst, {reps} bursts per concurrency,
   alternating.
 - **memory**: the supervisor's `VmRSS` from `/proc/PID/status` when idle after start, after 100
-  and after {mem} jobs (bursts at `--concurrency 2`, read once idle again), its `VmHWM`, and the
+  and after {mem} jobs (bursts at `--concurrency 2`, read once idle again), how much of that
+  last figure is heap and stacks (`RssAnon`; the rest is code and libraries), its `VmHWM`, and the
   growth per job between 100 and {mem} jobs. The runner's peak (`VmHWM`, read by a second step
   with `grep VmHWM /proc/$PPID/status`) after a step printing 300 MB to its log, against a
   step printing one line.
@@ -924,18 +925,22 @@ impl Controller {
 
     /// Publishes jobs `ids` all at once (every publish sent before any stream ack is awaited).
     async fn burst(&self, ids: &[String]) -> Result<()> {
-        let mut acks = Vec::with_capacity(ids.len());
-        for id in ids {
-            acks.push(
-                self.nats
-                    .js
-                    .publish("jobs.pending", json!({ "id": id }).to_string().into())
-                    .await
-                    .context("publishing a job")?,
-            );
-        }
-        for ack in acks {
-            ack.await.context("the stream did not store a job")?;
+        // In chunks: async-nats holds at most 5,000 unanswered publishes (its default), and
+        // the 5,001st would wait forever for an answer nobody is collecting.
+        for chunk in ids.chunks(1000) {
+            let mut acks = Vec::with_capacity(chunk.len());
+            for id in chunk {
+                acks.push(
+                    self.nats
+                        .js
+                        .publish("jobs.pending", json!({ "id": id }).to_string().into())
+                        .await
+                        .context("publishing a job")?,
+                );
+            }
+            for ack in acks {
+                ack.await.context("the stream did not store a job")?;
+            }
         }
         Ok(())
     }
@@ -1182,6 +1187,7 @@ async fn memory(cfg: &Config, env: &Env) -> Result<Report> {
     failed += controller.results(n - 100, SOON * 5).await?;
     tokio::time::sleep(settle).await;
     let (after_n, hwm) = supervisor.memory();
+    let anonymous = supervisor.anonymous_kib();
     ensure!(failed == 0, "{failed} of {n} jobs did not succeed");
     let growth = (after_n as f64 - after_100 as f64) / (n - 100) as f64;
 
@@ -1217,6 +1223,14 @@ async fn memory(cfg: &Config, env: &Env) -> Result<Report> {
         ),
         Row::new(
             b,
+            "  of which heap and stacks (RssAnon)",
+            mib(anonymous),
+            "MiB",
+            1,
+            None,
+        ),
+        Row::new(
+            b,
             format!("supervisor RSS growth per job (100 → {n})"),
             growth,
             "KiB",
@@ -1247,7 +1261,7 @@ async fn memory(cfg: &Config, env: &Env) -> Result<Report> {
     Ok(Report {
         rows,
         data: json!({
-            "supervisorKiB": { "idle": idle, "after100": after_100, "afterAll": after_n, "hwm": hwm,
+            "supervisorKiB": { "idle": idle, "after100": after_100, "afterAll": after_n, "anonymousAfterAll": anonymous, "hwm": hwm,
                                "jobs": n, "growthKiBPerJob": growth },
             "runnerPeakKiB": { "quiet": quiet_kib, "loud": loud_kib },
         }),

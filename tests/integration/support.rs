@@ -750,6 +750,14 @@ impl Supervisor {
         (kib("VmRSS"), kib("VmHWM"))
     }
 
+    /// Its anonymous resident memory (`RssAnon`: heap, stacks, data), in KiB: the part of
+    /// [`Self::memory`]'s RSS that is not its code and libraries.
+    pub fn anonymous_kib(&self) -> u64 {
+        let pid = self.pid();
+        proc_status_kib(pid, "RssAnon")
+            .unwrap_or_else(|| panic!("no RssAnon in /proc/{pid}/status"))
+    }
+
     pub fn signal(&self, signal: Signal) {
         kill(Pid::from_raw(self.pid()), signal).expect("signalling the supervisor");
     }
