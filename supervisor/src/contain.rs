@@ -7,7 +7,7 @@
 //! the end of the run ([`Containment::stopped`]).
 //!
 //! Today's: the operator's ceilings as the runner's hard rlimits and `RLIMIT_CORE` 0
-//! ([`RunnerLimits`], set between fork and exec, where `spawn` also writes an
+//! ([`RunnerLimits`], set between the clone and the exec, where `spawn` also writes an
 //! `oom_score_adj` of 1000), and the job's memory summed over the runner's process tree a few
 //! times a second ([`MemoryWatch`]). A cgroup v2 backend (a delegated subtree: `memory.max`,
 //! `pids.max`, `cgroup.kill`) would place the runner in a cgroup of its own from the same

@@ -389,8 +389,8 @@ async fn converse(
     let mut contain = Containment::new(settings.ceilings);
     let rlimits = contain.for_runner();
     // On this thread, never the blocking pool: the runner's PR_SET_PDEATHSIG fires when the
-    // thread that forked it exits, and the pool retires idle threads (see main.rs). The fork
-    // and exec take well under a millisecond of this thread per job.
+    // thread that started it exits, and the pool retires idle threads (see main.rs). This
+    // thread waits only until the runner is executed: a few dozen system calls.
     let started = env.reaper.spawn(|| {
         spawn_runner(&settings.runner, identity, switch, keep, rlimits)
             .map(|spawned| (spawned.pid, spawned))
