@@ -480,11 +480,7 @@ impl Settings {
             pass_env.push(name.to_owned());
         }
         let runner = match args.runner.as_ref().filter(|p| !p.as_os_str().is_empty()) {
-            // Absolute, as every runner is started from /: a relative --runner is found from
-            // the directory the supervisor was started in.
-            Some(path) => {
-                std::path::absolute(path).with_context(|| format!("--runner {}", path.display()))?
-            }
+            Some(path) => runner_path(path)?,
             None => default_runner()?,
         };
         let pool = Arc::new(Pool::resolve(
@@ -679,6 +675,24 @@ fn check_subjects(args: &Args) -> anyhow::Result<(Option<String>, Option<String>
 
 fn absolute(path: &Path) -> anyhow::Result<PathBuf> {
     std::path::absolute(path).with_context(|| format!("resolving {}", path.display()))
+}
+
+/// Where `--runner` is, as an absolute path (runners are started from `/`): a bare name is
+/// looked up in `PATH`, as a shell would; any other relative path is taken from the directory
+/// the supervisor was started in.
+fn runner_path(given: &Path) -> anyhow::Result<PathBuf> {
+    let bare = given.components().count() == 1 && !given.has_root() && !given.starts_with(".");
+    if bare {
+        let path =
+            std::env::var_os("PATH").unwrap_or_else(|| nats_fs::step_env::DEFAULT_PATH.into());
+        if let Some(found) = std::env::split_paths(&path)
+            .map(|dir| dir.join(given))
+            .find(|candidate| candidate.is_absolute() && candidate.is_file())
+        {
+            return Ok(found);
+        }
+    }
+    std::path::absolute(given).with_context(|| format!("--runner {}", given.display()))
 }
 
 /// `nats-fs-runner` next to our own binary, as the package installs them.
@@ -964,6 +978,30 @@ mod tests {
             "NATS_FS_MIN_FREE_SPACE",
         ] {
             assert!(help.contains(name), "{name} missing from --help");
+        }
+    }
+
+    #[test]
+    fn a_runner_path_is_made_absolute_and_a_bare_name_is_looked_up_in_path() {
+        let here = std::env::current_dir().unwrap();
+        let sh = runner_path(Path::new("sh")).unwrap();
+        assert!(
+            sh.is_absolute() && sh.is_file() && sh.ends_with("sh"),
+            "{sh:?}"
+        );
+        for (given, expected) in [
+            (
+                "/opt/x/nats-fs-runner",
+                PathBuf::from("/opt/x/nats-fs-runner"),
+            ),
+            ("./nats-fs-runner", here.join("nats-fs-runner")),
+            ("bin/nats-fs-runner", here.join("bin/nats-fs-runner")),
+            (
+                "no-such-runner-anywhere",
+                here.join("no-such-runner-anywhere"),
+            ),
+        ] {
+            assert_eq!(runner_path(Path::new(given)).unwrap(), expected, "{given}");
         }
     }
 }

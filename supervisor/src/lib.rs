@@ -116,6 +116,9 @@ pub async fn run(
     let reaper = Reaper::start().context("listening for SIGCHLD")?;
     let _lock = sweep::prepare_workspaces(&settings.workspaces_dir, &settings.pool)?;
     spawn::lower_own_oom_score();
+    if settings.pool.switch {
+        spawn::prepare_to_switch()?;
+    }
     check_surroundings(&settings);
     log_settings(&settings);
     let client = connection::connect(&settings).await?;

@@ -19,6 +19,13 @@
 //! every child of the supervisor, runners and orphaned steps alike, with one `waitpid(-1)` loop.
 #![allow(unsafe_code)] // clone, fork and what their children do; each block says why it is safe.
 
+// The raw setgroups, setresgid and setresuid calls below take 32-bit ids on 64-bit Linux; on
+// 32-bit x86 and ARM they are the old 16-bit calls, and a uid above 65535 would be cut short.
+#[cfg(not(target_pointer_width = "64"))]
+compile_error!(
+    "spawn.rs changes ids with system calls that take 32-bit ids only on 64-bit targets"
+);
+
 use std::ffi::CString;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
@@ -160,6 +167,38 @@ pub fn lower_own_oom_score() {
     }
 }
 
+/// Makes ready to start runners as other identities, once, at start: refuses a host where a
+/// job could write into the supervisor's memory (see [`dumpable_refusal`]), and makes the
+/// supervisor non-dumpable itself — which the kernel would otherwise do at the first runner
+/// started, as the runner's set-up changes its credentials on the supervisor's memory.
+pub fn prepare_to_switch() -> anyhow::Result<()> {
+    if let Some(refusal) = dumpable_refusal() {
+        anyhow::bail!(refusal);
+    }
+    nix::sys::prctl::set_dumpable(false)
+        .map_err(|e| anyhow::anyhow!("making this process non-dumpable: {e}"))
+}
+
+/// Why runners may not be started as other identities on this host, if they may not.
+///
+/// A runner's set-up shares the supervisor's memory until it executes the runner, and it
+/// changes its uid before that. The kernel then marks that memory dumpable as
+/// `fs.suid_dumpable` says: at 1 ("debug"), a process of the job's uid could trace the set-up
+/// in that moment and write into the supervisor's memory. At 0 (the default) and 2 only root
+/// can.
+fn dumpable_refusal() -> Option<String> {
+    refusal_for(&std::fs::read_to_string("/proc/sys/fs/suid_dumpable").ok()?)
+}
+
+/// [`dumpable_refusal`] for this value of `fs.suid_dumpable`.
+fn refusal_for(setting: &str) -> Option<String> {
+    (setting.trim() == "1").then(|| {
+        "fs.suid_dumpable is 1: a job could trace its runner while it starts and write into \
+         this process's memory; set it to 0 or 2 (sysctl -w fs.suid_dumpable=2)"
+            .to_owned()
+    })
+}
+
 /// A started runner: its pid (not yet reaped: see [`crate::reaper`]) and its pipes.
 #[derive(Debug)]
 pub struct Spawned {
@@ -190,6 +229,12 @@ pub fn spawn_runner(
     let (stdin, to_stdin) = pipe2(OFlag::O_CLOEXEC)?;
     let (from_stdout, stdout) = pipe2(OFlag::O_CLOEXEC)?;
     let (from_stderr, stderr) = pipe2(OFlag::O_CLOEXEC)?;
+    // Ours, ready before the child exists: nothing may fail once it runs unregistered.
+    let ours = (
+        pipe::Sender::from_owned_fd(to_stdin)?,
+        pipe::Receiver::from_owned_fd(from_stdout)?,
+        pipe::Receiver::from_owned_fd(from_stderr)?,
+    );
     let plan = Plan::new(
         runner,
         [stdin.as_raw_fd(), stdout.as_raw_fd(), stderr.as_raw_fd()],
@@ -204,11 +249,12 @@ pub fn spawn_runner(
     let pid = plan.start()?;
     // The child's ends: it has its own copies now.
     drop((stdin, stdout, stderr));
+    let (stdin, stdout, stderr) = ours;
     Ok(Spawned {
         pid,
-        stdin: pipe::Sender::from_owned_fd(to_stdin)?,
-        stdout: pipe::Receiver::from_owned_fd(from_stdout)?,
-        stderr: pipe::Receiver::from_owned_fd(from_stderr)?,
+        stdin,
+        stdout,
+        stderr,
     })
 }
 
@@ -223,7 +269,8 @@ struct Switch {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(i32)]
 enum Step {
-    Stdio = 1,
+    Signals = 1,
+    Stdio,
     ProcessGroup,
     WorkingDirectory,
     Rlimits,
@@ -238,7 +285,8 @@ enum Step {
 }
 
 impl Step {
-    const ALL: [Self; 12] = [
+    const ALL: [Self; 13] = [
+        Self::Signals,
         Self::Stdio,
         Self::ProcessGroup,
         Self::WorkingDirectory,
@@ -255,6 +303,7 @@ impl Step {
 
     fn describe(self) -> &'static str {
         match self {
+            Self::Signals => "resetting its signal handlers",
             Self::Stdio => "connecting its pipes",
             Self::ProcessGroup => "giving it a process group of its own",
             Self::WorkingDirectory => "changing to /",
@@ -298,6 +347,10 @@ impl Plan {
         limits: RunnerLimits,
         switch: Option<Switch>,
     ) -> io::Result<Self> {
+        // Checked for every runner: the setting may change while the supervisor runs.
+        if let Some(refusal) = switch.as_ref().and_then(|_| dumpable_refusal()) {
+            return Err(io::Error::other(refusal));
+        }
         let c = |bytes: Vec<u8>| {
             CString::new(bytes)
                 .map_err(|_| io::Error::other("a NUL byte in the runner's path or environment"))
@@ -329,6 +382,10 @@ impl Plan {
     /// runner. If it failed before, it has exited (the reaper collects it) and `Err` says why.
     fn start(&self) -> io::Result<Pid> {
         const STACK: usize = 64 * 1024;
+        // Every signal is blocked across the clone, so that none runs one of the supervisor's
+        // handlers in the child (on the shared memory); the child resets them before it
+        // unblocks any. Ours are restored right after.
+        let before = SigSet::all().thread_swap_mask(SigmaskHow::SIG_SETMASK)?;
         // SAFETY: a fresh anonymous private mapping, unmapped below, after the child is done
         // with it (CLONE_VFORK: clone returns once the child has exited or executed).
         let stack = unsafe {
@@ -342,12 +399,10 @@ impl Plan {
             )
         };
         if stack == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
+            let e = io::Error::last_os_error();
+            let _ = before.thread_set_mask();
+            return Err(e);
         }
-        // Every signal is blocked across the clone, so that none runs one of the supervisor's
-        // handlers in the child (on the shared memory); the child resets them before it
-        // unblocks any. Ours are restored right after.
-        let before = SigSet::all().thread_swap_mask(SigmaskHow::SIG_SETMASK);
         // SAFETY: `child` only reads `self`, which outlives the call (this thread is suspended
         // until the child has executed or exited), and runs on `stack`, whose top is 16-byte
         // aligned. SIGCHLD makes it an ordinary child for the reaper's waitpid(-1).
@@ -361,9 +416,7 @@ impl Plan {
             );
             (pid, io::Error::last_os_error())
         };
-        if let Ok(before) = before {
-            let _ = before.thread_set_mask();
-        }
+        let _ = before.thread_set_mask();
         // SAFETY: mapped above; the child no longer runs on it.
         unsafe { libc::munmap(stack, STACK) };
         if pid < 0 {
@@ -398,14 +451,20 @@ impl Plan {
         // supervisor may have been started with ignored.
         let default = [0_u64; 4];
         for signal in 1..=libc::SIGRTMAX() {
-            // SIGKILL and SIGSTOP refuse; they need no reset.
-            libc::syscall(
+            if signal == libc::SIGKILL || signal == libc::SIGSTOP {
+                continue; // They cannot be caught, nor reset.
+            }
+            let size_of_sigset: libc::size_t = 8;
+            if libc::syscall(
                 libc::SYS_rt_sigaction,
                 signal,
                 default.as_ptr(),
                 std::ptr::null_mut::<u64>(),
-                8,
-            );
+                size_of_sigset,
+            ) != 0
+            {
+                return (Step::Signals, errno());
+            }
         }
         for (fd, target) in self.stdio.into_iter().zip(0..) {
             let done = if fd == target {
@@ -425,25 +484,30 @@ impl Plan {
         if libc::chdir(c"/".as_ptr()) != 0 {
             return (Step::WorkingDirectory, errno());
         }
-        // While still root: a process may lower its hard limits but not raise them.
-        if let Err(e) = self.limits.apply() {
-            return (Step::Rlimits, e as i32);
-        }
-        // Also while still root (`CAP_SYS_RESOURCE`): the kernel then records 1000 as the
-        // lowest score this process and its children may set, so neither the runner nor a step
-        // can make itself less likely to be picked by the OOM killer. Best effort: a system
-        // without /proc/self/oom_score_adj still runs jobs.
-        let fd = libc::open(
+        // While still root (`CAP_SYS_RESOURCE`): the kernel then records 1000 as the lowest
+        // score this process and its children may set, so neither the runner nor a step can
+        // make itself less likely to be picked by the OOM killer. Before the rlimits, as a low
+        // --max-open-files would leave no descriptor to open it with. Best effort: a system
+        // without /proc/self/oom_score_adj still runs jobs. Raw system calls: glibc's open,
+        // write and close are cancellation points, which touch the supervisor thread's state.
+        let fd = libc::syscall(
+            libc::SYS_openat,
+            libc::AT_FDCWD,
             c"/proc/self/oom_score_adj".as_ptr(),
             libc::O_WRONLY | libc::O_CLOEXEC,
         );
         if fd >= 0 {
-            libc::write(
+            libc::syscall(
+                libc::SYS_write,
                 fd,
-                RUNNER_OOM_SCORE_ADJ_TEXT.as_ptr().cast(),
+                RUNNER_OOM_SCORE_ADJ_TEXT.as_ptr(),
                 RUNNER_OOM_SCORE_ADJ_TEXT.len(),
             );
-            libc::close(fd);
+            libc::syscall(libc::SYS_close, fd);
+        }
+        // Also while still root: a process may lower its hard limits but not raise them.
+        if let Err(e) = self.limits.apply() {
+            return (Step::Rlimits, e as i32);
         }
         if let Some(to) = &self.switch {
             // Order matters: groups and gid while we still may, uid last.
@@ -583,19 +647,24 @@ mod tests {
         }
     }
 
-    /// A "runner" that reports how it was started, then exits 7.
+    /// A "runner" in a folder anyone may read that reports how it was started, then exits 7.
     fn reporter(dir: &Path) -> std::path::PathBuf {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
         let path = dir.join("report");
         let mut file = std::fs::File::create(&path).unwrap();
-        // The keep descriptors are /dev/null's, opened close-on-exec by this test.
         file.write_all(
+            // The status first, with builtins only: the shell blocks every signal while it
+            // forks, and a child reading its status then would see that.
             b"#!/bin/sh\n\
-              echo \"args=$1 cwd=$(pwd) pgid=$(ps -o pgid= $$ | tr -d ' ') pid=$$\"\n\
-              grep -E '^(SigBlk|SigIgn):' /proc/self/status\n\
+              while read -r line; do case $line in\n\
+                SigBlk:*|SigIgn:*|NoNewPrivs:*|Uid:*|Gid:*|Groups:*) echo \"$line\";;\n\
+              esac; done < /proc/$$/status\n\
+              echo \"args=$1 cwd=$(pwd) pgid=$(cut -d' ' -f5 /proc/$$/stat) pid=$$\"\n\
+              echo \"core=$(ulimit -c) oom=$(cat /proc/self/oom_score_adj)\"\n\
               env | sort\n\
-              ls /proc/self/fd | sort -n | tr '\\n' ' '\n\
               echo to-stderr >&2\n\
-              exit 7\n",
+              echo fds:\n\
+              exec sh -c 'ls /proc/self/fd; exit 7'\n",
         )
         .unwrap();
         file.set_permissions(std::fs::Permissions::from_mode(0o755))
@@ -603,23 +672,16 @@ mod tests {
         path
     }
 
-    #[tokio::test]
-    async fn a_runner_starts_from_slash_with_its_pipes_defaults_and_nothing_else() {
+    /// Starts the reporter as `identity` and returns what it printed on stdout.
+    async fn report(
+        identity: &Identity,
+        switch: bool,
+        keep: [RawFd; 2],
+        limits: RunnerLimits,
+    ) -> String {
         let dir = tempfile::tempdir().unwrap();
-        let keep = [
-            std::fs::File::open("/dev/null").unwrap(),
-            std::fs::File::open("/dev/null").unwrap(),
-        ];
-        // A descriptor that must not reach the child.
-        let stray = std::fs::File::open("/dev/null").unwrap();
-        let mut spawned = spawn_runner(
-            &reporter(dir.path()),
-            &me(),
-            false,
-            keep.each_ref().map(AsRawFd::as_raw_fd),
-            RunnerLimits::default(),
-        )
-        .unwrap();
+        let mut spawned =
+            spawn_runner(&reporter(dir.path()), identity, switch, keep, limits).unwrap();
         drop(spawned.stdin);
         let (mut out, mut err) = (String::new(), String::new());
         spawned.stdout.read_to_string(&mut out).await.unwrap();
@@ -628,35 +690,110 @@ mod tests {
             waitpid(spawned.pid, None).unwrap(),
             WaitStatus::Exited(spawned.pid, 7)
         );
+        assert_eq!(err, "to-stderr\n");
         let pid = spawned.pid.as_raw();
         assert!(
             out.contains(&format!("args=--pipe cwd=/ pgid={pid} pid={pid}\n")),
             "{out}"
         );
+        out
+    }
+
+    #[tokio::test]
+    async fn a_runner_starts_from_slash_with_its_pipes_limits_defaults_and_nothing_else() {
+        let keep = [
+            std::fs::File::open("/dev/null").unwrap(),
+            std::fs::File::open("/dev/null").unwrap(),
+        ];
+        // A descriptor that must not reach the child, left open across exec as a careless
+        // library might leave one: only the child's close_range can keep it out.
+        let stray = std::fs::File::open("/dev/null").unwrap();
+        nix::fcntl::fcntl(&stray, nix::fcntl::F_SETFD(nix::fcntl::FdFlag::empty())).unwrap();
+        let oom_before = std::fs::read_to_string("/proc/self/oom_score_adj").unwrap();
+        let out = report(
+            &me(),
+            false,
+            keep.each_ref().map(AsRawFd::as_raw_fd),
+            RunnerLimits::default(),
+        )
+        .await;
+        // The OOM score is the runner's alone: the set-up shares the supervisor's memory.
+        assert!(out.contains("core=0 oom=1000\n"), "{out}");
+        assert_eq!(
+            std::fs::read_to_string("/proc/self/oom_score_adj").unwrap(),
+            oom_before
+        );
+        assert!(out.contains("NoNewPrivs:\t1\n"), "{out}");
         // This test process ignores SIGPIPE (as every Rust program does) and the clone ran with
         // every signal blocked: the runner has neither.
         assert!(out.contains("SigBlk:\t0000000000000000\n"), "{out}");
         assert!(out.contains("SigIgn:\t0000000000000000\n"), "{out}");
-        let env: Vec<&str> = out
+        let names: Vec<&str> = out
             .lines()
-            .filter(|l| l.contains('=') && !l.starts_with("args="))
-            .filter(|l| !l.starts_with("PWD=") && !l.starts_with("SHLVL=") && !l.starts_with("_="))
+            .filter(|l| l.contains('=') && !l.contains(' '))
+            .map(|l| l.split('=').next().unwrap())
+            .filter(|name| !["PWD", "SHLVL", "_"].contains(name))
             .collect();
-        let names: Vec<&str> = env.iter().map(|l| l.split('=').next().unwrap()).collect();
         assert_eq!(names, ["LANG", "PATH"], "{out}");
-        // stdio, the two kept descriptors and ls's own directory handle; not `stray`.
-        let fds = out.lines().last().unwrap().trim().to_owned();
-        let [a, b] = keep.each_ref().map(AsRawFd::as_raw_fd);
-        let listed: Vec<i32> = fds.split(' ').map(|n| n.parse().unwrap()).collect();
+        // What ls inherits through the runner's exec and a shell of its own: stdio, the two
+        // kept descriptors, and ls's handle on the folder it lists; not `stray`.
+        let fds = out.split_once("fds:\n").unwrap().1;
+        let mut listed: Vec<i32> = fds.lines().map(|n| n.parse().unwrap()).collect();
+        listed.sort_unstable();
         assert!(listed.starts_with(&[0, 1, 2]), "{fds}");
-        assert!(listed.contains(&a) && listed.contains(&b), "{fds}");
+        for fd in &keep {
+            assert!(listed.contains(&fd.as_raw_fd()), "{fds}");
+        }
         assert!(!listed.contains(&stray.as_raw_fd()), "{fds}");
-        assert_eq!(listed.len(), 6, "{fds}");
-        assert_eq!(err, "to-stderr\n");
+        assert_eq!(listed.len(), 6, "{fds}; kept {keep:?}, stray {stray:?}");
+    }
+
+    #[tokio::test]
+    async fn a_runner_started_by_root_runs_as_its_identity_and_groups_only() {
+        if !Uid::effective().is_root() {
+            eprintln!("skipped: switching identities needs root");
+            return;
+        }
+        let nobody = Identity {
+            name: "nobody".to_owned(),
+            uid: Uid::from_raw(65534),
+            gid: Gid::from_raw(65533),
+            groups: vec![Gid::from_raw(65532)],
+        };
+        let out = report(&nobody, true, [0, 0], RunnerLimits::default()).await;
+        assert!(out.contains("Uid:\t65534\t65534\t65534\t65534\n"), "{out}");
+        assert!(out.contains("Gid:\t65533\t65533\t65533\t65533\n"), "{out}");
+        assert!(out.contains("Groups:\t65532\n"), "{out}");
+        // The credentials changed in the child only.
+        assert!(Uid::current().is_root() && Gid::current().as_raw() == 0);
+    }
+
+    #[tokio::test]
+    async fn a_low_open_files_ceiling_still_gets_the_runner_its_oom_score() {
+        // Every descriptor below 40 taken here, so the child's lowest free one is above the
+        // ceiling until its exec closes them.
+        let held: Vec<_> = (0..40)
+            .map(|_| std::fs::File::open("/dev/null").unwrap())
+            .collect();
+        assert!(held.last().unwrap().as_raw_fd() >= 40);
+        let mut ceilings = Limits::default();
+        ceilings.set(Kind::OpenFiles, Some(32));
+        let out = report(&me(), false, [0, 0], RunnerLimits::new(&ceilings)).await;
+        assert!(out.contains("core=0 oom=1000\n"), "{out}");
     }
 
     #[test]
-    fn a_runner_that_cannot_be_executed_is_an_error_naming_the_step() {
+    fn only_a_suid_dumpable_of_1_is_refused() {
+        for (setting, refused) in [("0\n", false), ("1\n", true), ("2\n", false)] {
+            assert_eq!(refusal_for(setting).is_some(), refused, "{setting}");
+        }
+        assert!(refusal_for("1")
+            .unwrap()
+            .contains("sysctl -w fs.suid_dumpable=2"));
+    }
+
+    #[tokio::test]
+    async fn a_runner_that_cannot_be_executed_is_an_error_naming_the_step() {
         let dir = tempfile::tempdir().unwrap();
         let not_executable = dir.path().join("runner");
         std::fs::write(&not_executable, "#!/bin/sh\n").unwrap();
@@ -664,6 +801,7 @@ mod tests {
             (not_executable.as_path(), io::ErrorKind::PermissionDenied),
             (Path::new("/nonexistent/runner"), io::ErrorKind::NotFound),
         ] {
+            // The failed child is left a zombie here: reaping it is the reaper's job.
             let e = spawn_runner(path, &me(), false, [0, 0], RunnerLimits::default())
                 .expect_err("it cannot start");
             assert_eq!(e.kind(), why, "{e}");
