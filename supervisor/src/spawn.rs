@@ -31,7 +31,8 @@ use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use nats_fs::limits::{Kind, Limits, RLIMITS};
@@ -337,6 +338,11 @@ struct Plan {
     parent: libc::pid_t,
     /// Written by the child when it fails: the [`Step`] and the errno.
     failed: [AtomicI32; 2],
+    /// The child's pid, for the [`watchdog`].
+    set_up: Arc<SetUp>,
+    /// Tests only: the child stops itself just before it executes the runner.
+    #[cfg(test)]
+    stop_itself: bool,
 }
 
 impl Plan {
@@ -375,6 +381,9 @@ impl Plan {
             switch,
             parent: getpid().as_raw(),
             failed: [AtomicI32::new(0), AtomicI32::new(0)],
+            set_up: Arc::default(),
+            #[cfg(test)]
+            stop_itself: tests::STOP_BEFORE_EXEC.with(std::cell::Cell::get),
         })
     }
 
@@ -385,6 +394,7 @@ impl Plan {
         // Every signal is blocked across the clone, so that none runs one of the supervisor's
         // handlers in the child (on the shared memory); the child resets them before it
         // unblocks any. Ours are restored right after.
+        let watch = watchdog::watch(&self.set_up)?;
         let before = SigSet::all().thread_swap_mask(SigmaskHow::SIG_SETMASK)?;
         // SAFETY: a fresh anonymous private mapping, unmapped below, after the child is done
         // with it (CLONE_VFORK: clone returns once the child has exited or executed).
@@ -417,10 +427,21 @@ impl Plan {
             (pid, io::Error::last_os_error())
         };
         let _ = before.thread_set_mask();
+        let killed = watch.end();
         // SAFETY: mapped above; the child no longer runs on it.
         unsafe { libc::munmap(stack, STACK) };
         if pid < 0 {
             return Err(clone_error);
+        }
+        if killed {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!(
+                    "it did not get as far as executing the runner within {} s (stopped by a \
+                     process of the job's user?), and was killed",
+                    watchdog::LIMIT.as_secs()
+                ),
+            ));
         }
         let [step, errno] = self.failed.each_ref().map(|a| a.load(Ordering::SeqCst));
         if step == 0 {
@@ -547,6 +568,14 @@ impl Plan {
                 return (Step::Descriptors, errno());
             }
         }
+        #[cfg(test)]
+        if self.stop_itself {
+            libc::syscall(
+                libc::SYS_kill,
+                libc::syscall(libc::SYS_getpid),
+                libc::SIGSTOP,
+            );
+        }
         let empty: libc::sigset_t = std::mem::zeroed();
         libc::sigprocmask(libc::SIG_SETMASK, &raw const empty, std::ptr::null_mut());
         libc::execve(self.path, self.argv.as_ptr(), self.envp.as_ptr());
@@ -559,10 +588,88 @@ extern "C" fn child(plan: *mut libc::c_void) -> libc::c_int {
     // SAFETY: `plan` is the `Plan` that `Plan::start` passed, alive while the parent waits.
     unsafe {
         let plan = &*plan.cast::<Plan>();
+        #[allow(clippy::cast_possible_truncation)] // A pid is an i32 in a long.
+        let pid = libc::syscall(libc::SYS_getpid) as i32;
+        plan.set_up.pid.store(pid, Ordering::SeqCst);
         let (step, errno) = plan.become_runner();
         plan.failed[1].store(errno, Ordering::SeqCst);
         plan.failed[0].store(step as i32, Ordering::SeqCst);
         libc::_exit(127)
+    }
+}
+
+/// A runner's set-up in progress, as the [`watchdog`] sees it.
+#[derive(Debug, Default)]
+struct SetUp {
+    /// The child's pid, written by the child first thing (0 until then).
+    pid: AtomicI32,
+    /// Whether the watchdog killed it.
+    killed: AtomicBool,
+}
+
+/// Kills a runner's set-up that has not executed the runner within [`watchdog::LIMIT`].
+///
+/// The thread that starts a runner waits until the child has executed it, and from the moment
+/// the child has the job's uid, any process of that user may stop it (SIGSTOP): with a pool of
+/// one user, another job could freeze the supervisor's only runtime thread that way. So one
+/// thread, started with the first runner, looks twice a second at the set-ups in progress and
+/// sends SIGKILL to one past its time, which ends the wait; the start then fails (a host
+/// fault: the job is retried). The pid cannot have been reused: the child is not reaped before
+/// [`Reaper::spawn`] has registered it, after the wait.
+mod watchdog {
+    use super::{Arc, Duration, Instant, Mutex, Ordering, PoisonError, SetUp};
+
+    /// How long a set-up may take: it is a few dozen system calls.
+    pub(super) const LIMIT: Duration = Duration::from_secs(1);
+
+    /// The set-ups in progress, each with its deadline.
+    type SetUps = Vec<(Instant, Arc<SetUp>)>;
+
+    /// Whether the thread runs, and the set-ups it watches.
+    static WATCHING: Mutex<(bool, SetUps)> = Mutex::new((false, Vec::new()));
+
+    /// Watches `set_up` until [`Watch::end`].
+    pub(super) fn watch(set_up: &Arc<SetUp>) -> std::io::Result<Watch> {
+        let mut watching = WATCHING.lock().unwrap_or_else(PoisonError::into_inner);
+        if !watching.0 {
+            std::thread::Builder::new()
+                .name("spawn-watchdog".to_owned())
+                .stack_size(64 * 1024)
+                .spawn(look_forever)?;
+            watching.0 = true;
+        }
+        watching.1.push((Instant::now() + LIMIT, set_up.clone()));
+        Ok(Watch(set_up.clone()))
+    }
+
+    /// A set-up being watched.
+    pub(super) struct Watch(Arc<SetUp>);
+
+    impl Watch {
+        /// Stops watching; whether the watchdog killed it.
+        pub(super) fn end(self) -> bool {
+            let mut watching = WATCHING.lock().unwrap_or_else(PoisonError::into_inner);
+            watching.1.retain(|(_, s)| !Arc::ptr_eq(s, &self.0));
+            self.0.killed.load(Ordering::SeqCst)
+        }
+    }
+
+    fn look_forever() {
+        loop {
+            std::thread::sleep(LIMIT / 2);
+            let now = Instant::now();
+            let watching = WATCHING.lock().unwrap_or_else(PoisonError::into_inner);
+            for (deadline, set_up) in &watching.1 {
+                let pid = set_up.pid.load(Ordering::SeqCst);
+                if now >= *deadline && pid > 0 && !set_up.killed.swap(true, Ordering::SeqCst) {
+                    // Our child, not yet reaped: the pid is still its own.
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                }
+            }
+        }
     }
 }
 
@@ -780,6 +887,37 @@ mod tests {
         ceilings.set(Kind::OpenFiles, Some(32));
         let out = report(&me(), false, [0, 0], RunnerLimits::new(&ceilings)).await;
         assert!(out.contains("core=0 oom=1000\n"), "{out}");
+    }
+
+    thread_local! {
+        /// Makes the children of this thread's next spawns stop themselves before exec.
+        pub static STOP_BEFORE_EXEC: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    }
+
+    #[tokio::test]
+    async fn a_set_up_stopped_before_exec_is_killed_and_the_start_fails() {
+        let dir = tempfile::tempdir().unwrap();
+        STOP_BEFORE_EXEC.with(|stop| stop.set(true));
+        let started = Instant::now();
+        let e = spawn_runner(
+            &reporter(dir.path()),
+            &me(),
+            false,
+            [0, 0],
+            RunnerLimits::default(),
+        )
+        .expect_err("a stopped set-up cannot start a runner");
+        STOP_BEFORE_EXEC.with(|stop| stop.set(false));
+        let took = started.elapsed();
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut, "{e}");
+        assert!(e.to_string().contains("was killed"), "{e}");
+        assert!(
+            took >= watchdog::LIMIT && took < watchdog::LIMIT * 3,
+            "{took:?}"
+        );
+        // And the next start, not stopped, works.
+        let out = report(&me(), false, [0, 0], RunnerLimits::default()).await;
+        assert!(out.contains("core=0"), "{out}");
     }
 
     #[test]
