@@ -411,6 +411,7 @@ impl Plan {
         if stack == libc::MAP_FAILED {
             let e = io::Error::last_os_error();
             let _ = before.thread_set_mask();
+            watch.end();
             return Err(e);
         }
         // SAFETY: `child` only reads `self`, which outlives the call (this thread is suspended
