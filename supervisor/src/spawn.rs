@@ -17,6 +17,10 @@
 //! Runners are started the way `posix_spawn` starts a process (a `CLONE_VM | CLONE_VFORK`
 //! child that executes the runner), not as `std` or tokio children: [`crate::reaper`] reaps
 //! every child of the supervisor, runners and orphaned steps alike, with one `waitpid(-1)` loop.
+//! While the child sets itself up it shares the supervisor's memory, and once it has the job's
+//! uid a process of the job's user could reach it: so the supervisor is non-dumpable and
+//! refuses `fs.suid_dumpable` = 1 ([`prepare_to_switch`]), and a set-up that does not reach
+//! exec in time is killed ([`watchdog`]).
 #![allow(unsafe_code)] // clone, fork and what their children do; each block says why it is safe.
 
 // The raw setgroups, setresgid and setresuid calls below take 32-bit ids on 64-bit Linux; on
