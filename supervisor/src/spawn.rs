@@ -20,7 +20,7 @@
 //! While the child sets itself up it shares the supervisor's memory, and once it has the job's
 //! uid a process of the job's user could reach it: so the supervisor is non-dumpable and
 //! refuses `fs.suid_dumpable` = 1 ([`prepare_to_switch`]), and a set-up that does not reach
-//! exec in time is killed ([`watchdog`]).
+//! exec in time is killed (the `watchdog`).
 #![allow(unsafe_code)] // clone, fork and what their children do; each block says why it is safe.
 
 // The raw setgroups, setresgid and setresuid calls below take 32-bit ids on 64-bit Linux; on
@@ -173,7 +173,7 @@ pub fn lower_own_oom_score() {
 }
 
 /// Makes ready to start runners as other identities, once, at start: refuses a host where a
-/// job could write into the supervisor's memory (see [`dumpable_refusal`]), and makes the
+/// job could write into the supervisor's memory (see `dumpable_refusal`), and makes the
 /// supervisor non-dumpable itself — which the kernel would otherwise do at the first runner
 /// started, as the runner's set-up changes its credentials on the supervisor's memory.
 pub fn prepare_to_switch() -> anyhow::Result<()> {
@@ -222,8 +222,8 @@ pub struct Spawned {
 /// `fork`, the copy and the copy-on-write faults after it were about 7 % of all CPU time
 /// when trivial jobs ran back to back).
 /// This thread waits until the child has called `execve` or failed. Until then the child
-/// shares the supervisor's memory, so it only reads a [`Plan`] made beforehand and makes
-/// plain system calls ([`Plan::become_runner`]).
+/// shares the supervisor's memory, so it only reads a `Plan` made beforehand and makes
+/// plain system calls (`Plan::become_runner`).
 pub fn spawn_runner(
     runner: &Path,
     identity: &Identity,
