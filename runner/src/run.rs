@@ -126,7 +126,7 @@ impl End {
     fn failed(code: i32, error: String, reason: Reason) -> Self {
         Self {
             status: Status::Failed,
-            exit_code: Status::Failed.exit_code(if code == 0 { 1 } else { code }),
+            exit_code: if code == 0 { 1 } else { code },
             error: Some(error),
             reason: Some(reason),
         }

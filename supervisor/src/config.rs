@@ -1,6 +1,7 @@
 //! Configuration (contract §7): flags and environment variables with the original worker's names,
 //! checked once at start so that a daemon that starts is a daemon that can work.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -427,6 +428,11 @@ pub struct Settings {
     pub drain_timeout: Duration,
     pub kill_grace: Duration,
     pub pass_env: Vec<String>,
+    /// What every step's environment starts from, read once at start (this process's
+    /// environment does not change): `PATH` and `LANG` ([`nats_fs::step_env::base_env`]), and
+    /// the values of the `--pass-env` names that are set.
+    pub base_env: BTreeMap<String, String>,
+    pub pass_env_values: BTreeMap<String, String>,
     pub runner: PathBuf,
     /// The operator's limits (`--max-*`): ceilings of a job's own, and its values when it
     /// sets none. `None` is no limit.
@@ -526,6 +532,11 @@ impl Settings {
             max_deliver: args.max_deliver,
             drain_timeout: args.drain_timeout,
             kill_grace: args.kill_grace,
+            base_env: nats_fs::step_env::base_env(),
+            pass_env_values: pass_env
+                .iter()
+                .filter_map(|name| std::env::var(name).ok().map(|value| (name.clone(), value)))
+                .collect(),
             pass_env,
             runner,
             ceilings,
@@ -678,11 +689,12 @@ fn absolute(path: &Path) -> anyhow::Result<PathBuf> {
 }
 
 /// Where `--runner` is, as an absolute path (runners are started from `/`): a bare name is
-/// looked up in `PATH`, as a shell would; any other relative path is taken from the directory
-/// the supervisor was started in.
+/// looked up in `PATH` (the first file of that name, executable or not, unlike a shell); any
+/// other relative path is taken from the directory the supervisor was started in. A runner
+/// that cannot be executed fails each job as a host fault, naming the cause.
 fn runner_path(given: &Path) -> anyhow::Result<PathBuf> {
-    let bare = given.components().count() == 1 && !given.has_root() && !given.starts_with(".");
-    if bare {
+    let mut parts = given.components();
+    if let (Some(std::path::Component::Normal(_)), None) = (parts.next(), parts.next()) {
         let path =
             std::env::var_os("PATH").unwrap_or_else(|| nats_fs::step_env::DEFAULT_PATH.into());
         if let Some(found) = std::env::split_paths(&path)

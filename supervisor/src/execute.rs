@@ -390,10 +390,18 @@ async fn converse(
     let rlimits = contain.for_runner();
     // On this thread, never the blocking pool: the runner's PR_SET_PDEATHSIG fires when the
     // thread that started it exits, and the pool retires idle threads (see main.rs). This
-    // thread waits only until the runner is executed: a few dozen system calls.
+    // thread waits only until the runner is executed: about 80 system calls, 62 of them
+    // resetting signal handlers.
     let started = env.reaper.spawn(|| {
-        spawn_runner(&settings.runner, identity, switch, keep, rlimits)
-            .map(|spawned| (spawned.pid, spawned))
+        spawn_runner(
+            &settings.runner,
+            &settings.base_env,
+            identity,
+            switch,
+            keep,
+            rlimits,
+        )
+        .map(|spawned| (spawned.pid, spawned))
     });
     let (spawned, mut exited) = match started {
         Ok(started) => started,
@@ -613,12 +621,8 @@ fn start_message(job: &JobRun<'_>, fds: [i32; 2], exclusive: bool) -> ToRunner {
         steps: job.request.steps.clone(),
         default_timeout_ms: millis(settings.default_timeout),
         kill_grace_ms: millis(settings.kill_grace),
-        base_env: nats_fs::step_env::base_env(),
-        pass_env: settings
-            .pass_env
-            .iter()
-            .filter_map(|name| std::env::var(name).ok().map(|value| (name.clone(), value)))
-            .collect(),
+        base_env: settings.base_env.clone(),
+        pass_env: settings.pass_env_values.clone(),
         worker: Some(settings.worker_id.clone()),
         ceilings: settings.ceilings,
         max_timeout_ms: settings.max_timeout.map(millis),

@@ -31,8 +31,8 @@ const MAX_RETRY: Duration = Duration::from_secs(60);
 /// What to do with a job message once its run is over.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Decision {
-    /// Publish `result`, republish the request on the dead-letter subject when `dead_letter`
-    /// gives a reason, then `ack`.
+    /// Publish `result`, flush its manifest to the drive, republish the request on the
+    /// dead-letter subject when `dead_letter` gives a reason, then `ack`.
     Publish {
         result: Box<ResultMessage>,
         ack: Ack,
@@ -167,15 +167,8 @@ pub(crate) async fn publish<'a>(
             // and a drive that hangs stops this host from taking jobs instead of piling up
             // threads that wait for it.
             let flush = if result.manifest_file.is_some() {
-                let permit = tokio::select! {
-                    permit = ctx.flushing.clone().acquire_owned() => permit.ok(),
-                    () = stopping_now(ctx) => None,
-                };
-                if permit.is_none() {
-                    warn!(event = event::MANIFEST_NOT_FLUSHED, "stopping now before result.json was flushed: the job is left to its redelivery, which republishes its result");
-                    return None;
-                }
-                permit
+                let permit = unless_stopping_now(ctx, ctx.flushing.clone().acquire_owned());
+                Some(permit.await?.ok()?)
             } else {
                 None
             };
@@ -248,30 +241,29 @@ impl Unacked<'_> {
 /// Flushes the job's `results/result.json` to the drive, so that an acked job's manifest
 /// survives a crash of the host (contract §6.5). Written by the runner without a flush, to
 /// keep the flush off the dispatch path: the result is published first. A flush that fails,
-/// or takes longer than the ack wait (the message is redelivered by then, and the redelivery
-/// republishes the result), is logged and the job acked all the same: its result is out, and
-/// a redelivery would meet the same drive. False when the supervisor is stopping now: then
-/// nothing is acked, and the redelivery republishes.
+/// or takes longer than one ack wait, is logged and the job acked all the same: its result is
+/// out, and a redelivery would meet the same drive. (No progress is sent once the run is over,
+/// so the server may redeliver before that wait is up; the redelivery then republishes the
+/// result.) False when the supervisor is stopping now: then nothing is acked, and the
+/// redelivery republishes.
 async fn flush_manifest(ctx: &Ctx, id: &JobId, permit: OwnedSemaphorePermit) -> bool {
     let results = ctx
         .settings
         .jobs_dir
         .join(id.as_str())
         .join(nats_fs::manifest::RESULTS_DIR);
-    let flush = tokio::task::spawn_blocking(move || {
+    let flush = crate::blocking(move || {
         let flushed = Manifest::flush(&results);
         drop(permit);
         flushed
     });
-    let flushed = tokio::select! {
-        flushed = tokio::time::timeout(ctx.ack_wait, flush) => match flushed {
-            Ok(joined) => joined.map_err(io::Error::other).and_then(|r| r),
-            Err(_) => Err(io::Error::from(io::ErrorKind::TimedOut)),
-        },
-        () = stopping_now(ctx) => {
-            warn!(event = event::MANIFEST_NOT_FLUSHED, "stopping now before result.json was flushed: the job is left to its redelivery, which republishes its result");
-            return false;
-        }
+    let Some(flushed) = unless_stopping_now(ctx, tokio::time::timeout(ctx.ack_wait, flush)).await
+    else {
+        return false;
+    };
+    let flushed = match flushed {
+        Ok(joined) => joined.map_err(io::Error::other).and_then(|r| r),
+        Err(_) => Err(io::Error::from(io::ErrorKind::TimedOut)),
     };
     if let Err(e) = flushed {
         warn!(
@@ -280,6 +272,21 @@ async fn flush_manifest(ctx: &Ctx, id: &JobId, permit: OwnedSemaphorePermit) -> 
         );
     }
     true
+}
+
+/// `work`'s output, or `None` (said as `manifest_not_flushed`) if the supervisor is told to
+/// stop at once first: the job is then left unacked to its redelivery.
+async fn unless_stopping_now<T>(
+    ctx: &Ctx,
+    work: impl std::future::Future<Output = T>,
+) -> Option<T> {
+    tokio::select! {
+        done = work => Some(done),
+        () = stopping_now(ctx) => {
+            warn!(event = event::MANIFEST_NOT_FLUSHED, "stopping now before result.json was flushed: the job is left to its redelivery, which republishes its result");
+            None
+        }
+    }
 }
 
 /// Resolves once the supervisor is told to stop at once (a second signal).

@@ -30,13 +30,14 @@ compile_error!(
     "spawn.rs changes ids with system calls that take 32-bit ids only on 64-bit targets"
 );
 
+use std::collections::BTreeMap;
 use std::ffi::CString;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
 use nats_fs::limits::{Kind, Limits, RLIMITS};
@@ -191,8 +192,18 @@ pub fn prepare_to_switch() -> anyhow::Result<()> {
 /// `fs.suid_dumpable` says: at 1 ("debug"), a process of the job's uid could trace the set-up
 /// in that moment and write into the supervisor's memory. At 0 (the default) and 2 only root
 /// can.
+///
+/// Read before every runner (the setting may change while the supervisor runs): one `pread`
+/// of a descriptor opened once, as a sysctl file gives its current value at every read.
 fn dumpable_refusal() -> Option<String> {
-    refusal_for(&std::fs::read_to_string("/proc/sys/fs/suid_dumpable").ok()?)
+    use std::os::unix::fs::FileExt as _;
+    static SETTING: OnceLock<Option<std::fs::File>> = OnceLock::new();
+    let file = SETTING
+        .get_or_init(|| std::fs::File::open("/proc/sys/fs/suid_dumpable").ok())
+        .as_ref()?;
+    let mut value = [0; 4];
+    let read = file.read_at(&mut value, 0).ok()?;
+    refusal_for(std::str::from_utf8(&value[..read]).ok()?)
 }
 
 /// [`dumpable_refusal`] for this value of `fs.suid_dumpable`.
@@ -213,9 +224,9 @@ pub struct Spawned {
     pub stderr: pipe::Receiver,
 }
 
-/// Starts `runner --pipe` as `identity` (when `switch`), with stdin, stdout and stderr piped
-/// and the descriptors `keep` left open across exec, at the same numbers; every other
-/// descriptor is closed at exec. Start it through [`Reaper::spawn`], which registers it.
+/// Starts `runner --pipe` with the environment `env`, as `identity` (when `switch`), with
+/// stdin, stdout and stderr piped and the descriptors `keep` left open across exec, at the same
+/// numbers; every other descriptor is closed at exec. Start it through [`Reaper::spawn`], which registers it.
 ///
 /// The child is made the way `posix_spawn` makes one: `clone(CLONE_VM | CLONE_VFORK)` on a
 /// stack of its own, so the supervisor's memory is neither copied nor write-protected (with
@@ -226,6 +237,7 @@ pub struct Spawned {
 /// plain system calls (`Plan::become_runner`).
 pub fn spawn_runner(
     runner: &Path,
+    env: &BTreeMap<String, String>,
     identity: &Identity,
     switch: bool,
     keep: [RawFd; 2],
@@ -242,6 +254,7 @@ pub fn spawn_runner(
     );
     let plan = Plan::new(
         runner,
+        env,
         [stdin.as_raw_fd(), stdout.as_raw_fd(), stderr.as_raw_fd()],
         keep,
         limits,
@@ -352,12 +365,12 @@ struct Plan {
 impl Plan {
     fn new(
         runner: &Path,
+        env: &BTreeMap<String, String>,
         stdio: [RawFd; 3],
         keep: [RawFd; 2],
         limits: RunnerLimits,
         switch: Option<Switch>,
     ) -> io::Result<Self> {
-        // Checked for every runner: the setting may change while the supervisor runs.
         if let Some(refusal) = switch.as_ref().and_then(|_| dumpable_refusal()) {
             return Err(io::Error::other(refusal));
         }
@@ -369,7 +382,7 @@ impl Plan {
             c(runner.as_os_str().as_bytes().to_vec())?,
             c(b"--pipe".to_vec())?,
         ];
-        for (name, value) in nats_fs::step_env::base_env() {
+        for (name, value) in env {
             strings.push(c(format!("{name}={value}").into_bytes())?);
         }
         let pointers: Vec<_> = strings.iter().map(|s| s.as_ptr()).collect();
@@ -395,34 +408,20 @@ impl Plan {
     /// runner. If it failed before, it has exited (the reaper collects it) and `Err` says why.
     fn start(&self) -> io::Result<Pid> {
         const STACK: usize = 64 * 1024;
+        let watch = watchdog::watch(&self.set_up)?;
+        // The child's stack: from the heap, uninitialised (the child writes before it reads).
+        let mut stack = Box::<[u8]>::new_uninit_slice(STACK);
         // Every signal is blocked across the clone, so that none runs one of the supervisor's
         // handlers in the child (on the shared memory); the child resets them before it
         // unblocks any. Ours are restored right after.
-        let watch = watchdog::watch(&self.set_up)?;
         let before = SigSet::all().thread_swap_mask(SigmaskHow::SIG_SETMASK)?;
-        // SAFETY: a fresh anonymous private mapping, unmapped below, after the child is done
-        // with it (CLONE_VFORK: clone returns once the child has exited or executed).
-        let stack = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                STACK,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_STACK,
-                -1,
-                0,
-            )
-        };
-        if stack == libc::MAP_FAILED {
-            let e = io::Error::last_os_error();
-            let _ = before.thread_set_mask();
-            watch.end();
-            return Err(e);
-        }
         // SAFETY: `child` only reads `self`, which outlives the call (this thread is suspended
-        // until the child has executed or exited), and runs on `stack`, whose top is 16-byte
-        // aligned. SIGCHLD makes it an ordinary child for the reaper's waitpid(-1).
+        // until the child has executed or exited), and runs on `stack`, which lives as long,
+        // from its top aligned down to 16 bytes. SIGCHLD makes it an ordinary child for the
+        // reaper's waitpid(-1).
         let (pid, clone_error) = unsafe {
-            let top = stack.cast::<u8>().add(STACK).cast::<libc::c_void>();
+            let end = stack.as_mut_ptr_range().end;
+            let top = end.wrapping_sub(end as usize % 16).cast::<libc::c_void>();
             let pid = libc::clone(
                 child,
                 top,
@@ -433,8 +432,6 @@ impl Plan {
         };
         let _ = before.thread_set_mask();
         let killed = watch.end();
-        // SAFETY: mapped above; the child no longer runs on it.
-        unsafe { libc::munmap(stack, STACK) };
         if pid < 0 {
             return Err(clone_error);
         }
@@ -647,15 +644,22 @@ mod watchdog {
         Ok(Watch(set_up.clone()))
     }
 
-    /// A set-up being watched.
+    /// A set-up being watched, until this is dropped.
     pub(super) struct Watch(Arc<SetUp>);
 
     impl Watch {
         /// Stops watching; whether the watchdog killed it.
         pub(super) fn end(self) -> bool {
+            let set_up = self.0.clone();
+            drop(self);
+            set_up.killed.load(Ordering::SeqCst)
+        }
+    }
+
+    impl Drop for Watch {
+        fn drop(&mut self) {
             let mut watching = WATCHING.lock().unwrap_or_else(PoisonError::into_inner);
             watching.1.retain(|(_, s)| !Arc::ptr_eq(s, &self.0));
-            self.0.killed.load(Ordering::SeqCst)
         }
     }
 
@@ -750,6 +754,10 @@ mod tests {
 
     use super::*;
 
+    fn env() -> BTreeMap<String, String> {
+        nats_fs::step_env::base_env()
+    }
+
     fn me() -> Identity {
         Identity {
             name: "me".to_owned(),
@@ -792,8 +800,15 @@ mod tests {
         limits: RunnerLimits,
     ) -> String {
         let dir = tempfile::tempdir().unwrap();
-        let mut spawned =
-            spawn_runner(&reporter(dir.path()), identity, switch, keep, limits).unwrap();
+        let mut spawned = spawn_runner(
+            &reporter(dir.path()),
+            &env(),
+            identity,
+            switch,
+            keep,
+            limits,
+        )
+        .unwrap();
         drop(spawned.stdin);
         let (mut out, mut err) = (String::new(), String::new());
         spawned.stdout.read_to_string(&mut out).await.unwrap();
@@ -906,6 +921,7 @@ mod tests {
         let started = Instant::now();
         let e = spawn_runner(
             &reporter(dir.path()),
+            &env(),
             &me(),
             false,
             [0, 0],
@@ -945,7 +961,7 @@ mod tests {
             (Path::new("/nonexistent/runner"), io::ErrorKind::NotFound),
         ] {
             // The failed child is left a zombie here: reaping it is the reaper's job.
-            let e = spawn_runner(path, &me(), false, [0, 0], RunnerLimits::default())
+            let e = spawn_runner(path, &env(), &me(), false, [0, 0], RunnerLimits::default())
                 .expect_err("it cannot start");
             assert_eq!(e.kind(), why, "{e}");
             assert!(e.to_string().starts_with("executing it: "), "{e}");

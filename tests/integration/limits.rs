@@ -93,7 +93,7 @@ fn a_step_that_passes_the_output_limit_and_ends_before_the_first_look_is_cut_too
 /// on its own — and the next step does not run.
 #[test]
 fn writing_past_the_output_limit_straight_into_results_is_caught() {
-    for (id, then) in [("direct-ok", "true"), ("direct-fails", "exit 3")] {
+    for (id, then, code) in [("direct-ok", "true", 1), ("direct-fails", "exit 3", 3)] {
         let (result, manifest, _, _) = run_limited(
             id,
             &json!([
@@ -104,6 +104,8 @@ fn writing_past_the_output_limit_straight_into_results_is_caught() {
         );
         assert_eq!(result["status"], "failed", "{result}");
         assert_eq!(result["reason"], "output", "{result}");
+        // The step's own code when it failed, 1 when it exited 0: a failed job never exits 0.
+        assert_eq!(result["exitCode"], code, "{result}");
         let error = manifest.error.unwrap_or_default();
         assert!(error.contains("more than its output limit"), "{error}");
         assert_eq!(manifest.steps[1].status, StepStatus::Skipped);

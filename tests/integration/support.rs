@@ -925,7 +925,8 @@ impl Jobs {
     }
 
     pub fn log(&self, id: &str, step: usize) -> String {
-        fs::read_to_string(self.results(id).join(format!("step_{step}.log"))).unwrap_or_default()
+        fs::read_to_string(self.results(id).join(nats_fs::manifest::step_log(step)))
+            .unwrap_or_default()
     }
 }
 
