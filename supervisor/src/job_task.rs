@@ -140,12 +140,14 @@ async fn process(
     );
     let settled = matches!(decision, Decision::Publish { .. });
     let unacked = publish(&ctx, &msg, decision, &request.id, delivered, seq).await;
-    // Published (or handed back), and results/ is final: the id may run again here at once (a
-    // controller that resubmits an id on its result must not be told it is busy; if such a run
-    // empties results/ during this one's flush, the flush may log `manifest_not_flushed`), and on another host once the ack has taken the message out of the stream (a
-    // settled job's lock is left to go stale). The slot may take the next job while this
-    // one's manifest is flushed and acked and its leftovers go; its identity is given back
-    // once they are gone, which does not wait for the ack.
+    // Published (or handed back), and results/ is final: the id's running entry goes now.
+    // A new message for the id is then judged by the lock alone, which names this message
+    // until the ack takes it out of the stream (a settled job's lock is left to go stale):
+    // busy, and retried, while this one's manifest is flushed. Without a lock bucket it may
+    // start at once; if it empties results/ during the flush, the flush may log
+    // `manifest_not_flushed`. The slot may take the next job while this one's manifest is
+    // flushed and acked and its leftovers go; its identity is given back once they are gone,
+    // which does not wait for the ack.
     if let (Some(lock), false) = (lock, settled) {
         ctx.locks.release(lock).await;
     }

@@ -240,7 +240,10 @@ async fn a_forged_result_json_never_stands_in_for_a_run() {
         nats.submit_id(id).await;
         let got = nats.result_within(Duration::from_secs(30)).await;
         assert_ne!(got.result.status, Status::Success, "{id}: {:?}", got.result);
-        // The next delivery of the same id must run, not republish the forgery.
+        // The next delivery of the same id must run, not republish the forgery. Sent once the
+        // first is acked: until then (its result.json is being flushed) the id's lock names
+        // it, a new message for the id is busy, and --max-deliver 1 makes that an error.
+        nats.drained("worker-01").await;
         nats.submit(json!({"id": id, "steps": ["echo ran"]}).to_string())
             .await;
         let got = nats.result().await;
