@@ -76,28 +76,33 @@ impl FolderError {
 }
 
 impl JobFolder {
-    /// Opens `path` and its `results/` (creating it with mode 0755 when missing), refusing a
-    /// symlink at either place.
-    pub fn open(path: &Path) -> Result<Self, FolderError> {
-        let dir = match open_dir(AT_FDCWD, path) {
-            Ok(dir) => dir,
-            Err(Errno::ENOENT) => return Err(FolderError::Missing(path.to_owned())),
-            Err(Errno::ELOOP) => return Err(FolderError::Symlink(path.to_owned())),
-            // O_NOFOLLOW|O_DIRECTORY on a symlink to a file gives ENOTDIR, not ELOOP.
-            Err(Errno::ENOTDIR) if is_symlink(path) => {
-                return Err(FolderError::Symlink(path.to_owned()))
-            }
-            Err(Errno::ENOTDIR) => return Err(FolderError::NotAFolder(path.to_owned())),
-            Err(source) => {
-                return Err(FolderError::Io {
-                    action: "opening the job folder",
-                    path: path.to_owned(),
-                    source,
-                })
+    /// Opens `path` for a run, refusing a symlink at it, and gives the run an empty `results/`:
+    /// created (mode 0755) when missing, used as it is when empty, and otherwise first moved
+    /// aside to the first free `results.N` ([`previous_results_name`]) — never emptied: what
+    /// an earlier run (or anyone) left there stays on the drive. Returns the folder and the
+    /// name an earlier `results/` was moved to, if one was.
+    pub fn open(path: &Path) -> Result<(Self, Option<String>), FolderError> {
+        let dir = Self::open_dir(path)?;
+        let results_path = path.join(RESULTS_DIR);
+        let io = |action: &'static str, path: &Path| {
+            let path = path.to_owned();
+            move |source| FolderError::Io {
+                action,
+                path,
+                source,
             }
         };
-        let results_path = path.join(RESULTS_DIR);
+        let mut moved = None;
+        if let Some(results) = open_results(&dir, &results_path)? {
+            if is_empty(&results).map_err(io("listing", &results_path))? {
+                return Ok((Self { dir, results }, None));
+            }
+            drop(results);
+            let aside = move_aside(&dir).map_err(io("moving aside", &results_path))?;
+            moved = Some(aside);
+        }
         match mkdirat(&dir, RESULTS_DIR, Mode::from_bits_truncate(0o755)) {
+            // Another run of the same id between our two calls would be a broken lock.
             Ok(()) | Err(Errno::EEXIST) => {}
             Err(source) => {
                 return Err(FolderError::Io {
@@ -107,27 +112,95 @@ impl JobFolder {
                 })
             }
         }
-        let results = match open_dir(&dir, Path::new(RESULTS_DIR)) {
-            Ok(results) => results,
-            Err(Errno::ELOOP | Errno::ENOTDIR) => {
-                return Err(FolderError::ResultsInTheWay(results_path))
-            }
-            Err(source) => {
-                return Err(FolderError::Io {
-                    action: "opening",
-                    path: results_path,
-                    source,
-                })
-            }
-        };
-        Ok(Self { dir, results })
+        let results = open_results(&dir, &results_path)?.ok_or(FolderError::Io {
+            action: "opening",
+            path: results_path,
+            source: Errno::ENOENT,
+        })?;
+        Ok((Self { dir, results }, moved))
     }
 
     /// [`JobFolder::open`] for job `id`: the one check, under a supervisor and standalone,
     /// of whether a job folder is usable, and what it comes to when it is not.
-    pub fn open_job(path: &Path, id: &str) -> Result<Self, JobOutcome> {
+    pub fn open_job(path: &Path, id: &str) -> Result<(Self, Option<String>), JobOutcome> {
         Self::open(path).map_err(|e| e.outcome(id))
     }
+
+    fn open_dir(path: &Path) -> Result<OwnedFd, FolderError> {
+        match open_dir(AT_FDCWD, path) {
+            Ok(dir) => Ok(dir),
+            Err(Errno::ENOENT) => Err(FolderError::Missing(path.to_owned())),
+            Err(Errno::ELOOP) => Err(FolderError::Symlink(path.to_owned())),
+            // O_NOFOLLOW|O_DIRECTORY on a symlink to a file gives ENOTDIR, not ELOOP.
+            Err(Errno::ENOTDIR) if is_symlink(path) => Err(FolderError::Symlink(path.to_owned())),
+            Err(Errno::ENOTDIR) => Err(FolderError::NotAFolder(path.to_owned())),
+            Err(source) => Err(FolderError::Io {
+                action: "opening the job folder",
+                path: path.to_owned(),
+                source,
+            }),
+        }
+    }
+}
+
+/// The name an earlier run's `results/` gets when a run finds it holding something:
+/// `results.1`, `results.2`, … (the first that is free).
+#[must_use]
+pub fn previous_results_name(n: u32) -> String {
+    format!("{RESULTS_DIR}.{n}")
+}
+
+/// Whether `name`, at the top of a job folder, is the worker's: `results` or an earlier run's
+/// `results.N`. Staging leaves them out, and a change to them is not a change of the job.
+#[must_use]
+pub fn is_results_name(name: &std::ffi::OsStr) -> bool {
+    let Some(name) = name.to_str() else {
+        return false;
+    };
+    name == RESULTS_DIR
+        || name
+            .strip_prefix(RESULTS_DIR)
+            .and_then(|rest| rest.strip_prefix('.'))
+            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// `results/` in `dir`, if there is one; an error if something else is at its name.
+fn open_results(dir: &OwnedFd, shown: &Path) -> Result<Option<OwnedFd>, FolderError> {
+    match open_dir(dir, Path::new(RESULTS_DIR)) {
+        Ok(results) => Ok(Some(results)),
+        Err(Errno::ENOENT) => Ok(None),
+        Err(Errno::ELOOP | Errno::ENOTDIR) => Err(FolderError::ResultsInTheWay(shown.to_owned())),
+        Err(source) => Err(FolderError::Io {
+            action: "opening",
+            path: shown.to_owned(),
+            source,
+        }),
+    }
+}
+
+fn is_empty(dir: &OwnedFd) -> nix::Result<bool> {
+    let errno = |e: io::Error| e.raw_os_error().map_or(Errno::EIO, Errno::from_raw);
+    match std::fs::read_dir(fd_path(dir)).map_err(errno)?.next() {
+        None => Ok(true),
+        Some(entry) => entry.map(|_| false).map_err(errno),
+    }
+}
+
+/// Renames `results` in `dir` to the first free `results.N`; returns that name. Never
+/// replaces anything: a name is taken only when nothing is there.
+fn move_aside(dir: &OwnedFd) -> nix::Result<String> {
+    for n in 1..=u32::MAX {
+        let name = previous_results_name(n);
+        match nix::sys::stat::fstatat(dir, name.as_str(), nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW)
+        {
+            Ok(_) => continue,
+            Err(Errno::ENOENT) => {}
+            Err(e) => return Err(e),
+        }
+        nix::fcntl::renameat(dir, RESULTS_DIR, dir, name.as_str())?;
+        return Ok(name);
+    }
+    Err(Errno::EEXIST)
 }
 
 /// Opens a folder for `*at` calls: a symlink fails with `ELOOP`, anything else with `ENOTDIR`.
@@ -243,8 +316,9 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let job = tmp.path().join("job");
         std::fs::create_dir(&job).unwrap();
-        let folder = JobFolder::open(&job).unwrap();
+        let (folder, moved) = JobFolder::open(&job).unwrap();
         assert!(job.join("results").is_dir());
+        assert_eq!(moved, None);
         // The descriptor path keeps reaching the folder after the name is re-pointed.
         std::fs::write(job.join("mark"), "x").unwrap();
         let moved = tmp.path().join("moved");
@@ -270,6 +344,32 @@ mod tests {
         let err = JobFolder::open(&moved).unwrap_err();
         assert!(matches!(err, FolderError::ResultsInTheWay(_)), "{err}");
         assert!(err.is_final());
+    }
+
+    #[test]
+    fn an_earlier_runs_results_are_moved_aside_never_emptied() {
+        let tmp = tempfile::tempdir().unwrap();
+        let job = tmp.path().join("job");
+        std::fs::create_dir_all(job.join("results")).unwrap();
+        // Empty: used as it is.
+        assert_eq!(JobFolder::open(&job).unwrap().1, None);
+        std::fs::write(job.join("results/step_0.log"), "first run\n").unwrap();
+        std::fs::create_dir(job.join("results.1")).unwrap();
+        let (folder, moved) = JobFolder::open(&job).unwrap();
+        assert_eq!(moved.as_deref(), Some("results.2"));
+        assert_eq!(
+            std::fs::read_to_string(job.join("results.2/step_0.log")).unwrap(),
+            "first run\n"
+        );
+        assert_eq!(
+            std::fs::read_dir(fd_path(&folder.results)).unwrap().count(),
+            0
+        );
+        assert!(is_results_name("results".as_ref()));
+        assert!(is_results_name("results.2".as_ref()));
+        for other in ["results.", "results.x", "results.2a", "result", "results2"] {
+            assert!(!is_results_name(other.as_ref()), "{other}");
+        }
     }
 
     #[test]

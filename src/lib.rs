@@ -19,6 +19,8 @@
 //! - [`manifest`]: `results/result.json`, the result message, statuses and their exit codes.
 //! - [`outcome`]: how a job ended ([`JobOutcome`]), from the runner through the pipe to the ack.
 //! - [`protocol`]: the supervisor⇄runner pipe messages (versioned JSON lines).
+//! - [`share`]: the shared drive: whose rights a file system call uses, which mount holds a
+//!   folder.
 //! - [`step_env`]: the environment every step starts from (`PATH`, `LANG`).
 //! - [`tree`]: file-tree helpers both processes need (removing a tree a job may have locked).
 //! - [`reap`]: finding and killing the leftover children of a process (`/proc` scan).
@@ -33,6 +35,7 @@ pub mod manifest;
 pub mod outcome;
 pub mod protocol;
 pub mod reap;
+pub mod share;
 pub mod step_env;
 pub mod tree;
 

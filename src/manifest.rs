@@ -302,7 +302,7 @@ impl Manifest {
         prepare: impl FnOnce(&File) -> io::Result<()>,
     ) -> io::Result<PathBuf> {
         let target = results_dir.join(MANIFEST_FILE);
-        let tmp = results_dir.join(format!(".{MANIFEST_FILE}.{}.tmp", std::process::id()));
+        let tmp = results_dir.join(Self::temp_name());
         let mut bytes = serde_json::to_vec_pretty(self).map_err(io::Error::other)?;
         bytes.push(b'\n');
         crate::tree::remove_entry(&tmp)?;
@@ -310,6 +310,7 @@ impl Manifest {
             let mut file = OpenOptions::new()
                 .write(true)
                 .create_new(true)
+                .mode(0o644)
                 .custom_flags(nix::libc::O_NOFOLLOW)
                 .open(&tmp)?;
             file.write_all(&bytes)?;
@@ -323,6 +324,12 @@ impl Manifest {
             let _ = fs::remove_file(&tmp);
         }
         written.map(|()| target)
+    }
+
+    /// The name this process writes a manifest under before renaming it to `result.json`.
+    #[must_use]
+    pub fn temp_name() -> String {
+        format!(".{MANIFEST_FILE}.{}.tmp", std::process::id())
     }
 
     /// Flushes `results_dir/result.json`, written by [`Manifest::write_atomic`], to the drive:

@@ -21,9 +21,10 @@ use crate::job::{JobId, Step};
 use crate::limits::Limits;
 use crate::manifest::{Reason, StepStatus};
 use crate::outcome::JobOutcome;
+use crate::share::FsIds;
 
 /// Bumped when a message changes meaning; the runner refuses a start of another version.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// Supervisor → runner.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -69,23 +70,29 @@ pub struct StartJob {
     pub attempt: u64,
     /// The stream sequence of the job message, recorded in the manifest.
     pub stream_sequence: Option<u64>,
-    /// `{jobs_dir}/{id}`, as named in messages and in the steps' `JOB_RESULTS_DIR`.
+    /// `{jobs_dir}/{id}`: the job folder, on the shared drive. The runner opens it (without
+    /// following a symlink, as the share user) once, and works through that descriptor.
     pub job_dir: PathBuf,
-    /// Under a supervisor: the runner's descriptor numbers of the job folder and of its
-    /// `results/`, which the supervisor opened without following symlinks and left open across
-    /// exec. The runner works through them and never looks `job_dir` up by name, so the folder
-    /// cannot be re-pointed between the supervisor's checks and the runner's work. Absent when
-    /// the runner opens the folder itself (`--job`).
+    /// Whose rights the runner uses on the jobs folder (`--share-user`): it stages the folder,
+    /// writes the logs, artifacts and manifest with them. Absent: the runner's own.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub job_fd: Option<i32>,
+    pub share: Option<FsIds>,
+    /// Who the steps run as: the slot's identity, which the runner (root) gives each step's
+    /// shell just before `exec`, and whose rights it uses in the job's private folders.
+    /// Absent: the steps run as the runner.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub results_fd: Option<i32>,
+    pub identity: Option<StepIdentity>,
     /// The runner's uid belongs to this job alone: before its final event the runner kills
     /// every other process of its uid (`kill(-1, SIGKILL)`), whatever its steps left behind.
     #[serde(default)]
     pub kill_uid_at_end: bool,
-    /// An empty, private folder owned by the runner's user, to stage into.
+    /// An empty, private folder owned by the job's identity, to stage into.
     pub workspace: PathBuf,
+    /// A private folder owned by the job's identity, the steps' `JOB_RESULTS_DIR`: what they
+    /// put there is copied to `results/` at the end, whether or not a step changed it. Absent
+    /// in standalone runs (the runner makes one beside the workspace).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outputs_dir: Option<PathBuf>,
     /// A private folder for temporary files, the steps' `TMPDIR` (the host's `/tmp` is shared
     /// by every job). Absent in standalone runs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -113,6 +120,38 @@ pub struct StartJob {
     pub idle_timeout_ms: Option<u64>,
     /// The worker id, for the manifest.
     pub worker: Option<String>,
+    /// How many file system calls on the jobs folder may be in flight at once while staging
+    /// and syncing (`--share-parallelism`).
+    #[serde(default = "default_share_parallelism")]
+    pub share_parallelism: usize,
+    /// Push a growing log out to the drive (`fdatasync`) at most this often, in milliseconds:
+    /// on a drive that holds writes back (NFS), other hosts see a log only once it is pushed.
+    /// Absent: never while the step runs (local disks, FUSE, SMB).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub push_logs_every_ms: Option<u64>,
+    /// Bytes to keep free on the workspaces drive besides the job's copy (`--min-free-space`):
+    /// a job whose folder does not fit is handed back before it is staged.
+    #[serde(default)]
+    pub min_free_space: u64,
+}
+
+/// The default of [`StartJob::share_parallelism`]: enough requests in flight to hide a network
+/// round trip behind the others, few enough not to swamp a file server.
+pub const DEFAULT_SHARE_PARALLELISM: usize = 16;
+
+fn default_share_parallelism() -> usize {
+    DEFAULT_SHARE_PARALLELISM
+}
+
+/// The identity a job's steps run as.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StepIdentity {
+    /// For messages: `nats-fs-1 (uid 990)`.
+    pub name: String,
+    pub uid: u32,
+    pub gid: u32,
+    /// Supplementary groups.
+    pub groups: Vec<u32>,
 }
 
 /// Runner → supervisor.
@@ -129,6 +168,14 @@ pub enum FromRunner {
         /// `memory` (never above its own ceiling, whatever this says).
         #[serde(default)]
         limits: Limits,
+    },
+    /// The job folder's copy does not fit on the workspaces drive with `min_free_space` to
+    /// spare: the runner hands the job back (its `ended` outcome is a fault) for a host with
+    /// room. Sent just before `ended`.
+    NoRoom {
+        free_bytes: u64,
+        needed_bytes: u64,
+        reserve_bytes: u64,
     },
     /// The job folder is copied into the workspace.
     Staged {
@@ -232,10 +279,19 @@ mod tests {
             attempt: 2,
             stream_sequence: Some(9),
             job_dir: "/jobs/a.b".into(),
-            job_fd: Some(5),
-            results_fd: Some(6),
+            share: Some(FsIds {
+                uid: 1000,
+                gid: 1000,
+            }),
+            identity: Some(StepIdentity {
+                name: "ci1".into(),
+                uid: 990,
+                gid: 990,
+                groups: vec![990, 4],
+            }),
             kill_uid_at_end: true,
             workspace: "/ws/a.b-9".into(),
+            outputs_dir: Some("/ws/a.b-9.results".into()),
             tmp_dir: None,
             steps: Some(vec![Step::shell("true")]),
             default_timeout_ms: 1000,
@@ -249,10 +305,13 @@ mod tests {
             },
             max_timeout_ms: Some(60_000),
             idle_timeout_ms: None,
+            share_parallelism: 4,
+            push_logs_every_ms: Some(20),
+            min_free_space: 1 << 30,
         }));
         let line = serde_json::to_string(&start).unwrap();
         assert!(
-            line.starts_with(r#"{"type":"start","version":3,"#),
+            line.starts_with(r#"{"type":"start","version":4,"#),
             "{line}"
         );
         let back: ToRunner = serde_json::from_str(&line).unwrap();
@@ -261,7 +320,7 @@ mod tests {
 
     #[test]
     fn start_rejects_a_hostile_id() {
-        let line = r#"{"type":"start","version":3,"id":"../x","attempt":1,"stream_sequence":null,
+        let line = r#"{"type":"start","version":4,"id":"../x","attempt":1,"stream_sequence":null,
             "job_dir":"/j","workspace":"/w","steps":null,"default_timeout_ms":1,"kill_grace_ms":1,
             "base_env":{},"pass_env":{},"worker":null}"#;
         assert!(serde_json::from_str::<ToRunner>(line).is_err());

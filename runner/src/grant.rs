@@ -69,10 +69,11 @@ mod tests {
             attempt: 1,
             stream_sequence: None,
             job_dir: "/jobs/j".into(),
-            job_fd: None,
-            results_fd: None,
+            share: None,
+            identity: None,
             kill_uid_at_end: false,
             workspace: "/ws".into(),
+            outputs_dir: None,
             tmp_dir: None,
             steps: None,
             default_timeout_ms: 60_000,
@@ -83,6 +84,9 @@ mod tests {
             max_timeout_ms,
             idle_timeout_ms: idle_ms,
             worker: None,
+            share_parallelism: 1,
+            push_logs_every_ms: None,
+            min_free_space: 0,
         }
     }
 

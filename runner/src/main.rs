@@ -1,42 +1,58 @@
 //! `nats-fs-runner`: runs one job folder, then exits.
 //!
 //! Two ways in, one code path ([`run::run`]):
-//! - `--pipe`: how `nats-fs-supervisor` starts it, already privilege-dropped. One
+//! - `--pipe`: how `nats-fs-supervisor` starts it, as root when the supervisor is root. One
 //!   [`ToRunner::Start`] line on stdin; events as JSON lines on stdout; a `cancel` line or the
-//!   closing of stdin (the supervisor is gone) stops the job.
+//!   closing of stdin (the supervisor is gone) stops the job. The runner is the worker's
+//!   trusted part: it reads and writes the job folder with the share user's rights
+//!   ([`rights`]) and starts every step as the job's identity ([`child`]); no step ever runs
+//!   as the runner's user, so none can signal, trace or read it.
 //! - `--job <dir>`: a person debugging a job runs it by hand, as themselves; progress goes to
 //!   stderr and the result message to stdout. `--watch` runs it again whenever the folder
 //!   changes.
 //!
+//! (A third, hidden: `--reach`, with which the supervisor's start-up probe finds out what an
+//! identity of the pool could do on the jobs folder: see [`reach`].)
+//!
 //! Its first instructions make it a child subreaper, so every process a step starts — even one
 //! that double-forks or calls `setsid` — stays below it and can be killed and reaped when the
-//! step ends; make it non-dumpable, so the job's own steps (same user) can neither ptrace it nor
-//! read its memory, environment or descriptors through `/proc`; turn core dumps off for itself
+//! step ends; make it non-dumpable, so no process can trace it or read its memory, environment
+//! or descriptors through `/proc` unless it could trace root; turn core dumps off for itself
 //! and its steps; and mark every inherited descriptor close-on-exec, so a step gets exactly
-//! stdin, stdout and stderr.
+//! stdin, stdout and stderr. Under a supervisor it also asks the kernel for SIGTERM should the
+//! supervisor die (`PR_SET_PDEATHSIG`), sets `PR_SET_NO_NEW_PRIVS` (which its steps keep),
+//! makes itself and its steps the OOM killer's first choice, and gives every signal the
+//! supervisor was started with ignored its default action back, so steps start with none
+//! ignored.
 //!
 //! The job's limits (`limits` in `job.json`, within the operator's ceilings) apply to the steps
-//! only: the runner keeps the supervisor's ceilings for itself, and ignores SIGXFSZ and
-//! SIGXCPU (its own writes fail with EFBIG instead of killing it; the steps get the default
-//! actions back at `exec`).
+//! only, and ignores SIGXFSZ and SIGXCPU (its own writes fail with EFBIG instead of killing it;
+//! the steps get the default actions back at `exec`).
 //!
 //! # Layout
 //! - `run`: one run of a job, start to end, ending in a `JobOutcome`.
 //! - `grant`: the job's limits and timeouts under the operator's settings.
-//! - `stage` / `sync`: copying the folder in, and new or changed files back out.
+//! - `rights`: whose rights a file system call uses: the share user's, the job's.
+//! - `stage` / `sync`: copying the folder in, and new or changed files back out, several
+//!   calls in flight (`pool`).
+//! - `logs`: a step's output, through a pipe, onto its log on the share.
 //! - `step`: one step's process group, deadline, watched limits, kill sequence and sweep.
-//! - `rlimit`: the step's rlimits, set between fork and exec.
+//! - `child`: the step's rlimits and identity, set between fork and exec.
 //! - `usage`: reaping the shell with `wait4`, and what the step's processes used.
 //! - `output`: the output quota and a drive that fills up.
 //! - `control`: stop requests (cancel, abort, now, an exceeded limit) from the pipe or signals.
 //! - `report`: events as JSON lines (pipe) or log lines (standalone).
 //! - `watch`: `--watch`, re-running on changes.
 
+mod child;
 mod control;
 mod grant;
+mod logs;
 mod output;
+mod pool;
+mod reach;
 mod report;
-mod rlimit;
+mod rights;
 mod run;
 mod stage;
 mod step;
@@ -46,14 +62,12 @@ mod watch;
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, IsTerminal};
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::Parser;
-use nats_fs::folder::JobFolder;
 use nats_fs::generate::Generate;
 use nats_fs::job::{parse_default_timeout, parse_duration, steps_from_value, JobId, Step};
 use nats_fs::protocol::{CancelMode, FromRunner, StartJob, ToRunner, PROTOCOL_VERSION};
@@ -85,7 +99,7 @@ struct Cli {
         long,
         value_name = "DIR",
         conflicts_with = "pipe",
-        required_unless_present_any = ["pipe", "generate"]
+        required_unless_present_any = ["pipe", "generate", "reach"]
     )]
     job: Option<PathBuf>,
 
@@ -125,6 +139,15 @@ struct Cli {
     /// (for packaging).
     #[arg(long, value_enum, value_name = "WHAT", hide = true)]
     generate: Option<Generate>,
+
+    /// For the supervisor's probe: as the identity `--as`, try what a step could do to the
+    /// folder DIR in the jobs folder, and print it as JSON.
+    #[arg(long, value_name = "DIR", hide = true, requires = "reach_as")]
+    reach: Option<PathBuf>,
+
+    /// The identity of `--reach`: `UID:GID:GROUP,GROUP…`.
+    #[arg(long = "as", value_name = "IDS", hide = true)]
+    reach_as: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -137,7 +160,7 @@ fn main() -> ExitCode {
         eprintln!("nats-fs-runner: cannot make itself non-dumpable: {e}");
         return ExitCode::from(EXIT_USAGE);
     }
-    if let Err(e) = rlimit::disable_core_dumps() {
+    if let Err(e) = child::disable_core_dumps() {
         eprintln!("nats-fs-runner: cannot turn core dumps off: {e}");
         return ExitCode::from(EXIT_USAGE);
     }
@@ -146,6 +169,15 @@ fn main() -> ExitCode {
     if let Some(what) = cli.generate {
         let command = <Cli as clap::CommandFactory>::command();
         return nats_fs::generate::generate(command, what, ExitCode::from(EXIT_USAGE));
+    }
+    if let (Some(folder), Some(ids)) = (&cli.reach, &cli.reach_as) {
+        return reach::reach(folder, ids);
+    }
+    if cli.pipe {
+        if let Err(e) = under_a_supervisor() {
+            eprintln!("nats-fs-runner: {e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
     }
     init_tracing(cli.pipe);
     let runtime = match tokio::runtime::Builder::new_current_thread()
@@ -200,6 +232,22 @@ fn init_tracing(pipe: bool) {
     }
 }
 
+/// The set-up of a runner a supervisor started (see the crate docs): the supervisor's death
+/// ends it, nothing it starts can gain privileges, the OOM killer picks it and its steps
+/// first, and no signal is ignored.
+fn under_a_supervisor() -> Result<(), String> {
+    // SIGTERM is "stop now" (see `pipe_mode`). The supervisor may have died before this: then
+    // stdin is closed already, which stops the run as well.
+    nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGTERM)
+        .map_err(|e| format!("setting PR_SET_PDEATHSIG: {e}"))?;
+    nix::sys::prctl::set_no_new_privs().map_err(|e| format!("setting PR_SET_NO_NEW_PRIVS: {e}"))?;
+    // As root (with CAP_SYS_RESOURCE), 1000 also becomes the lowest score the runner's
+    // processes may set: no step can make itself less likely to be picked. Best effort: a
+    // system without the file still runs jobs.
+    let _ = std::fs::write("/proc/self/oom_score_adj", "1000");
+    child::default_ignored_signals().map_err(|e| format!("resetting ignored signals: {e}"))
+}
+
 /// Installs handlers for SIGXFSZ and SIGXCPU, whose default action would kill the runner when
 /// its own writes pass `RLIMIT_FSIZE` or its CPU time passes the soft `RLIMIT_CPU`: with a
 /// handler, a write that is too large fails with EFBIG (an error the run reports), and the
@@ -249,13 +297,13 @@ async fn pipe_mode() -> ExitCode {
     ));
     let outcome = run::run(&start, &mut Pipe, &mut watch).await;
     clean_workspace(&start.workspace, false);
-    if start.kill_uid_at_end {
-        // Whatever of the job escaped the step sweeps dies before the job is said to be over:
-        // as this uid, kill(-1) reaches exactly the other processes of this uid.
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(-1),
-            nix::sys::signal::Signal::SIGKILL,
-        );
+    if let (true, Some(identity)) = (start.kill_uid_at_end, &start.identity) {
+        // Whatever of the job escaped the step sweeps dies before the job is said to be over.
+        // The runner has nothing left to do as root: it becomes the job's uid for good, and
+        // as that uid kill(-1) reaches exactly the other processes of the uid.
+        if let Err(e) = child::kill_every_other_process_as(identity.uid) {
+            warn!("killing what is left of uid {}: {e}", identity.uid);
+        }
     }
     let code = exit_code(&outcome);
     Pipe.event(&FromRunner::Ended(outcome));
@@ -401,27 +449,29 @@ async fn standalone(cli: Cli) -> anyhow::Result<ExitCode> {
 /// One standalone run in a fresh workspace. Ctrl-C cancels (TERM, grace, KILL); a second
 /// Ctrl-C kills at once. Also says whether a signal arrived.
 async fn run_once(job: &Standalone, signals: &mut Signals) -> anyhow::Result<(JobOutcome, bool)> {
-    // Opened once, like the supervisor does: the run works through these descriptors.
-    let folder = match JobFolder::open_job(&job.dir, job.id.as_str()) {
-        Ok(folder) => folder,
-        Err(outcome) => return Ok((outcome, false)),
-    };
     std::fs::create_dir_all(&job.workspaces_dir)
         .with_context(|| format!("creating {}", job.workspaces_dir.display()))?;
-    let workspace = tempfile::Builder::new()
+    // The workspace and the steps' results folder, side by side in a private folder.
+    let private = tempfile::Builder::new()
         .prefix(&format!("{}.", job.id))
         .tempdir_in(&job.workspaces_dir)
         .with_context(|| format!("creating a workspace in {}", job.workspaces_dir.display()))?;
+    let workspace = private.path().join("workspace");
+    let outputs = private.path().join("results");
+    for folder in [&workspace, &outputs] {
+        std::fs::create_dir(folder).with_context(|| format!("creating {}", folder.display()))?;
+    }
     let start = StartJob {
         version: PROTOCOL_VERSION,
         id: job.id.clone(),
         attempt: 1,
         stream_sequence: None,
         job_dir: job.dir.clone(),
-        job_fd: Some(folder.dir.as_raw_fd()),
-        results_fd: Some(folder.results.as_raw_fd()),
+        share: None,
+        identity: None,
         kill_uid_at_end: false,
-        workspace: workspace.path().to_owned(),
+        workspace,
+        outputs_dir: Some(outputs),
         tmp_dir: None,
         steps: job.steps.clone(),
         default_timeout_ms: millis(job.default_timeout),
@@ -432,6 +482,9 @@ async fn run_once(job: &Standalone, signals: &mut Signals) -> anyhow::Result<(Jo
         ceilings: nats_fs::limits::Limits::default(),
         max_timeout_ms: None,
         idle_timeout_ms: None,
+        share_parallelism: nats_fs::protocol::DEFAULT_SHARE_PARALLELISM,
+        push_logs_every_ms: None,
+        min_free_space: 0,
     };
     let (handle, mut stop) = control::channel();
     let mut human = Human;
@@ -449,7 +502,7 @@ async fn run_once(job: &Standalone, signals: &mut Signals) -> anyhow::Result<(Jo
             }
         }
     };
-    clean_workspace(workspace.path(), true);
+    clean_workspace(private.path(), true);
     Ok((outcome, handle.is_requested()))
 }
 

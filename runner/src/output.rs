@@ -22,8 +22,6 @@ use nats_fs::limits::size;
 
 /// A job with at least this much in `results/` filled the drive itself.
 pub(crate) const JOB_FILLED_DRIVE: u64 = 1 << 20;
-/// A drive with less free than this is full for our purposes (a step's write failed there).
-pub(crate) const NEARLY_FULL: u64 = 256 << 10;
 /// What is cut from the largest log to make room for `result.json` on a full drive.
 const ROOM_FOR_MANIFEST: u64 = 256 << 10;
 

@@ -69,8 +69,9 @@ impl Report for Human {
                 duration_ms,
             } => info!("synced {files} artifacts ({bytes} bytes) in {duration_ms} ms"),
             FromRunner::Warning { message } => warn!("{message}"),
-            // The end goes to the pipe only; standalone, the result is printed instead.
-            FromRunner::Ended(_) | FromRunner::Unknown => {}
+            // The end goes to the pipe only; standalone, the result is printed instead (and a
+            // fault for want of room says what `NoRoom` does).
+            FromRunner::NoRoom { .. } | FromRunner::Ended(_) | FromRunner::Unknown => {}
         }
     }
 }

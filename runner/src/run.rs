@@ -2,10 +2,14 @@
 //! steps, sync, write the manifest. Both modes of the runner — the supervisor's pipe and
 //! `--job` — call [`run`]; only how events are reported differs.
 //!
-//! The job folder and its `results/` are reached only through the descriptors in the start
-//! message (opened by the supervisor, or by `--job`, without following symlinks), as
-//! `/proc/self/fd/N` paths: a folder re-pointed by name after it was opened changes nothing
-//! here. Messages name the folder by its real path.
+//! The job folder is opened once, with the share user's rights and without following a
+//! symlink ([`JobFolder::open`], which also gives the run an empty `results/`: an earlier
+//! run's is moved aside, never emptied), and reached from then on only through those
+//! descriptors, as `/proc/self/fd/N` paths: a folder re-pointed by name after it was opened
+//! changes nothing here. Messages name the folder by its real path. The steps never touch
+//! the job folder: they work in the workspace, write into their own results folder
+//! (`$JOB_RESULTS_DIR`, copied to `results/` at the end) and print into a pipe that the runner
+//! copies to their log ([`crate::logs`]).
 //!
 //! How a job ended is data ([`JobOutcome`]), never an `Err`: the job's own problems end as a
 //! final status with a manifest; problems of the host (disk, permissions, shared drive) end as
@@ -15,15 +19,15 @@
 //! Every end but success carries a [`Reason`] for machines: `exit`, `signal`, `timeout`,
 //! `idle`, `cancelled`, `memory`, `output`, `processes`, `cpuTime`, `fileSize`, `invalid`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
-use std::io;
+use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use nats_fs::folder::{read_job_json, JobFileError};
+use nats_fs::folder::{fd_path, read_job_json, JobFileError, JobFolder};
 use nats_fs::job::{JobSpec, Step};
 use nats_fs::limits::{size, Kind, Limits};
 use nats_fs::manifest::{
@@ -35,11 +39,13 @@ use nats_fs::{millis, JobOutcome, ResultMessage, Status};
 use nix::sys::signal::Signal;
 use tokio::time::Instant;
 
+use crate::child::StepRlimits;
 use crate::control::StopWatch;
 use crate::grant::{self, Grant};
+use crate::logs::{self, Copier};
 use crate::output;
 use crate::report::Report;
-use crate::rlimit::StepRlimits;
+use crate::rights::Rights;
 use crate::stage::{self, Staged};
 use crate::step::{self, Ending, StepCommand, Watched};
 use crate::sync::{self, Synced};
@@ -47,6 +53,8 @@ use crate::sync::{self, Synced};
 /// A step that fails with this many processes (or fewer) short of `limits.processes` failed
 /// because of it, as far as anyone can tell: fork's EAGAIN leaves no other trace.
 const NEAR_PROCESS_LIMIT: u64 = 2;
+/// How long a step's log may take to reach its end once every process of the step is gone.
+const LOG_PATIENCE: Duration = Duration::from_secs(5);
 
 /// Runs the job described by `start`, reporting progress to `report`.
 pub(crate) async fn run(
@@ -60,17 +68,22 @@ pub(crate) async fn run(
             start.version
         ));
     }
-    let (Some(job_fd), Some(results_fd)) = (start.job_fd, start.results_fd) else {
-        return fault("the start message names no job folder descriptors".to_owned());
+    let rights = Rights::of(start);
+    let opened = rights.on_share(|| JobFolder::open_job(&start.job_dir, start.id.as_str()));
+    let (folder, moved) = match opened {
+        Ok(opened) => opened,
+        Err(JobOutcome::Fault { why }) => {
+            return fault(format!("{why} (as {})", share_user(start)));
+        }
+        Err(outcome) => return outcome,
     };
-    let job_dir = PathBuf::from(format!("/proc/self/fd/{job_fd}"));
-    let results = PathBuf::from(format!("/proc/self/fd/{results_fd}"));
-    if !(job_dir.is_dir() && results.is_dir()) {
-        return fault(format!(
-            "descriptors {job_fd} and {results_fd} are not the open job folder and results/"
-        ));
+    let mut job = Job::new(start, folder, rights);
+    if let Some(moved) = moved {
+        job.warn(
+            report,
+            format!("results/ held an earlier run's files: moved them to {moved}"),
+        );
     }
-    let mut job = Job::new(start, job_dir, results);
     match job.run(report, stop).await {
         Ok(outcome) | Err(outcome) => outcome,
     }
@@ -82,9 +95,12 @@ struct Job<'a> {
     host: String,
     started_at: SystemTime,
     started: Instant,
-    /// The job folder and `results/`, as `/proc/self/fd/N`: how this run reaches them.
+    /// The job folder and its `results/`, open; as `/proc/self/fd/N` in `dir` and `results`:
+    /// how this run reaches them.
+    _folder: JobFolder,
     dir: PathBuf,
     results: PathBuf,
+    rights: Rights,
     /// `results/` by its real name, for messages and the steps' `JOB_RESULTS_DIR`.
     shown_results: PathBuf,
     warnings: Vec<String>,
@@ -94,6 +110,8 @@ struct Job<'a> {
     limits: Limits,
     /// The names of the logs created so far, in `results/`.
     logs: Vec<String>,
+    /// Bytes written into those logs.
+    logged: u64,
 }
 
 /// How a run ends, for the manifest.
@@ -160,20 +178,23 @@ struct Terms<'a> {
 }
 
 impl<'a> Job<'a> {
-    fn new(start: &'a StartJob, dir: PathBuf, results: PathBuf) -> Self {
+    fn new(start: &'a StartJob, folder: JobFolder, rights: Rights) -> Self {
         Self {
             start,
             host: nats_fs::host_name(),
             started_at: SystemTime::now(),
             started: Instant::now(),
-            dir,
-            results,
+            dir: fd_path(&folder.dir),
+            results: fd_path(&folder.results),
+            _folder: folder,
+            rights,
             shown_results: start.job_dir.join(RESULTS_DIR),
             warnings: Vec::new(),
             stage_ms: 0,
             sync_ms: 0,
             limits: Limits::default(),
             logs: Vec::new(),
+            logged: 0,
         }
     }
 
@@ -183,7 +204,6 @@ impl<'a> Job<'a> {
         report: &mut dyn Report,
         stop: &mut StopWatch,
     ) -> Result<JobOutcome, JobOutcome> {
-        self.empty_results()?;
         let spec = match self.load_spec() {
             Ok(spec) => spec,
             Err(problem) => {
@@ -216,7 +236,7 @@ impl<'a> Job<'a> {
         let interrupt = stop.interrupt();
 
         let clock = Instant::now();
-        let staged = match self.stage(interrupt.clone()).await {
+        let staged = match self.stage(interrupt.clone(), report).await {
             Ok(staged) => staged,
             Err(outcome) => return self.cancelled_instead(outcome, stop, &spec),
         };
@@ -239,7 +259,7 @@ impl<'a> Job<'a> {
         let (records, end) = self.run_steps(&terms, report, stop).await?;
 
         let clock = Instant::now();
-        let synced = self.sync(&staged, interrupt).await?;
+        let synced = self.sync(&staged, &spec, interrupt).await?;
         self.sync_ms = millis(clock.elapsed());
         report.event(&FromRunner::Synced {
             files: synced.artifacts.len() as u64,
@@ -306,7 +326,7 @@ impl<'a> Job<'a> {
             ));
         }
         if let Some(path) = &synced.no_space {
-            let used = nats_fs::tree::bytes_in(&self.results, None);
+            let used = self.logged + synced.bytes;
             if used < output::JOB_FILLED_DRIVE {
                 return Err(fault(format!(
                     "the drive holding {} is full (copying artifact {path}); the job has only {} there, so it will be retried",
@@ -314,7 +334,8 @@ impl<'a> Job<'a> {
                     size(used)
                 )));
             }
-            output::make_room(&self.results, &self.logs);
+            self.rights
+                .on_share(|| output::make_room(&self.results, &self.logs));
             problem = Some(format!(
                 "copying artifact {path} filled the drive holding results/ (the job's output there: {}); it was not copied",
                 size(used)
@@ -328,19 +349,6 @@ impl<'a> Job<'a> {
             return Ok(end);
         }
         Ok(End::of(Status::Failed, Some(problem), Some(Reason::Output)))
-    }
-
-    /// Empties `results/`: nothing of an earlier run may be mistaken for this run's output.
-    /// (Under a supervisor it is empty already: the supervisor emptied it, as the earlier run's
-    /// files no longer belong to the runner's user.)
-    fn empty_results(&self) -> Result<(), JobOutcome> {
-        nats_fs::tree::empty_dir(&self.results).map_err(|e| {
-            fault(format!(
-                "emptying {} (it must be writable by {}): {e}",
-                self.shown_results.display(),
-                whoami()
-            ))
-        })
     }
 
     /// An immediate stop ended the run early (`outcome`): if the stop was a cancel, the job
@@ -368,7 +376,10 @@ impl<'a> Job<'a> {
     /// Reads `job.json` and applies the request's steps. `Err` is the job's own problem.
     fn load_spec(&self) -> Result<JobSpec, String> {
         let overridden = self.start.steps.is_some();
-        let mut spec = match read_job_json(&self.dir, &self.start.job_dir) {
+        let read = self
+            .rights
+            .on_share(|| read_job_json(&self.dir, &self.start.job_dir));
+        let mut spec = match read {
             Ok(bytes) => JobSpec::parse(&bytes, !overridden).map_err(|e| e.to_string())?,
             Err(JobFileError::Missing(_)) if overridden => JobSpec::default(),
             Err(e) => return Err(e.to_string()),
@@ -389,18 +400,50 @@ impl<'a> Job<'a> {
             .replace(job.as_ref(), &self.start.job_dir.to_string_lossy())
     }
 
-    async fn stage(&self, interrupt: Arc<AtomicBool>) -> Result<Staged, JobOutcome> {
+    async fn stage(
+        &self,
+        interrupt: Arc<AtomicBool>,
+        report: &mut dyn Report,
+    ) -> Result<Staged, JobOutcome> {
         let from = self.dir.clone();
         let to = self.start.workspace.clone();
-        let staged = tokio::task::spawn_blocking(move || stage::stage(&from, &to, &interrupt))
-            .await
-            .map_err(|e| fault(format!("staging: {e}")))?;
+        let (rights, parallelism) = (self.rights, self.start.share_parallelism);
+        let reserve = self.start.min_free_space;
+        let staged = tokio::task::spawn_blocking(move || {
+            stage::stage(&stage::Plan {
+                from: &from,
+                to: &to,
+                rights,
+                parallelism,
+                reserve,
+                interrupt: &interrupt,
+            })
+        })
+        .await
+        .map_err(|e| fault(format!("staging: {e}")))?;
         staged.map_err(|e| match e {
             stage::StageError::Interrupted => aborted(),
+            stage::StageError::NoRoom { free, needed } => {
+                report.event(&FromRunner::NoRoom {
+                    free_bytes: free,
+                    needed_bytes: needed,
+                    reserve_bytes: reserve,
+                });
+                let drive = self.start.workspace.parent().unwrap_or(&self.start.workspace);
+                fault(format!(
+                    "the workspaces drive {} has {} free; job {} needs {} plus the {} reserve (--min-free-space)",
+                    drive.display(),
+                    size(free),
+                    self.start.id,
+                    size(needed),
+                    size(reserve)
+                ))
+            }
             e @ stage::StageError::Io { .. } => fault(format!(
-                "{} (the runner runs as {})",
+                "{} (reading it as {}, writing the workspace as {})",
                 self.shown(&e.to_string()),
-                whoami()
+                share_user(self.start),
+                job_user(self.start)
             )),
         })
     }
@@ -408,16 +451,31 @@ impl<'a> Job<'a> {
     async fn sync(
         &self,
         staged: &Staged,
+        spec: &JobSpec,
         interrupt: Arc<AtomicBool>,
     ) -> Result<Synced, JobOutcome> {
         let workspace = self.start.workspace.clone();
+        let outputs = self.start.outputs_dir.clone();
         let results = self.results.clone();
         let snapshot = staged.snapshot.clone();
-        let quota = self.limits.output;
+        let reserved = reserved_names(spec);
+        let quota_left = self
+            .limits
+            .output
+            .map(|quota| quota.saturating_sub(self.logged));
+        let (rights, parallelism) = (self.rights, self.start.share_parallelism);
         let synced = tokio::task::spawn_blocking(move || {
-            let left =
-                quota.map(|quota| quota.saturating_sub(nats_fs::tree::bytes_in(&results, None)));
-            sync::sync(&workspace, &results, &snapshot, &interrupt, left)
+            sync::sync(&sync::Plan {
+                workspace: &workspace,
+                outputs: outputs.as_deref(),
+                results: &results,
+                reserved: &reserved,
+                staged: &snapshot,
+                rights,
+                parallelism,
+                interrupt: &interrupt,
+                quota_left,
+            })
         })
         .await
         .map_err(|e| fault(format!("syncing: {e}")))?;
@@ -427,7 +485,11 @@ impl<'a> Job<'a> {
                 skipped: vec!["syncing was interrupted by an immediate stop".to_owned()],
                 ..Synced::default()
             }),
-            Err(e) => Err(fault(self.shown(&e.to_string()))),
+            Err(e) => Err(fault(format!(
+                "{} (writing results/ as {})",
+                self.shown(&e.to_string()),
+                share_user(self.start)
+            ))),
         }
     }
 
@@ -443,18 +505,28 @@ impl<'a> Job<'a> {
     ) -> Result<(StepRecord, End), JobOutcome> {
         let log_name = nats_fs::manifest::step_log(index);
         let log_path = self.results.join(&log_name);
-        let log = open_log(&log_path).map_err(|e| {
+        let log = self.rights.on_share(|| open_log(&log_path)).map_err(|e| {
             fault(format!(
-                "creating {}: {e}",
-                self.shown_results.join(&log_name).display()
+                "creating {} (as {}): {e}",
+                self.shown_results.join(&log_name).display(),
+                share_user(self.start)
             ))
         })?;
         self.logs.push(log_name.clone());
-        // What this step's log may grow to: the quota less what the job has in results/.
-        let log_quota = self
-            .limits
-            .output
-            .map(|quota| quota.saturating_sub(nats_fs::tree::bytes_in(&self.results, None)));
+        // What this step's log may grow to: the quota less what the job has produced so far
+        // (its earlier logs, and what its steps put in their results folder).
+        let used = self.output_so_far();
+        let log_quota = self.limits.output.map(|quota| quota.saturating_sub(used));
+        let (pipe, output) =
+            logs::pipe().map_err(|e| fault(format!("making step {index}'s output pipe: {e}")))?;
+        logs::widen(&pipe);
+        let streaming = Copier::start(
+            pipe,
+            log,
+            log_quota,
+            self.start.push_logs_every_ms.map(Duration::from_millis),
+        )
+        .map_err(|e| fault(format!("starting step {index}'s log: {e}")))?;
         let idle = terms.grant.idle_timeout(step);
         let began = Instant::now();
         let step_deadline = step.timeout.and_then(|t| began.checked_add(t));
@@ -467,13 +539,14 @@ impl<'a> Job<'a> {
             run: &step.run,
             cwd: &self.start.workspace,
             env: &env,
-            log,
+            output,
+            progress: streaming.progress().clone(),
             deadline,
             grace: Duration::from_millis(self.start.kill_grace_ms),
             rlimits: terms.rlimits,
+            identity: self.start.identity.as_ref(),
             watched: Watched {
                 idle,
-                log_quota,
                 processes: self.limits.processes.is_some(),
             },
         })
@@ -487,26 +560,11 @@ impl<'a> Job<'a> {
             .wait(stops)
             .await
             .map_err(|e| fault(format!("waiting for step {index}: {e}")))?;
-        // A step that wrote past its share and ended before the poll's first look got away
-        // with it: the same as one the poll caught.
-        if finished.ending == Ending::Exited
-            && log_quota.is_some_and(|keep| fs::metadata(&log_path).is_ok_and(|m| m.len() > keep))
-        {
-            finished.ending = Ending::OutputExceeded;
-        }
         let duration_ms = millis(began.elapsed());
         let label = step_label(index, step);
-        if let (Ending::OutputExceeded, Some(keep), Some(quota)) =
-            (&finished.ending, log_quota, self.limits.output)
-        {
-            // Every writer of the log is dead now: cut it back to the quota, and say so in it.
-            if let Err(e) = output::cut_log(&log_path, keep, &output::quota_marker(quota)) {
-                self.warn(
-                    report,
-                    format!("cutting {log_name} at the output limit: {e}"),
-                );
-            }
-        }
+        let copied = self
+            .finish_log(streaming, &log_name, &label, &mut finished, report)
+            .await?;
         self.warn_leftovers(report, &label, &finished);
         let code = finished.exit_code();
         let (status, end) = judge(
@@ -521,7 +579,7 @@ impl<'a> Job<'a> {
             },
         );
         let end = match end {
-            Ok(end) => Ok(self.judge_output(end, &label)?),
+            Ok(end) => Ok(self.judge_output(end, &label, copied.drive_full())?),
             handed_back => handed_back,
         };
         report.event(&FromRunner::StepFinished {
@@ -543,6 +601,52 @@ impl<'a> Job<'a> {
             resources: Some(finished.resources),
         };
         Ok((record, end?))
+    }
+
+    /// Waits for a step's log to reach its end, once every process of the step is gone (the
+    /// pipe ends once the copier has read it all), and ends a log cut at the quota with its
+    /// marker. A step that printed past its share and ended before the watch saw it got away
+    /// with nothing: its ending is the same as one the watch caught. `Err`: the drive refused
+    /// the log for another reason than a full drive (a fault of the host).
+    async fn finish_log(
+        &mut self,
+        streaming: Copier,
+        log_name: &str,
+        label: &str,
+        finished: &mut step::Finished,
+        report: &mut dyn Report,
+    ) -> Result<logs::Copied, JobOutcome> {
+        let Some((copied, log)) = streaming.finish(LOG_PATIENCE).await else {
+            self.warn(
+                report,
+                format!(
+                    "{log_name} may miss its end: a process of {label} still held its output after {}s",
+                    LOG_PATIENCE.as_secs()
+                ),
+            );
+            return Ok(logs::Copied::default());
+        };
+        if copied.over_quota {
+            if finished.ending == Ending::Exited {
+                finished.ending = Ending::OutputExceeded;
+            }
+            let marker = output::quota_marker(self.limits.output.unwrap_or_default());
+            if let Err(e) = end_with(&log, copied.written, &marker) {
+                self.warn(
+                    report,
+                    format!("marking {log_name} at the output limit: {e}"),
+                );
+            }
+        }
+        self.logged += copied.written;
+        if let Some(e) = copied.failed.as_ref().filter(|_| !copied.drive_full()) {
+            return Err(fault(format!(
+                "writing {} (as {}): {e}",
+                self.shown_results.join(log_name).display(),
+                share_user(self.start)
+            )));
+        }
+        Ok(copied)
     }
 
     /// Warns about processes a step left behind.
@@ -567,23 +671,32 @@ impl<'a> Job<'a> {
         }
     }
 
-    /// What the job has in `results/` after a step: under an output limit, files the step
-    /// wrote there directly count, and passing the limit fails the job. A step that failed
-    /// on a full drive failed because of the job's own output if the job has enough there
-    /// (then the largest log is cut to make room for the manifest), and because of the host
-    /// otherwise (a fault: the job is retried).
-    fn judge_output(&self, end: End, label: &str) -> Result<End, JobOutcome> {
+    /// What the job has produced so far: its logs, and what its steps put in their results
+    /// folder (which is copied to `results/` at the end).
+    fn output_so_far(&self) -> u64 {
+        let outputs = self.start.outputs_dir.as_deref().map_or(0, |dir| {
+            self.rights.as_job(|| nats_fs::tree::bytes_in(dir, None))
+        });
+        self.logged.saturating_add(outputs)
+    }
+
+    /// What the job has produced after a step: under an output limit, files the step wrote
+    /// into its results folder count, and passing the limit fails the job. A step whose log
+    /// found the drive holding `results/` full failed because of the job's own output if the
+    /// job has enough there (then the largest log is cut to make room for the manifest), and
+    /// because of the host otherwise (a fault: the job is retried).
+    fn judge_output(&self, end: End, label: &str, drive_full: bool) -> Result<End, JobOutcome> {
         // A step that failed on its own may have written past the quota too; then the quota is
         // what the job is told about (with the step's own code).
         let code = if end.goes_on() { 1 } else { end.exit_code };
         if let (true, Some(quota)) = (end.goes_on() || end.failed_on_its_own(), self.limits.output)
         {
-            let used = nats_fs::tree::bytes_in(&self.results, None);
+            let used = self.output_so_far();
             if used > quota {
                 return Ok(End::failed(
                     code,
                     format!(
-                        "the job has {} in results/ after {label}, more than its output limit of {} (files a step writes there directly count too)",
+                        "the job has produced {} after {label} (its logs and its results folder), more than its output limit of {} (files a step writes into $JOB_RESULTS_DIR count too)",
                         size(used),
                         size(quota)
                     ),
@@ -591,30 +704,23 @@ impl<'a> Job<'a> {
                 ));
             }
         }
-        if !end.failed_on_its_own() {
+        if !drive_full {
             return Ok(end);
         }
-        let Some(free) = nats_fs::tree::free_space(&self.results)
-            .ok()
-            .filter(|f| *f < output::NEARLY_FULL)
-        else {
-            return Ok(end);
-        };
-        let used = nats_fs::tree::bytes_in(&self.results, None);
-        if used < output::JOB_FILLED_DRIVE {
+        if self.logged < output::JOB_FILLED_DRIVE {
             return Err(fault(format!(
-                "{label} failed with the drive holding {} full ({} free), and the job has only {} there: the host is the cause, the job will be retried",
+                "the drive holding {} is full ({label}'s log could not be written), and the job has only {} there: the host is the cause, the job will be retried",
                 self.shown_results.display(),
-                size(free),
-                size(used)
+                size(self.logged)
             )));
         }
-        output::make_room(&self.results, &self.logs);
+        self.rights
+            .on_share(|| output::make_room(&self.results, &self.logs));
         Ok(End::failed(
             end.exit_code,
             format!(
-                "{label} failed after the job's output ({}) filled the drive holding results/",
-                size(used)
+                "{label}'s output ({} in the job's logs) filled the drive holding results/",
+                size(self.logged)
             ),
             Reason::Output,
         ))
@@ -629,7 +735,9 @@ impl<'a> Job<'a> {
         env.insert("JOB_ID".into(), self.start.id.to_string());
         env.insert("JOB_ATTEMPT".into(), self.start.attempt.to_string());
         env.insert("JOB_WORKSPACE".into(), path(&self.start.workspace));
-        env.insert("JOB_RESULTS_DIR".into(), path(&self.shown_results));
+        if let Some(outputs) = &self.start.outputs_dir {
+            env.insert("JOB_RESULTS_DIR".into(), path(outputs));
+        }
         if let Some(tmp) = &self.start.tmp_dir {
             env.insert("TMPDIR".into(), path(tmp));
         }
@@ -685,11 +793,20 @@ impl<'a> Job<'a> {
             stream_sequence: self.start.stream_sequence,
             warnings: self.warnings.clone(),
         };
-        let written = match manifest.write_atomic(&self.results) {
+        let write = |manifest: &Manifest| {
+            self.rights
+                .on_share(|| manifest.write_atomic(&self.results))
+        };
+        let written = match write(&manifest) {
             Err(e) if output::is_no_space(&e) => {
-                let used = nats_fs::tree::bytes_in(&self.results, None);
+                let used = self
+                    .logged
+                    .saturating_add(manifest.artifacts.iter().map(|a| a.size).sum::<u64>());
                 if used < output::JOB_FILLED_DRIVE
-                    || output::make_room(&self.results, &self.logs).is_none()
+                    || self
+                        .rights
+                        .on_share(|| output::make_room(&self.results, &self.logs))
+                        .is_none()
                 {
                     Err(e)
                 } else {
@@ -705,15 +822,16 @@ impl<'a> Job<'a> {
                     } else {
                         manifest.warnings.push(what);
                     }
-                    manifest.write_atomic(&self.results)
+                    write(&manifest)
                 }
             }
             other => other,
         };
         written.map_err(|e| {
             fault(format!(
-                "writing {}: {e}",
-                self.shown_results.join(MANIFEST_FILE).display()
+                "writing {} (as {}): {e}",
+                self.shown_results.join(MANIFEST_FILE).display(),
+                share_user(self.start)
             ))
         })?;
         Ok(JobOutcome::final_result(ResultMessage::from_manifest(
@@ -722,18 +840,47 @@ impl<'a> Job<'a> {
     }
 }
 
-/// Creates a step's log in `results/`. Whatever a step may have put at that name (a FIFO that
-/// would block the open, a link that would redirect the log) is removed first; the log is
-/// created anew, never opened through a link.
+/// The names at the top of `results/` that are the run's own: every step's log, the manifest
+/// and its temporary file. No artifact takes them.
+fn reserved_names(spec: &JobSpec) -> BTreeSet<String> {
+    (0..spec.steps.len())
+        .map(nats_fs::manifest::step_log)
+        .chain([MANIFEST_FILE.to_owned(), Manifest::temp_name()])
+        .collect()
+}
+
+/// Creates a step's log in `results/`, which is new for this run: never an existing file and
+/// never through a link.
 fn open_log(path: &Path) -> io::Result<fs::File> {
     use std::os::unix::fs::OpenOptionsExt;
-    nats_fs::tree::remove_entry(path)?;
     fs::OpenOptions::new()
         .append(true)
         .create_new(true)
         .mode(0o644)
         .custom_flags(nix::libc::O_NOFOLLOW)
         .open(path)
+}
+
+/// Ends a log of `written` bytes with `marker`, on a line of its own.
+fn end_with(log: &fs::File, written: u64, marker: &str) -> io::Result<()> {
+    let mut text = Vec::with_capacity(marker.len() + 1);
+    if written > 0 && !ends_with_newline(log, written)? {
+        text.push(b'\n');
+    }
+    text.extend_from_slice(marker.as_bytes());
+    (&*log).write_all(&text)
+}
+
+fn ends_with_newline(log: &fs::File, written: u64) -> io::Result<bool> {
+    use std::os::unix::fs::FileExt;
+    let mut last = [0u8];
+    // The log is open for appending only: read the last byte through a second descriptor.
+    let reader = fs::File::open(format!(
+        "/proc/self/fd/{}",
+        std::os::fd::AsRawFd::as_raw_fd(log)
+    ))?;
+    reader.read_exact_at(&mut last, written - 1)?;
+    Ok(last[0] == b'\n')
 }
 
 /// What [`judge`] needs to know besides how the step ended.
@@ -791,6 +938,11 @@ fn judge(finished: &step::Finished, at: &Judging<'_>) -> (StepStatus, Result<End
                 "{label} wrote more into results/ than the job's output limit of {} allows; its log was cut there",
                 size(at.limits.output.unwrap_or_default())
             );
+            (StepStatus::Failed, End::failed(code, what, Reason::Output))
+        }
+        // What the drive made of it decides the job's end (`Job::judge_output`).
+        Ending::LogFailed => {
+            let what = format!("{label}'s log could not be written: it was stopped");
             (StepStatus::Failed, End::failed(code, what, Reason::Output))
         }
         Ending::Stopped(requested) => match &requested.exceeded {
@@ -922,7 +1074,23 @@ fn handed_back() -> JobOutcome {
     JobOutcome::aborted("stopped by the supervisor before it finished; it will run again")
 }
 
-/// The user the runner runs as, for error messages about permissions.
+/// Who the runner is on the jobs folder, for error messages about permissions.
+fn share_user(start: &StartJob) -> String {
+    match start.share {
+        Some(ids) => format!("the share user, {ids}"),
+        None => whoami(),
+    }
+}
+
+/// Who the runner is in the workspace: the job's identity.
+fn job_user(start: &StartJob) -> String {
+    match &start.identity {
+        Some(identity) => format!("{} (uid {})", identity.name, identity.uid),
+        None => whoami(),
+    }
+}
+
+/// The user the runner runs as.
 fn whoami() -> String {
     let uid = nix::unistd::geteuid();
     match nix::unistd::User::from_uid(uid) {

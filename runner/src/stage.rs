@@ -1,10 +1,16 @@
 //! Staging: copying a job folder into the private workspace (contract §4.1), and remembering what
 //! was staged so that [`crate::sync`] can tell which files the steps created or changed.
 //!
-//! Regular files are copied with `io::copy`, which std turns into `copy_file_range(2)` between
-//! two files (in-kernel, and a reflink where the filesystem offers one). Modes and mtimes are
-//! kept; symlinks are recreated verbatim and never followed; FIFOs, sockets and devices are
-//! skipped and reported. The top-level `results/` folder is not staged.
+//! The job folder is read with the share user's rights and the copy made with the job
+//! identity's ([`Rights`]), so the workspace is the job's own. The copy runs in two passes,
+//! each with up to `--share-parallelism` calls in flight ([`crate::pool`]), since on a network
+//! share every call waits for the server: first the folders are listed (each listing on a
+//! thread of its own, so walks of different folders do not wait on each other) and created in
+//! the workspace; then, once it is known that the copy fits on the workspaces drive, the files
+//! are copied. Regular files are copied with `io::copy` (in-kernel where the two drives allow
+//! it). Modes and mtimes are kept; symlinks are recreated verbatim and never followed; FIFOs,
+//! sockets and devices are skipped and reported. The worker's own `results/` and earlier
+//! runs' `results.N` at the top are not staged.
 
 use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
@@ -13,10 +19,14 @@ use std::io;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
 
-use nats_fs::manifest::RESULTS_DIR;
+use nats_fs::folder::is_results_name;
 use nix::sys::stat::{utimensat, UtimensatFlags};
 use nix::sys::time::TimeSpec;
+
+use crate::pool;
+use crate::rights::Rights;
 
 /// What a file or link looked like right after staging. Any step that writes, truncates,
 /// replaces, renames over or chmods a file changes its ctime or inode, so comparing this tuple
@@ -46,7 +56,7 @@ impl Fingerprint {
 /// mean nothing in a private workspace (and under `no_new_privs`), a hardened service may forbid
 /// setting them (systemd's `RestrictSUIDSGID=`), and a job must not be able to leave a setuid
 /// file in `results/` on a shared drive.
-const KEPT_MODE_BITS: u32 = 0o1777;
+pub(crate) const KEPT_MODE_BITS: u32 = 0o1777;
 
 /// Files and links as staged, for telling later which ones the steps touched.
 ///
@@ -102,6 +112,9 @@ pub(crate) enum StageError {
     },
     #[error("staging interrupted")]
     Interrupted,
+    /// The copy does not fit on the workspaces drive with the reserve to spare.
+    #[error("the job folder's copy does not fit")]
+    NoRoom { free: u64, needed: u64 },
 }
 
 fn io_err<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> StageError + 'a {
@@ -112,81 +125,251 @@ fn io_err<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(io::Error) ->
     }
 }
 
-/// Copies `src` (a job folder) into `dst` (an existing, empty workspace). Checks `interrupt`
-/// between entries so a runner told to stop at once does not finish a huge copy first.
-pub(crate) fn stage(src: &Path, dst: &Path, interrupt: &AtomicBool) -> Result<Staged, StageError> {
-    let mut staged = Staged::default();
-    // Folders get their mode and times after their contents are written: writing changes a
-    // folder's mtime, and a read-only source folder must stay writable until it is filled.
-    let mut folders: Vec<(PathBuf, fs::Metadata)> = Vec::new();
-    let root = fs::symlink_metadata(dst).map_err(io_err("inspecting", dst))?;
-    let mut pending: Vec<(PathBuf, u64)> = vec![(PathBuf::new(), root.ino())];
-    while let Some((rel, folder)) = pending.pop() {
-        let from_dir = src.join(&rel);
-        let entries = fs::read_dir(&from_dir).map_err(io_err("reading folder", &from_dir))?;
-        for entry in entries {
-            if interrupt.load(Ordering::Relaxed) {
+/// How a staging goes: where from and to, with whose rights, how many calls at once.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Plan<'a> {
+    /// The job folder (a `/proc/self/fd/N` path).
+    pub(crate) from: &'a Path,
+    /// The workspace: an existing, empty folder.
+    pub(crate) to: &'a Path,
+    pub(crate) rights: Rights,
+    pub(crate) parallelism: usize,
+    /// Bytes to keep free on the workspace's drive besides the copy.
+    pub(crate) reserve: u64,
+    /// Checked between calls: a runner told to stop at once does not finish a huge copy.
+    pub(crate) interrupt: &'a AtomicBool,
+}
+
+/// A folder to list: its path relative to the job folder, and the inode of its copy.
+struct Folder {
+    rel: PathBuf,
+    copy_ino: u64,
+}
+
+/// What a listing found to copy once the folders are made.
+enum Entry {
+    File {
+        rel: PathBuf,
+        folder: u64,
+        name: OsString,
+        size: u64,
+    },
+    Link {
+        rel: PathBuf,
+        folder: u64,
+        name: OsString,
+        meta: fs::Metadata,
+    },
+}
+
+/// What the listing pass collects.
+#[derive(Default)]
+struct Listed {
+    entries: Vec<Entry>,
+    /// Folders made in the workspace, with their source's metadata, for their modes and times.
+    folders: Vec<(PathBuf, fs::Metadata)>,
+    skipped: Vec<String>,
+}
+
+/// Copies the job folder into the workspace (see the module docs).
+pub(crate) fn stage(plan: &Plan<'_>) -> Result<Staged, StageError> {
+    let root = plan
+        .rights
+        .as_job(|| fs::symlink_metadata(plan.to))
+        .map_err(io_err("inspecting", plan.to))?;
+    let listed = Mutex::new(Listed::default());
+    let first = vec![Folder {
+        rel: PathBuf::new(),
+        copy_ino: root.ino(),
+    }];
+    pool::run(plan.parallelism, first, |folder, tasks| {
+        list(plan, &folder, &listed, |next| tasks.push(next))
+    })?;
+    let listed = listed
+        .into_inner()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let needed: u64 = listed
+        .entries
+        .iter()
+        .map(|e| match e {
+            Entry::File { size, .. } => *size,
+            Entry::Link { .. } => 0,
+        })
+        .sum();
+    let free = nats_fs::tree::free_space(plan.to)
+        .map_err(io_err("checking the free space of", plan.to))?;
+    if free < needed.saturating_add(plan.reserve) {
+        return Err(StageError::NoRoom { free, needed });
+    }
+    let staged = Mutex::new(Staged {
+        skipped: listed.skipped,
+        ..Staged::default()
+    });
+    pool::run(plan.parallelism, listed.entries, |entry, _| {
+        copy_entry(plan, entry, &staged)
+    })?;
+    // Folders get their mode and times once their contents are written: writing changes a
+    // folder's mtime, and a read-only folder must stay writable until it is filled. Deepest
+    // first, so that a folder closed to its owner is closed last.
+    let mut folders = listed.folders;
+    folders.sort_by_key(|(path, _)| std::cmp::Reverse(path.components().count()));
+    plan.rights.as_job(|| {
+        for (path, meta) in &folders {
+            set_times_nofollow(path, meta).map_err(io_err("setting times of", path))?;
+            fs::set_permissions(path, Permissions::from_mode(meta.mode() & KEPT_MODE_BITS))
+                .map_err(io_err("setting mode of", path))?;
+        }
+        Ok::<(), StageError>(())
+    })?;
+    Ok(staged
+        .into_inner()
+        .unwrap_or_else(std::sync::PoisonError::into_inner))
+}
+
+/// Lists one folder of the job folder: makes its subfolders in the workspace (and hands them to
+/// `more`), and notes its files and links.
+fn list(
+    plan: &Plan<'_>,
+    folder: &Folder,
+    listed: &Mutex<Listed>,
+    more: impl Fn(Folder),
+) -> Result<(), StageError> {
+    let from_dir = plan.from.join(&folder.rel);
+    let entries: Vec<(OsString, fs::Metadata)> = plan.rights.on_share(|| {
+        let mut entries = Vec::new();
+        for entry in fs::read_dir(&from_dir).map_err(io_err("reading folder", &from_dir))? {
+            if plan.interrupt.load(Ordering::Relaxed) {
                 return Err(StageError::Interrupted);
             }
             let entry = entry.map_err(io_err("reading folder", &from_dir))?;
             let name = entry.file_name();
-            if rel.as_os_str().is_empty() && name == RESULTS_DIR {
+            if folder.rel.as_os_str().is_empty() && is_results_name(&name) {
                 continue;
             }
-            let rel_path = rel.join(&name);
-            let from = entry.path();
-            let to = dst.join(&rel_path);
-            let file_type = entry.file_type().map_err(io_err("inspecting", &from))?;
-            if file_type.is_dir() {
-                let meta = entry.metadata().map_err(io_err("inspecting", &from))?;
-                fs::create_dir(&to).map_err(io_err("creating folder", &to))?;
-                let made = fs::symlink_metadata(&to).map_err(io_err("inspecting", &to))?;
-                folders.push((to, meta));
-                pending.push((rel_path, made.ino()));
-            } else if file_type.is_file() {
-                let Some(meta) = copy_file(&from, &to)? else {
-                    // Replaced by something else since the folder was listed.
-                    staged.skipped.push(format!(
-                        "skipped {}: it stopped being a regular file while it was staged",
-                        rel_path.display()
-                    ));
-                    continue;
-                };
-                staged.files += 1;
-                staged.bytes += meta.size();
-                staged.snapshot.insert(folder, name, &meta);
-            } else if file_type.is_symlink() {
-                let target = fs::read_link(&from).map_err(io_err("reading link", &from))?;
-                std::os::unix::fs::symlink(&target, &to).map_err(io_err("creating link", &to))?;
-                let meta = entry.metadata().map_err(io_err("inspecting", &from))?;
-                set_times_nofollow(&to, &meta).map_err(io_err("setting times of", &to))?;
-                let meta = fs::symlink_metadata(&to).map_err(io_err("inspecting", &to))?;
-                staged.files += 1;
-                staged.snapshot.insert(folder, name, &meta);
-            } else {
-                staged.skipped.push(format!(
-                    "skipped {} ({}): only files, folders and symlinks are staged",
-                    rel_path.display(),
-                    special_kind(file_type)
-                ));
+            // Not following a symlink.
+            match entry.metadata() {
+                Ok(meta) => entries.push((name, meta)),
+                // Gone since the folder was listed.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io_err("inspecting", &entry.path())(e)),
             }
         }
+        Ok(entries)
+    })?;
+    let mut found = Listed::default();
+    for (name, meta) in entries {
+        let rel = folder.rel.join(&name);
+        let file_type = meta.file_type();
+        if file_type.is_dir() {
+            let to = plan.to.join(&rel);
+            let made = plan.rights.as_job(|| {
+                fs::create_dir(&to)?;
+                fs::symlink_metadata(&to)
+            });
+            let made = made.map_err(io_err("creating folder", &to))?;
+            found.folders.push((to, meta));
+            more(Folder {
+                rel,
+                copy_ino: made.ino(),
+            });
+        } else if file_type.is_file() {
+            found.entries.push(Entry::File {
+                rel,
+                folder: folder.copy_ino,
+                name,
+                size: meta.size(),
+            });
+        } else if file_type.is_symlink() {
+            found.entries.push(Entry::Link {
+                rel,
+                folder: folder.copy_ino,
+                name,
+                meta,
+            });
+        } else {
+            found.skipped.push(format!(
+                "skipped {} ({}): only files, folders and symlinks are staged",
+                rel.display(),
+                special_kind(file_type)
+            ));
+        }
     }
-    for (path, meta) in folders.iter().rev() {
-        set_times_nofollow(path, meta).map_err(io_err("setting times of", path))?;
-        fs::set_permissions(path, Permissions::from_mode(meta.mode() & KEPT_MODE_BITS))
-            .map_err(io_err("setting mode of", path))?;
-    }
-    Ok(staged)
+    let mut listed = listed
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    listed.entries.append(&mut found.entries);
+    listed.folders.append(&mut found.folders);
+    listed.skipped.append(&mut found.skipped);
+    Ok(())
 }
 
-/// Copies one regular file, keeping mode and times; returns the copy's metadata, or `None`
-/// when `from` is no longer a regular file.
-fn copy_file(from: &Path, to: &Path) -> Result<Option<fs::Metadata>, StageError> {
-    let Some((mut source, meta)) = open_regular(from).map_err(io_err("opening", from))? else {
+/// Copies one file or link into the workspace and records it in the snapshot.
+fn copy_entry(plan: &Plan<'_>, entry: Entry, staged: &Mutex<Staged>) -> Result<(), StageError> {
+    if plan.interrupt.load(Ordering::Relaxed) {
+        return Err(StageError::Interrupted);
+    }
+    match entry {
+        Entry::File {
+            rel, folder, name, ..
+        } => {
+            let from = plan.from.join(&rel);
+            let to = plan.to.join(&rel);
+            let Some(copy) = copy_file(plan.rights, &from, &to)? else {
+                // Replaced by something else since the folder was listed.
+                lock(staged).skipped.push(format!(
+                    "skipped {}: it stopped being a regular file while it was staged",
+                    rel.display()
+                ));
+                return Ok(());
+            };
+            let mut staged = lock(staged);
+            staged.files += 1;
+            staged.bytes += copy.size();
+            staged.snapshot.insert(folder, name, &copy);
+        }
+        Entry::Link {
+            rel,
+            folder,
+            name,
+            meta,
+        } => {
+            let from = plan.from.join(&rel);
+            let to = plan.to.join(&rel);
+            let target = plan
+                .rights
+                .on_share(|| fs::read_link(&from))
+                .map_err(io_err("reading link", &from))?;
+            let copy = plan.rights.as_job(|| {
+                std::os::unix::fs::symlink(&target, &to).map_err(io_err("creating link", &to))?;
+                set_times_nofollow(&to, &meta).map_err(io_err("setting times of", &to))?;
+                fs::symlink_metadata(&to).map_err(io_err("inspecting", &to))
+            })?;
+            let mut staged = lock(staged);
+            staged.files += 1;
+            staged.snapshot.insert(folder, name, &copy);
+        }
+    }
+    Ok(())
+}
+
+fn lock(staged: &Mutex<Staged>) -> std::sync::MutexGuard<'_, Staged> {
+    staged
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Copies one regular file, keeping mode and times: opened on the share, created in the
+/// workspace. Returns the copy's metadata, or `None` when `from` is no longer a regular file.
+fn copy_file(rights: Rights, from: &Path, to: &Path) -> Result<Option<fs::Metadata>, StageError> {
+    let opened = rights
+        .on_share(|| open_regular(from))
+        .map_err(io_err("opening", from))?;
+    let Some((mut source, meta)) = opened else {
         return Ok(None);
     };
-    let mut target = create_copy(to).map_err(io_err("creating", to))?;
+    let mut target = rights
+        .as_job(|| create_copy(to))
+        .map_err(io_err("creating", to))?;
     io::copy(&mut source, &mut target).map_err(io_err("copying", from))?;
     finish_copy(&target, &meta).map_err(io_err("setting mode and times of", to))?;
     target
@@ -265,9 +448,25 @@ fn special_kind(file_type: fs::FileType) -> &'static str {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::os::unix::fs::symlink;
+
+    /// Stages `src` into `dst` as this process, several calls at once.
+    pub(crate) fn stage_here(
+        src: &Path,
+        dst: &Path,
+        interrupt: bool,
+    ) -> Result<Staged, StageError> {
+        stage(&Plan {
+            from: src,
+            to: dst,
+            rights: Rights::default(),
+            parallelism: 4,
+            reserve: 0,
+            interrupt: &AtomicBool::new(interrupt),
+        })
+    }
 
     #[test]
     fn copies_files_links_modes_and_times_but_not_results_or_fifos() {
@@ -279,6 +478,9 @@ mod tests {
         fs::set_permissions(s.join("a/b/f.txt"), Permissions::from_mode(0o751)).unwrap();
         fs::create_dir(s.join("results")).unwrap();
         fs::write(s.join("results/old.log"), "stale").unwrap();
+        fs::create_dir(s.join("results.2")).unwrap();
+        fs::write(s.join("results.2/older.log"), "staler").unwrap();
+        fs::create_dir(s.join("results.x")).unwrap();
         fs::create_dir(s.join("ro")).unwrap();
         fs::write(s.join("ro/x"), "x").unwrap();
         fs::set_permissions(s.join("ro"), Permissions::from_mode(0o555)).unwrap();
@@ -296,7 +498,7 @@ mod tests {
             .set_modified(old)
             .unwrap();
 
-        let staged = stage(s, dst.path(), &AtomicBool::new(false)).unwrap();
+        let staged = stage_here(s, dst.path(), false).unwrap();
         let d = dst.path();
         assert_eq!(fs::read_to_string(d.join("a/b/f.txt")).unwrap(), "hello");
         let meta = fs::metadata(d.join("a/b/f.txt")).unwrap();
@@ -307,6 +509,8 @@ mod tests {
             Path::new("/etc/shadow")
         );
         assert!(!d.join("results").exists());
+        assert!(!d.join("results.2").exists());
+        assert!(d.join("results.x").is_dir(), "not a name of the worker's");
         assert!(!d.join("fifo").exists());
         assert_eq!(fs::metadata(d.join("ro")).unwrap().mode() & 0o777, 0o555);
         assert_eq!(
@@ -327,11 +531,56 @@ mod tests {
     }
 
     #[test]
+    fn a_wide_and_deep_tree_is_copied_whole() {
+        let src = tempfile::tempdir().unwrap();
+        let dst = tempfile::tempdir().unwrap();
+        let mut expected = 0;
+        for a in 0..8 {
+            for b in 0..5 {
+                let dir = src.path().join(format!("d{a}/e{b}"));
+                fs::create_dir_all(&dir).unwrap();
+                for f in 0..7 {
+                    fs::write(dir.join(format!("f{f}")), format!("{a}{b}{f}")).unwrap();
+                    expected += 1;
+                }
+            }
+        }
+        let staged = stage_here(src.path(), dst.path(), false).unwrap();
+        assert_eq!(staged.files, expected);
+        assert_eq!(
+            fs::read_to_string(dst.path().join("d7/e4/f6")).unwrap(),
+            "746"
+        );
+        assert_eq!(nats_fs::tree::bytes_in(dst.path(), None), 3 * expected);
+    }
+
+    #[test]
     fn interrupt_stops_staging() {
         let src = tempfile::tempdir().unwrap();
         fs::write(src.path().join("f"), "x").unwrap();
         let dst = tempfile::tempdir().unwrap();
-        let err = stage(src.path(), dst.path(), &AtomicBool::new(true)).unwrap_err();
+        let err = stage_here(src.path(), dst.path(), true).unwrap_err();
         assert!(matches!(err, StageError::Interrupted));
+    }
+
+    #[test]
+    fn a_copy_that_does_not_fit_is_refused_before_any_file_is_copied() {
+        let src = tempfile::tempdir().unwrap();
+        fs::write(src.path().join("f"), "x").unwrap();
+        let dst = tempfile::tempdir().unwrap();
+        let err = stage(&Plan {
+            from: src.path(),
+            to: dst.path(),
+            rights: Rights::default(),
+            parallelism: 4,
+            reserve: u64::MAX / 2,
+            interrupt: &AtomicBool::new(false),
+        })
+        .unwrap_err();
+        assert!(
+            matches!(err, StageError::NoRoom { needed: 1, .. }),
+            "{err:?}"
+        );
+        assert!(!dst.path().join("f").exists());
     }
 }

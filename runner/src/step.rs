@@ -1,16 +1,16 @@
 //! Running one step (contract §4.2–4.3): `/bin/sh -c`, its own process group, a clean environment,
-//! stdin from `/dev/null`, stdout and stderr both onto the step's log file, the job's rlimits.
+//! stdin from `/dev/null`, stdout and stderr both onto one pipe that the log's copier reads
+//! ([`crate::logs`]), the job's rlimits and identity ([`crate::child`]).
 //!
-//! The log file *is* the step's stdout and stderr — one open file description in append mode,
-//! shared by both — so output lands in `results/step_N.log` the moment it is written, in
-//! arrival order, with no copy through the runner: nothing to buffer, nothing lost when one
-//! stream closes before the other, and the runner's memory does not depend on how much a step
-//! prints.
+//! One pipe for both streams keeps the output in arrival order, and nothing is lost when one
+//! stream closes before the other. The runner's memory does not depend on how much a step
+//! prints: the copier passes it on through one buffer.
 //!
-//! While the step runs, and only when a limit needs it, a poll looks at the log's size (one
-//! `fstat`) — for `idleTimeout` (the log stopped growing) and `limits.output` (it grew past what
-//! is left of the quota) — and, every [`SCAN`], at the job's processes (one `/proc` scan), for
-//! `limits.processes` and for accounting. A step with none of these is not polled at all.
+//! While the step runs, and only when a limit needs it, a poll looks at how much the log has
+//! grown — for `idleTimeout` (the log stopped growing) — and, every [`SCAN`], at the job's
+//! processes (one `/proc` scan), for `limits.processes` and for accounting. A step with none of
+//! these is not polled at all. The copier says at once when the step has printed past what is
+//! left of `limits.output`.
 //!
 //! Ending a step: when the shell exits, everything else the step started is killed (SIGKILL)
 //! and reaped — its process group, plus anything that left the group with `setsid`, which the
@@ -27,6 +27,7 @@ use std::io;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::Path;
 use std::process::{Command, ExitStatus, Stdio};
+use std::sync::Arc;
 use std::time::Duration;
 
 use nats_fs::manifest::Resources;
@@ -36,17 +37,17 @@ use nix::unistd::{getpid, Pid};
 use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::time::{interval_at, sleep, sleep_until, Instant, Interval, MissedTickBehavior};
 
+use nats_fs::protocol::StepIdentity;
+
+use crate::child::{self, StepRlimits};
 use crate::control::{Stop, StopWatch};
-use crate::rlimit::StepRlimits;
+use crate::logs::Progress;
 use crate::usage::{self, Usage};
 
 /// How long to keep killing leftovers that refuse to die (stuck in the kernel) before giving up.
 const SWEEP_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often the log is looked at for an idle timeout.
 const POLL_IDLE: Duration = Duration::from_millis(100);
-/// How often it is looked at under an output quota: a step printing fast passes the quota by
-/// at most what it writes in this time before it is killed (and the log is cut back anyway).
-const POLL_OUTPUT: Duration = Duration::from_millis(50);
 /// How often the job's processes are counted (a `/proc` scan, a few milliseconds on a busy
 /// host), for `limits.processes` and accounting. The count that matters most for the limit is
 /// taken anyway when a step ends with processes left; a step shorter than this is not scanned.
@@ -61,8 +62,10 @@ pub(crate) enum Ending {
     TimedOut,
     /// The log did not grow for the idle timeout.
     Idle,
-    /// The log grew past what was left of the job's output quota.
+    /// The step printed past what was left of the job's output quota.
     OutputExceeded,
+    /// The drive refused a write of the step's log: its output had nowhere to go.
+    LogFailed,
     /// A stop request arrived.
     Stopped(Stop),
 }
@@ -72,8 +75,6 @@ pub(crate) enum Ending {
 pub(crate) struct Watched {
     /// End the step when its log does not grow for this long.
     pub(crate) idle: Option<Duration>,
-    /// Kill the step at once when its log grows past this many bytes.
-    pub(crate) log_quota: Option<u64>,
     /// Count the job's processes every [`SCAN`] (`limits.processes`).
     pub(crate) processes: bool,
 }
@@ -84,9 +85,7 @@ impl Watched {
     }
 
     fn interval(&self) -> Duration {
-        if self.log_quota.is_some() {
-            POLL_OUTPUT
-        } else if self.idle.is_some() {
+        if self.idle.is_some() {
             POLL_IDLE
         } else {
             SCAN
@@ -141,10 +140,14 @@ pub(crate) struct StepCommand<'a> {
     pub(crate) run: &'a str,
     pub(crate) cwd: &'a Path,
     pub(crate) env: &'a BTreeMap<String, String>,
-    pub(crate) log: File,
+    /// The write end of the log's pipe: the step's stdout and stderr.
+    pub(crate) output: File,
+    /// What the log's copier has done, for the watch.
+    pub(crate) progress: Arc<Progress>,
     pub(crate) deadline: Option<Instant>,
     pub(crate) grace: Duration,
     pub(crate) rlimits: StepRlimits,
+    pub(crate) identity: Option<&'a StepIdentity>,
     pub(crate) watched: Watched,
 }
 
@@ -152,12 +155,7 @@ pub(crate) struct StepCommand<'a> {
 pub(crate) fn spawn(step: StepCommand<'_>) -> io::Result<Running> {
     // Before the fork, so that the SIGCHLD of a shell that exits at once is not missed.
     let sigchld = signal(SignalKind::child())?;
-    let watched_log = if step.watched.is_empty() {
-        None
-    } else {
-        Some(step.log.try_clone()?)
-    };
-    let err = step.log.try_clone()?;
+    let err = step.output.try_clone()?;
     let before = Usage::children();
     let mut command = Command::new("/bin/sh");
     command
@@ -167,14 +165,17 @@ pub(crate) fn spawn(step: StepCommand<'_>) -> io::Result<Running> {
         .env_clear()
         .envs(step.env)
         .stdin(Stdio::null())
-        .stdout(step.log)
+        .stdout(step.output)
         .stderr(err)
         // A group of its own: signals for the step reach all of it and nothing else, and a
         // terminal's Ctrl-C aimed at the runner does not reach it directly.
         .process_group(0);
-    step.rlimits.apply(&mut command);
-    // std's Child neither waits nor kills when dropped: the shell is ours to reap.
+    child::prepare(&mut command, step.rlimits, step.identity);
+    // std's Child neither waits nor kills when dropped: the shell is ours to reap. Dropping
+    // the command closes the runner's copies of the pipe's write end: the pipe ends when the
+    // step's last process does.
     let child = command.spawn()?;
+    drop(command);
     let pid = i32::try_from(child.id())
         .map_err(|_| io::Error::other("the step's shell has an impossible pid"))?;
     Ok(Running {
@@ -183,7 +184,7 @@ pub(crate) fn spawn(step: StepCommand<'_>) -> io::Result<Running> {
         deadline: step.deadline,
         grace: step.grace,
         watched: step.watched,
-        log: watched_log,
+        progress: step.progress,
         before,
         seen: HashSet::from([pid]),
         peak_rss: 0,
@@ -199,8 +200,8 @@ pub(crate) struct Running {
     deadline: Option<Instant>,
     grace: Duration,
     watched: Watched,
-    /// The log, for `fstat`, when something watches it.
-    log: Option<File>,
+    /// What the log's copier has done.
+    progress: Arc<Progress>,
     /// The runner's children's usage when the step started.
     before: Usage,
     /// Every process of the step seen so far, the shell included.
@@ -215,6 +216,7 @@ enum Event {
     Deadline,
     Stop(Stop),
     Poll,
+    LogStopped,
 }
 
 /// The poll's memory of the log.
@@ -252,6 +254,7 @@ impl Running {
                 () = until(self.deadline) => Event::Deadline,
                 stop = stop.requested() => Event::Stop(stop),
                 () = tick(poll.as_mut()) => Event::Poll,
+                () = self.progress.stopped() => Event::LogStopped,
             };
             match event {
                 Event::Exited(exited) => {
@@ -260,6 +263,15 @@ impl Running {
                 }
                 Event::Deadline => break Ending::TimedOut,
                 Event::Stop(stop) => break Ending::Stopped(stop),
+                Event::LogStopped => {
+                    // At once, without a grace period: what it prints now is dropped anyway.
+                    let _ = killpg(self.group, Sig::SIGKILL);
+                    break if self.progress.over_quota() {
+                        Ending::OutputExceeded
+                    } else {
+                        Ending::LogFailed
+                    };
+                }
                 Event::Poll => {
                     if let Some(ending) = self.look(&mut state) {
                         break ending;
@@ -268,7 +280,7 @@ impl Running {
             }
         };
         let now = match &ending {
-            Ending::OutputExceeded => true,
+            Ending::OutputExceeded | Ending::LogFailed => true,
             Ending::Stopped(stop) => stop.kills_now(),
             _ => false,
         };
@@ -285,12 +297,7 @@ impl Running {
             state.scanned_at = now;
             self.scan();
         }
-        let size = self.log.as_ref()?.metadata().map(|m| m.len()).ok()?;
-        if self.watched.log_quota.is_some_and(|quota| size > quota) {
-            // At once, without a grace period: every moment costs more of the drive.
-            let _ = killpg(self.group, Sig::SIGKILL);
-            return Some(Ending::OutputExceeded);
-        }
+        let size = self.progress.printed();
         if size != state.size {
             state.size = size;
             state.grew_at = now;

@@ -2,15 +2,16 @@
 //!
 //! inotify (through `notify`) is good at "something changed" and poor at "exactly what" (its
 //! queue overflows and drops events under load), which is all this needs: any relevant event, debounced,
-//! triggers a whole new run, and each run stages afresh. Changes under `results/` — which the
-//! run itself writes — and mere reads are ignored.
+//! triggers a whole new run, and each run stages afresh. Changes under `results/` and an
+//! earlier run's `results.N` — which the run itself writes, and moves aside — and mere reads
+//! are ignored.
 
 use std::path::Path;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
-use nats_fs::manifest::RESULTS_DIR;
+use nats_fs::folder::is_results_name;
 use notify::event::{EventKind, MetadataKind, ModifyKind};
 use notify::{Event, RecursiveMode, Watcher};
 use tokio::sync::mpsc;
@@ -24,10 +25,10 @@ const DEBOUNCE: Duration = Duration::from_millis(300);
 
 pub(crate) async fn watch(job: &Standalone, signals: &mut Signals) -> anyhow::Result<ExitCode> {
     let (tx, mut changes) = mpsc::unbounded_channel();
-    let results = job.dir.join(RESULTS_DIR);
+    let dir = job.dir.clone();
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<Event>| {
         if let Ok(event) = event {
-            if is_relevant(&event, &results) {
+            if is_relevant(&event, &dir) {
                 let _ = tx.send(());
             }
         }
@@ -61,15 +62,21 @@ pub(crate) async fn watch(job: &Standalone, signals: &mut Signals) -> anyhow::Re
     }
 }
 
-/// Whether an event is a change to the job's inputs.
-fn is_relevant(event: &Event, results: &Path) -> bool {
+/// Whether an event is a change to the inputs of the job in `dir`.
+fn is_relevant(event: &Event, dir: &Path) -> bool {
     let kind_matters = !matches!(
         event.kind,
         EventKind::Access(_)
             | EventKind::Other
             | EventKind::Modify(ModifyKind::Metadata(MetadataKind::AccessTime))
     );
-    kind_matters && event.paths.iter().any(|p| !p.starts_with(results))
+    let is_input = |path: &Path| {
+        path.strip_prefix(dir)
+            .ok()
+            .and_then(|rel| rel.components().next())
+            .is_none_or(|top| !is_results_name(top.as_os_str()))
+    };
+    kind_matters && event.paths.iter().any(|p| is_input(p))
 }
 
 #[cfg(test)]
@@ -83,16 +90,21 @@ mod tests {
 
     #[test]
     fn results_and_reads_do_not_count() {
-        let results = Path::new("/j/results");
+        let dir = Path::new("/j");
         let create = EventKind::Create(CreateKind::File);
-        assert!(is_relevant(&event(create, "/j/src/a.c"), results));
-        assert!(!is_relevant(
-            &event(create, "/j/results/step_0.log"),
-            results
-        ));
+        assert!(is_relevant(&event(create, "/j/src/a.c"), dir));
+        assert!(is_relevant(&event(create, "/j/results.x/a.c"), dir));
+        for ours in [
+            "/j/results/step_0.log",
+            "/j/results",
+            "/j/results.3",
+            "/j/results.3/x",
+        ] {
+            assert!(!is_relevant(&event(create, ours), dir), "{ours}");
+        }
         assert!(!is_relevant(
             &event(EventKind::Access(notify::event::AccessKind::Any), "/j/a"),
-            results
+            dir
         ));
     }
 }

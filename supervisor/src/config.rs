@@ -14,6 +14,15 @@ use nats_fs::limits::{parse_size, Kind, Limits};
 
 use crate::identity::Pool;
 
+/// Whether steps must be kept off the jobs folder (`--share-isolation`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ShareIsolation {
+    /// A jobs folder that a step could read or change is refused.
+    Required,
+    /// Steps may be able to reach the jobs folder; the start-up line says when they can.
+    Off,
+}
+
 /// Log line format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
@@ -237,6 +246,24 @@ pub struct Args {
     )]
     pub pass_env: Vec<String>,
 
+    /// The user (`USER` or `USER:GROUP`, names or numbers) whose rights the worker uses on the
+    /// jobs folder: the user the controller and the export agree on. What the worker writes
+    /// there belongs to whoever the share makes this user [default: the owner of the jobs
+    /// folder].
+    #[arg(long, env = "NATS_FS_SHARE_USER", value_name = "USER[:GROUP]")]
+    pub share_user: Option<String>,
+
+    /// Whether steps must be unable to reach the jobs folder. `required` refuses to start (exit
+    /// 2) where a step could read or change a job folder, and says how to fix the mount or the
+    /// folder; `off` allows it [default: required when jobs run as other users, off otherwise].
+    #[arg(long, env = "NATS_FS_SHARE_ISOLATION", value_enum)]
+    pub share_isolation: Option<ShareIsolation>,
+
+    /// How many file system calls on the jobs folder may be in flight at once while a job is
+    /// staged and its artifacts copied (a network share answers each after a round trip).
+    #[arg(long, env = "NATS_FS_SHARE_PARALLELISM", default_value_t = nats_fs::protocol::DEFAULT_SHARE_PARALLELISM, value_name = "N")]
+    pub share_parallelism: usize,
+
     /// Path of the nats-fs-runner binary [default: next to this binary].
     #[arg(long, env = "NATS_FS_RUNNER", value_name = "PATH")]
     pub runner: Option<PathBuf>,
@@ -254,6 +281,12 @@ pub struct Args {
     /// message and exit (0 on success).
     #[arg(long)]
     pub dry_run: bool,
+
+    /// Probe the jobs folder as the worker would at start, print what it allows and what the
+    /// worker guarantees on it, and exit: 0 when the worker would run jobs there, 2 when it
+    /// would refuse to. Needs no NATS.
+    #[arg(long, conflicts_with = "dry_run")]
+    pub check_jobs_dir: bool,
 
     /// Print the manual page or a shell's completions to stdout and exit, without checking
     /// anything else (for packaging).
@@ -445,6 +478,13 @@ pub struct Settings {
     pub idle_timeout: Option<Duration>,
     /// Bytes kept free on the workspaces drive (`--min-free-space`); 0 for no reserve.
     pub min_free_space: u64,
+    /// `--share-user`, as given (resolved by the probe of the jobs folder, whose owner it is
+    /// by default).
+    pub share_user: Option<String>,
+    /// Whether a jobs folder that steps could reach is refused.
+    pub share_isolation: ShareIsolation,
+    /// File system calls in flight at once on the jobs folder.
+    pub share_parallelism: usize,
 }
 
 impl Settings {
@@ -504,6 +544,7 @@ impl Settings {
         };
         let limits = LimitArgs::from_args(args)?;
         let (ceilings, limit_warnings) = crate::spawn::clamp_to_hard_limits(limits.ceilings);
+        let share_isolation = share_isolation(args, &pool)?;
         let lock_bucket = match args.lock_bucket.trim() {
             "" => None,
             bucket => {
@@ -544,6 +585,9 @@ impl Settings {
             max_timeout: limits.max_timeout,
             idle_timeout: limits.idle_timeout,
             min_free_space: limits.min_free_space,
+            share_user: set(args.share_user.as_ref()).map(str::to_owned),
+            share_isolation,
+            share_parallelism: args.share_parallelism,
         })
     }
 
@@ -551,6 +595,22 @@ impl Settings {
     pub fn result_subject(&self, id: &str) -> String {
         format!("{}.{id}", self.output_subject)
     }
+}
+
+/// `--share-isolation`, by default required when jobs run as other users; `--share-parallelism`
+/// checked on the way.
+fn share_isolation(args: &Args, pool: &Pool) -> anyhow::Result<ShareIsolation> {
+    if args.share_parallelism == 0 || args.share_parallelism > 256 {
+        bail!(
+            "--share-parallelism (NATS_FS_SHARE_PARALLELISM) must be between 1 and 256, not {}",
+            args.share_parallelism
+        );
+    }
+    Ok(args.share_isolation.unwrap_or(if pool.switch {
+        ShareIsolation::Required
+    } else {
+        ShareIsolation::Off
+    }))
 }
 
 /// The containment options, checked.

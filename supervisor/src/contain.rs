@@ -1,18 +1,16 @@
 //! Containment: how the supervisor makes a job's limits hold, whatever its runner does.
 //!
-//! A run knows containment through one [`Containment`]: what the runner's process is given
-//! before it drops privileges ([`Containment::for_runner`]), the runner's pid once it runs
+//! A run knows containment through one [`Containment`]: the runner's pid once it runs
 //! ([`Containment::started`]), the limits the job was granted once its runner reports them
 //! ([`Containment::granted`]), a limit that the job passed ([`Containment::exceeded`]), and
 //! the end of the run ([`Containment::stopped`]).
 //!
-//! Today's: the operator's ceilings as the runner's hard rlimits and `RLIMIT_CORE` 0
-//! ([`RunnerLimits`], set between the clone and the exec, where `spawn` also writes an
-//! `oom_score_adj` of 1000), and the job's memory summed over the runner's process tree a few
-//! times a second ([`MemoryWatch`]). A cgroup v2 backend (a delegated subtree: `memory.max`,
-//! `pids.max`, `cgroup.kill`) would place the runner in a cgroup of its own from the same
-//! child-side hook (so `RunnerLimits` would carry the cgroup) and report `memory.events`
-//! through [`Containment::exceeded`]. It is not here because these
+//! Today's: the operator's ceilings, which the runner gives each step as its hard rlimits (with
+//! `RLIMIT_CORE` 0 and an `oom_score_adj` of 1000, set by the runner for itself and its steps),
+//! and the job's memory summed over the runner's process tree a few times a second
+//! ([`MemoryWatch`]). A cgroup v2 backend (a delegated subtree: `memory.max`, `pids.max`,
+//! `cgroup.kill`) would place the runner in a cgroup of its own before it runs anything of the
+//! job's, and report `memory.events` through [`Containment::exceeded`]. It is not here because these
 //! hosts have hybrid cgroups v1, where it could not be tested.
 
 use nats_fs::limits::Limits;
@@ -22,7 +20,6 @@ use tracing::warn;
 
 use crate::logging::event;
 use crate::memory::{self, MemoryWatch};
-use crate::spawn::RunnerLimits;
 
 /// A limit the job passed: the job must end now, `failed` with this reason.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -51,11 +48,6 @@ impl Containment {
             runner: None,
             watch: None,
         }
-    }
-
-    /// What the runner's process applies to itself before it drops privileges.
-    pub fn for_runner(&self) -> RunnerLimits {
-        RunnerLimits::new(&self.ceilings)
     }
 
     /// The runner started as `pid`: from now on its processes are watched (a job without a

@@ -29,6 +29,8 @@ pub struct Ctx {
     pub metrics: Arc<crate::metrics::Metrics>,
     pub reaper: Arc<Reaper>,
     pub identities: Identities,
+    /// The jobs folder's verdict, probed again when it is mounted anew.
+    pub drive: Arc<crate::share::Drive>,
     pub locks: Locks,
     /// The consumer's ack wait and max deliver as the server has them (an existing consumer
     /// may differ from the flags).

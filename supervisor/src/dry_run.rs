@@ -5,6 +5,7 @@ use std::fs;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::Path;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::{anyhow, Context};
 use nats_fs::job::JobRequest;
@@ -16,7 +17,7 @@ use crate::config::Settings;
 use crate::execute::{execute, Env, JobRun};
 use crate::identity::Identities;
 use crate::reaper::Reaper;
-use crate::{sweep, Shutdown};
+use crate::{share, sweep, Shutdown};
 
 /// The payload file a dry run reads, in the current folder.
 const PAYLOAD: &str = "test-payload.json";
@@ -37,9 +38,10 @@ pub async fn run(
         .map_err(|e| anyhow!("./{PAYLOAD}: {e}"))?;
     let dir = settings.jobs_dir.join(request.id.as_str());
     if request.steps.is_some() && !dir.exists() {
+        // A jobs folder made here is closed to the pool, as the probe wants it.
         fs::DirBuilder::new()
             .recursive(true)
-            .mode(0o755)
+            .mode(0o700)
             .create(&dir)
             .with_context(|| format!("creating the job folder {}", dir.display()))?;
     }
@@ -47,6 +49,12 @@ pub async fn run(
     nix::sys::prctl::set_child_subreaper(true).context("becoming a child subreaper")?;
     let reaper = Reaper::start().context("listening for SIGCHLD")?;
     let identities = Identities::new(settings.pool.clone());
+    let verdict = share::probe(settings);
+    share::log(&verdict, "probed the jobs folder");
+    if let Some(refusal) = verdict.refusal.clone() {
+        return Err(share::Refused(refusal).into());
+    }
+    let drive = Arc::new(share::Drive::new(verdict));
 
     // Ctrl-C cancels the job (TERM, grace, KILL); a second one kills it at once.
     let (tx, mut control) = mpsc::channel(4);
@@ -73,6 +81,7 @@ pub async fn run(
     let env = Env {
         reaper: &reaper,
         identities: &identities,
+        drive: &drive,
     };
     let (end, leftovers) = execute(&job, env, &mut control).await;
     leftovers.clear().await;

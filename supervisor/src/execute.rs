@@ -1,12 +1,16 @@
-//! Running one job through a runner: open and lend the folders, spawn the runner as the slot's
-//! identity, hold the pipe conversation, enforce the job's timeout and stop requests even
-//! against a runner that no longer answers, then make sure nothing of the job is left and take
-//! its `results/` back. Shared by the NATS path ([`crate::job_task`]) and `--dry-run`; knows
-//! nothing of acks.
+//! Running one job through a runner: make the job's private folders, spawn the runner, hold the
+//! pipe conversation, enforce the job's timeout and stop requests even against a runner that no
+//! longer answers, then make sure nothing of the job is left. Shared by the NATS path
+//! ([`crate::job_task`]) and `--dry-run`; knows nothing of acks.
 //!
-//! The runner runs as the job's identity, and so do the job's steps: a step can stop, kill or
-//! (but for its non-dumpable flag) inspect its own runner. So the supervisor trusts the runner
-//! with doing the work, never with ending it. It keeps its own deadline — the job's timeout
+//! The supervisor never opens the job folder for a run: the runner does, with the share user's
+//! rights ([`crate::share`]), and the job's steps never touch it. The supervisor makes the
+//! job's private folders (workspace, `TMPDIR`, and the steps' own results folder) on the local
+//! workspaces drive, owned by the slot's identity, and tells the runner who the steps run as.
+//!
+//! The runner is root, but it runs code of the job's (its steps) and reads what they wrote, and
+//! a bug or a hung drive can keep it from finishing. So the supervisor trusts the runner with
+//! doing the work, never with ending it. It keeps its own deadline — the job's timeout
 //! (which the runner reports before any step runs) plus the kill grace and a little slack — and
 //! its own deadline for a stop request; a runner that has not finished its steps by then is
 //! killed with everything of its identity, and the job ends `timeout` or `cancelled` all the
@@ -16,23 +20,23 @@
 use std::collections::VecDeque;
 use std::fs;
 use std::io;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use nats_fs::folder::{fd_path, JobFolder};
 use nats_fs::job::JobRequest;
 use nats_fs::limits::{size, Limits};
 use nats_fs::manifest::{
-    step_log, Manifest, Reason, ResultMessage, StepRecord, StepStatus, Timing, RESULTS_DIR,
+    step_log, Manifest, Reason, ResultMessage, StepRecord, StepStatus, Timing,
 };
-use nats_fs::protocol::{CancelMode, FromRunner, StartJob, StepInfo, ToRunner, PROTOCOL_VERSION};
+use nats_fs::protocol::{
+    CancelMode, FromRunner, StartJob, StepIdentity, StepInfo, ToRunner, PROTOCOL_VERSION,
+};
 use nats_fs::reap;
 use nats_fs::{millis, JobOutcome, Status};
 use nix::sys::signal::{kill, Signal};
-use nix::unistd::{Gid, Pid, Uid};
+use nix::unistd::Pid;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::unix::pipe;
 use tokio::sync::mpsc;
@@ -42,10 +46,11 @@ use tracing::{debug, info, warn};
 use crate::config::Settings;
 use crate::contain::{Containment, Exceeded};
 use crate::events::JobEvents;
-use crate::identity::{Held, Identities, Identity, Pool};
+use crate::identity::{Held, Identities, Identity};
 use crate::logging::event;
 use crate::reaper::{Exit, Reaper};
 use crate::results;
+use crate::share::{Drive, Verdict};
 use crate::spawn::{kill_all_as, spawn_runner};
 use crate::until;
 
@@ -92,8 +97,18 @@ impl JobRun<'_> {
 
     /// The steps' `TMPDIR`, beside the workspace: private like it, but never synced.
     fn tmp_dir(&self) -> PathBuf {
+        self.private_dir("tmp")
+    }
+
+    /// The steps' results folder (`$JOB_RESULTS_DIR`), beside the workspace: all of it is
+    /// copied to `results/` at the end.
+    fn outputs_dir(&self) -> PathBuf {
+        self.private_dir("results")
+    }
+
+    fn private_dir(&self, what: &str) -> PathBuf {
         self.settings.workspaces_dir.join(format!(
-            "{}.{}.{}.tmp",
+            "{}.{}.{}.{what}",
             self.request.id, self.tag, self.attempt
         ))
     }
@@ -104,6 +119,8 @@ impl JobRun<'_> {
 pub struct Env<'a> {
     pub reaper: &'a Arc<Reaper>,
     pub identities: &'a Identities,
+    /// The jobs folder's verdict.
+    pub drive: &'a Arc<Drive>,
 }
 
 /// Runs the job to its end. `control` carries stop requests (cancel, drain, lost lease).
@@ -121,23 +138,33 @@ pub async fn execute<'a>(
     let held = env.identities.acquire().await;
     let identity = held.identity().clone();
     job.events.identity(identity.describe());
-    let switch = env.identities.pool().switch;
     let leftovers = Leftovers {
-        private: [job.workspace(), job.tmp_dir()],
+        private: [job.workspace(), job.tmp_dir(), job.outputs_dir()],
         held,
     };
     let prepared = {
-        let (job_dir, private) = (job.job_dir(), leftovers.private.clone());
-        let (identity, pool) = (identity.clone(), env.identities.pool().clone());
-        let id = job.request.id.to_string();
+        let (drive, settings) = (env.drive.clone(), job.settings.clone());
+        let (private, switch) = (leftovers.private.clone(), env.identities.pool().switch);
+        let identity = identity.clone();
         let room = Room {
             workspaces: job.settings.workspaces_dir.clone(),
             reserve: job.settings.min_free_space,
         };
-        crate::blocking(move || prepare(&job_dir, &private, &identity, &pool, &id, &room)).await
+        crate::blocking(move || {
+            let verdict = drive.for_job(&settings);
+            if let Some(why) = verdict.unusable() {
+                return Err(JobOutcome::fault(format!(
+                    "the jobs folder {} cannot be used: {why}",
+                    settings.jobs_dir.display()
+                )));
+            }
+            prepare(&private, &identity, switch, &room)?;
+            Ok(verdict)
+        })
+        .await
     };
-    let prepared = match prepared {
-        Ok(Ok(prepared)) => prepared,
+    let verdict = match prepared {
+        Ok(Ok(verdict)) => verdict,
         Ok(Err(end)) => return (end, leftovers),
         Err(e) => {
             return (
@@ -147,16 +174,15 @@ pub async fn execute<'a>(
         }
     };
     let exclusive = leftovers.held.exclusive();
-    let talk = converse(job, env, &prepared.folder, (&identity, exclusive), control).await;
+    let talk = converse(job, env, &verdict, (&identity, exclusive), control).await;
     // Written into results/ by the cleanup, and published: one and the same.
     let forced_manifest = talk.forced_manifest(job);
     let cleanup = Cleanup {
-        folder: prepared.folder,
-        owner: switch.then_some(prepared.owner),
+        job_dir: job.job_dir(),
+        share: verdict.share.as_ref().map(|s| s.ids),
         identity,
         exclusive,
         sweep: talk.start_error.is_none() && !talk.clean(),
-        drop_manifest: !talk.wrote_manifest(),
         manifest: forced_manifest.clone(),
         reaper: env.reaper.clone(),
     };
@@ -176,12 +202,13 @@ pub async fn execute<'a>(
 /// guess, and a later job of the same uid could open them).
 #[derive(Debug)]
 pub struct Leftovers<'a> {
-    private: [PathBuf; 2],
+    private: [PathBuf; 3],
     held: Held<'a>,
 }
 
 impl Leftovers<'_> {
-    /// Removes the private folders, then gives the identity back.
+    /// Removes the private folders (as root: they are on the local workspaces drive), then
+    /// gives the identity back.
     pub async fn clear(self) {
         let private = self.private;
         let removed = crate::blocking(move || {
@@ -202,13 +229,6 @@ impl Leftovers<'_> {
     }
 }
 
-/// A job folder ready for the runner.
-struct Prepared {
-    folder: JobFolder,
-    /// Who gets `results/` back after the run.
-    owner: (Uid, Gid),
-}
-
 /// Where a job is staged, and how much of that drive must stay free (`--min-free-space`).
 #[derive(Debug)]
 struct Room {
@@ -216,49 +236,28 @@ struct Room {
     reserve: u64,
 }
 
-/// Opens the job folder and `results/` (through descriptors, never following a symlink:
-/// nothing can re-point them for the runner afterwards), checks that its copy fits on the
-/// workspaces drive, creates the workspace and lends `results/` to the identity.
+/// Checks that the workspaces drive has its reserve free and makes the job's private folders,
+/// owned by the identity. Whether the job folder's copy fits, the runner finds out as it lists
+/// the folder.
 fn prepare(
-    job_dir: &Path,
-    private: &[PathBuf; 2],
+    private: &[PathBuf; 3],
     identity: &Identity,
-    pool: &Pool,
-    id: &str,
+    switch: bool,
     room: &Room,
-) -> Result<Prepared, JobOutcome> {
-    let folder = JobFolder::open_job(job_dir, id)?;
-    preflight(&folder, room, id)?;
-    let owner = results::owner_after(&folder, pool).map_err(|e| {
-        JobOutcome::fault(format!(
-            "inspecting the job folder {}: {e}",
-            job_dir.display()
-        ))
-    })?;
-    // The workspace first: if it cannot be made, `results/` stays as it was.
+) -> Result<(), JobOutcome> {
+    preflight(room)?;
     for folder in private {
-        create_private(folder, identity, pool.switch).map_err(|e| {
+        create_private(folder, identity, switch).map_err(|e| {
             JobOutcome::fault(format!("creating the workspace {}: {e}", folder.display()))
         })?;
     }
-    if pool.switch {
-        if let Err(e) = results::lend(&folder, identity) {
-            // A root-squashed NFS export refuses this; the runner may still be able to write.
-            debug!(
-                "giving {}/results to {}: {e}",
-                job_dir.display(),
-                identity.describe()
-            );
-        }
-    }
-    Ok(Prepared { folder, owner })
+    Ok(())
 }
 
 /// Hands the job back (a fault of this host: another host may have room) when the workspaces
-/// drive has less free space than the reserve, or than the job folder's copy plus the
-/// reserve. A full drive would otherwise fail the job half-way through staging, or starve the
-/// other jobs staged on it.
-fn preflight(folder: &JobFolder, room: &Room, id: &str) -> Result<(), JobOutcome> {
+/// drive has less free space than the reserve: a full drive would otherwise fail the job
+/// half-way through staging, or starve the other jobs staged on it.
+fn preflight(room: &Room) -> Result<(), JobOutcome> {
     let drive = room.workspaces.display();
     let free = match nats_fs::tree::free_space(&room.workspaces) {
         Ok(free) => free,
@@ -268,39 +267,21 @@ fn preflight(folder: &JobFolder, room: &Room, id: &str) -> Result<(), JobOutcome
             )))
         }
     };
-    let refuse = |needed: Option<u64>| {
-        let message = match needed {
-            None => format!(
-                "the workspaces drive {drive} has {} free, less than the {} reserve (--min-free-space)",
-                size(free),
-                size(room.reserve)
-            ),
-            Some(needed) => format!(
-                "the workspaces drive {drive} has {} free; job {id} needs {} plus the {} reserve (--min-free-space)",
-                size(free),
-                size(needed),
-                size(room.reserve)
-            ),
-        };
-        warn!(
-            event = event::NO_ROOM,
-            free_bytes = free,
-            needed_bytes = needed,
-            reserve_bytes = room.reserve,
-            "not enough room to stage the job here; handing it back for another host: {message}"
-        );
-        JobOutcome::fault(message)
-    };
-    if free < room.reserve {
-        return Err(refuse(None));
+    if free >= room.reserve {
+        return Ok(());
     }
-    // What staging copies: the folder but its `results/`. What cannot be read counts nothing:
-    // the runner reports it when it stages.
-    let needed = nats_fs::tree::bytes_in(&fd_path(&folder.dir), Some(RESULTS_DIR));
-    if free < needed.saturating_add(room.reserve) {
-        return Err(refuse(Some(needed)));
-    }
-    Ok(())
+    let message = format!(
+        "the workspaces drive {drive} has {} free, less than the {} reserve (--min-free-space)",
+        size(free),
+        size(room.reserve)
+    );
+    warn!(
+        event = event::NO_ROOM,
+        free_bytes = free,
+        reserve_bytes = room.reserve,
+        "not enough room to stage the job here; handing it back for another host: {message}"
+    );
+    Err(JobOutcome::fault(message))
 }
 
 /// A fresh, private folder owned by the identity (removing a stale one first).
@@ -374,7 +355,7 @@ struct Talk {
 async fn converse(
     job: &JobRun<'_>,
     env: Env<'_>,
-    folder: &JobFolder,
+    verdict: &Verdict,
     (identity, exclusive): (&Identity, bool),
     control: &mut mpsc::Receiver<CancelMode>,
 ) -> Talk {
@@ -384,24 +365,13 @@ async fn converse(
         settings.ceilings,
         job.events.clone(),
     );
-    let keep = [folder.dir.as_raw_fd(), folder.results.as_raw_fd()];
     let switch = env.identities.pool().switch;
     let mut contain = Containment::new(settings.ceilings);
-    let rlimits = contain.for_runner();
     // On this thread, never the blocking pool: the runner's PR_SET_PDEATHSIG fires when the
     // thread that started it exits, and the pool retires idle threads (see main.rs). This
-    // thread waits only until the runner is executed: about 80 system calls, 62 of them
-    // resetting signal handlers.
+    // thread waits only until the runner is executed (a `vfork`).
     let started = env.reaper.spawn(|| {
-        spawn_runner(
-            &settings.runner,
-            &settings.base_env,
-            identity,
-            switch,
-            keep,
-            rlimits,
-        )
-        .map(|spawned| (spawned.pid, spawned))
+        spawn_runner(&settings.runner, &settings.base_env).map(|spawned| (spawned.pid, spawned))
     });
     let (spawned, mut exited) = match started {
         Ok(started) => started,
@@ -417,8 +387,9 @@ async fn converse(
     debug!(event = event::RUNNER_STARTED, pid = pid.as_raw(), identity = %identity.describe(), "runner started");
     contain.started(pid);
     let mut stdin = Some(spawned.stdin);
+    let start = start_message(job, verdict, switch.then_some(identity), exclusive);
     // Never logged: the start message carries the values of --pass-env variables.
-    if let Err(e) = send(&mut stdin, &start_message(job, keep, exclusive)).await {
+    if let Err(e) = send(&mut stdin, &start).await {
         warn!("sending the job to the runner: {e}; the runner will end without it, and the job is retried");
     }
     let mut events = BufReader::new(spawned.stdout).lines();
@@ -605,18 +576,32 @@ fn kill_runner(reaper: &Reaper, pid: Pid) {
     }
 }
 
-fn start_message(job: &JobRun<'_>, fds: [i32; 2], exclusive: bool) -> ToRunner {
+/// The job, for the runner: who the share user is, who the steps run as (`identity`, when the
+/// supervisor switches users), the private folders, the limits.
+fn start_message(
+    job: &JobRun<'_>,
+    verdict: &Verdict,
+    identity: Option<&Identity>,
+    exclusive: bool,
+) -> ToRunner {
     let settings = job.settings;
+    let root = nix::unistd::geteuid().is_root();
     ToRunner::Start(Box::new(StartJob {
         version: PROTOCOL_VERSION,
         id: job.request.id.clone(),
         attempt: job.attempt,
         stream_sequence: job.stream_sequence,
         job_dir: job.job_dir(),
-        job_fd: Some(fds[0]),
-        results_fd: Some(fds[1]),
+        share: verdict.share.as_ref().filter(|_| root).map(|s| s.ids),
+        identity: identity.map(|i| StepIdentity {
+            name: i.name.clone(),
+            uid: i.uid.as_raw(),
+            gid: i.gid.as_raw(),
+            groups: i.groups.iter().map(|g| g.as_raw()).collect(),
+        }),
         kill_uid_at_end: exclusive,
         workspace: job.workspace(),
+        outputs_dir: Some(job.outputs_dir()),
         tmp_dir: Some(job.tmp_dir()),
         steps: job.request.steps.clone(),
         default_timeout_ms: millis(settings.default_timeout),
@@ -627,6 +612,9 @@ fn start_message(job: &JobRun<'_>, fds: [i32; 2], exclusive: bool) -> ToRunner {
         ceilings: settings.ceilings,
         max_timeout_ms: settings.max_timeout.map(millis),
         idle_timeout_ms: settings.idle_timeout.map(millis),
+        share_parallelism: settings.share_parallelism,
+        push_logs_every_ms: verdict.push_logs_every().map(millis),
+        min_free_space: settings.min_free_space,
     }))
 }
 
@@ -738,6 +726,17 @@ impl Talk {
                 self.events.synced(Duration::from_millis(*duration_ms));
             }
             FromRunner::Warning { message } => warn!("{message}"),
+            FromRunner::NoRoom {
+                free_bytes,
+                needed_bytes,
+                reserve_bytes,
+            } => warn!(
+                event = event::NO_ROOM,
+                free_bytes,
+                needed_bytes,
+                reserve_bytes,
+                "not enough room to stage the job here; handing it back for another host"
+            ),
             FromRunner::Ended(JobOutcome::Final(result)) => {
                 debug!(status = %result.status, error = result.error.as_deref(), "runner finished");
             }
@@ -799,16 +798,6 @@ impl Talk {
     /// Whether the runner ended by itself, having said how the job ended.
     fn clean(&self) -> bool {
         self.forced.is_none() && self.ended.is_some() && matches!(self.exit, Some(Exit::Code(_)))
-    }
-
-    /// Whether the runner wrote a final `result.json`.
-    fn wrote_manifest(&self) -> bool {
-        self.forced.is_none()
-            && self
-                .ended
-                .as_ref()
-                .and_then(JobOutcome::result)
-                .is_some_and(|result| result.manifest_file.is_some())
     }
 
     /// The manifest of a job the supervisor ended as `timeout`, `cancelled` or `failed` (a
@@ -938,17 +927,16 @@ impl Talk {
 
 /// What is left to do once the runner is gone, on the blocking pool.
 struct Cleanup {
-    folder: JobFolder,
-    /// Who gets `results/` back (when the supervisor switches users).
-    owner: Option<(Uid, Gid)>,
+    /// The job folder, for the supervisor's own manifest.
+    job_dir: PathBuf,
+    /// Whose rights to write it with.
+    share: Option<nats_fs::share::FsIds>,
     identity: Identity,
     /// Whether every process of the identity's uid is this job's (the runner was asked to
     /// kill them all before it ends).
     exclusive: bool,
     /// Whether the runner did not end cleanly, so its steps may be left over.
     sweep: bool,
-    /// Whether a `result.json` in `results/` cannot be the runner's.
-    drop_manifest: bool,
     /// The manifest the supervisor writes for a job it ended itself.
     manifest: Option<Manifest>,
     reaper: Arc<Reaper>,
@@ -984,26 +972,10 @@ impl Cleanup {
                 "the runner did not finish the job: killed every process it left behind"
             );
         }
-        // Then `results/` goes back to the job folder's owner, out of every job's reach.
-        if let Some(owner) = self.owner {
-            match results::take_back(&self.folder.results, self.identity.uid, owner, self.drop_manifest) {
-                Ok(done) if done.removed > 0 || done.left > 0 => info!(
-                    removed = done.removed,
-                    left = done.left,
-                    "results/ held entries that were not the job's own files; removed them"
-                ),
-                Ok(_) => {}
-                Err(e) => warn!(
-                    "giving results/ back to uid {} failed ({e}); later jobs of {} may still change it",
-                    owner.0,
-                    self.identity.describe()
-                ),
-            }
-        }
         let Some(manifest) = &self.manifest else {
             return false;
         };
-        match results::write_manifest(&self.folder.results, manifest, self.owner) {
+        match results::write_manifest(&self.job_dir, manifest, self.share) {
             Ok(()) => true,
             Err(e) => {
                 warn!("writing the manifest of the ended job: {e}; its result names none");
@@ -1038,23 +1010,5 @@ mod tests {
             deadlines.stop_passed(true),
             Some(Forced::Limit(Reason::Memory, _))
         ));
-    }
-
-    #[test]
-    fn a_folder_is_sized_without_results_and_without_following_links() {
-        let dir = tempfile::tempdir().unwrap();
-        fs::write(dir.path().join("job.json"), [0u8; 100]).unwrap();
-        fs::create_dir_all(dir.path().join("src/deep")).unwrap();
-        fs::write(dir.path().join("src/deep/a"), [0u8; 1000]).unwrap();
-        fs::create_dir(dir.path().join("results")).unwrap();
-        fs::write(dir.path().join("results/old.log"), vec![0u8; 50_000]).unwrap();
-        std::os::unix::fs::symlink("/usr", dir.path().join("usr")).unwrap();
-        fs::create_dir(dir.path().join("src/results")).unwrap();
-        fs::write(dir.path().join("src/results/kept"), [0u8; 10]).unwrap();
-        let folder = JobFolder::open(dir.path()).unwrap();
-        assert_eq!(
-            nats_fs::tree::bytes_in(&fd_path(&folder.dir), Some(RESULTS_DIR)),
-            1110
-        );
     }
 }

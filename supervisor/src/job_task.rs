@@ -113,6 +113,7 @@ async fn process(
     let env = Env {
         reaper: &ctx.reaper,
         identities: &ctx.identities,
+        drive: &ctx.drive,
     };
     let execution = execute(&job, env, &mut rx);
     let lease = Lease {

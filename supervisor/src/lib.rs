@@ -34,7 +34,8 @@
 //! - `contain`: how a job's limits hold: what a runner gets before the privilege drop, and
 //!   the limits watched while it runs (its only caller is `execute`).
 //! - `memory`: the memory watch of a running job (`limits.memory`).
-//! - `results`: `results/` lent to a job's identity and taken back; believable manifests.
+//! - `share`: the jobs folder: the share user, the probe of what the drive allows, the verdict.
+//! - `results`: the supervisor's own manifests, flushes, and believable manifests.
 //! - `outbox`: results and dead letters, delivered so that they are not lost.
 //! - `events`: each job's lifecycle on `jobs.status.{id}`, best effort.
 //! - `metrics`: counters and gauges; `/metrics` and `/healthz` on `--metrics-listen`.
@@ -73,6 +74,7 @@ pub mod results;
 pub mod running;
 pub mod service;
 pub mod settle;
+pub mod share;
 pub mod signals;
 pub mod spawn;
 pub mod sweep;
@@ -117,9 +119,17 @@ pub async fn run(
     let _lock = sweep::prepare_workspaces(&settings.workspaces_dir, &settings.pool)?;
     spawn::lower_own_oom_score();
     if settings.pool.switch {
-        spawn::prepare_to_switch()?;
+        // No process of a job ever shares the supervisor's memory, but a core dump of a
+        // daemon that holds NATS credentials is nobody's business either.
+        nix::sys::prctl::set_dumpable(false).context("making this process non-dumpable")?;
     }
     check_surroundings(&settings);
+    let verdict = share::probe(&settings);
+    share::log(&verdict, "probed the jobs folder");
+    if let Some(refusal) = verdict.refusal.clone() {
+        return Err(share::Refused(refusal).into());
+    }
+    let drive = Arc::new(share::Drive::new(verdict));
     log_settings(&settings);
     let client = connection::connect(&settings).await?;
     let js = jetstream::new(client.clone());
@@ -160,6 +170,7 @@ pub async fn run(
         events,
         outbox: outbox::Outbox::new(client.clone(), shutdown.clone()),
         identities: Identities::new(settings.pool.clone()),
+        drive,
         flushing: Arc::new(tokio::sync::Semaphore::new(settings.concurrency)),
         settings,
         client,
@@ -321,8 +332,8 @@ async fn drain_jobs(
     }
 }
 
-/// Warns about what would make every job fail, without refusing to start: a shared drive may
-/// be mounted later, and a runner binary may be installed by the next upgrade. Also warns,
+/// Warns about what would make every job fail, without refusing to start: a runner binary
+/// may be installed by the next upgrade. (The jobs folder is [`share::probe`]'s.) Also warns,
 /// once, when jobs running at the same time would share one identity.
 fn check_surroundings(settings: &Settings) {
     let pool = &settings.pool;
@@ -348,13 +359,8 @@ fn check_surroundings(settings: &Settings) {
             settings.runner.display()
         );
     }
-    if !settings.jobs_dir.is_dir() {
-        warn!(
-            "the jobs folder {} does not exist (yet)",
-            settings.jobs_dir.display()
-        );
-    } else if let Err(problem) = pool.can_traverse(&settings.jobs_dir) {
-        warn!("runners may not reach the jobs folder: {problem}");
+    if let Err(problem) = pool.can_traverse(&settings.workspaces_dir) {
+        warn!("steps may not reach their workspaces: {problem}");
     }
 }
 

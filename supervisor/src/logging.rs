@@ -44,6 +44,10 @@ pub mod event {
     /// A NATS password, token or URL with credentials was given on the command line (field
     /// `secret`: `password`, `token` or `url`).
     pub const SECRET_ON_COMMAND_LINE: &str = "secret_on_command_line";
+    /// The jobs folder was probed: what it allows and what the worker guarantees on it.
+    pub const JOBS_DIR_PROBED: &str = "jobs_dir_probed";
+    /// The jobs folder was probed and refused: data would be lost, or steps could reach it.
+    pub const JOBS_DIR_REFUSED: &str = "jobs_dir_refused";
 
     // One job.
     /// The job runs here (its delivery is registered and its id locked).

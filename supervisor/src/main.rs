@@ -10,7 +10,7 @@ use std::process::ExitCode;
 
 use clap::{CommandFactory, FromArgMatches};
 use nats_fs_supervisor::config::{Args, Settings};
-use nats_fs_supervisor::{dry_run, logging, signals, Shutdown};
+use nats_fs_supervisor::{dry_run, logging, share, signals, Shutdown};
 use tokio::sync::watch;
 use tracing::{error, warn};
 
@@ -56,6 +56,15 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
+    if args.check_jobs_dir {
+        let verdict = share::probe(&settings);
+        print!("{}", verdict.report());
+        return if verdict.refusal.is_some() {
+            ExitCode::from(EXIT_CONFIG)
+        } else {
+            ExitCode::SUCCESS
+        };
+    }
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -82,6 +91,8 @@ fn main() -> ExitCode {
     runtime.shutdown_timeout(std::time::Duration::from_secs(5));
     match outcome {
         Ok(code) => code,
+        // Said when the jobs folder was probed.
+        Err(e) if e.downcast_ref::<share::Refused>().is_some() => ExitCode::from(EXIT_CONFIG),
         Err(e) => {
             error!("{e:#}");
             ExitCode::FAILURE

@@ -9,10 +9,10 @@ use nats_fs::manifest::Manifest;
 use nats_fs::ResultMessage;
 use tracing::{debug, info};
 
-use crate::config::Settings;
 use crate::ctx::Ctx;
 use crate::logging::event;
 use crate::settle::{carry_out, Decision};
+use crate::share::Verdict;
 
 /// Republishes the result of an earlier attempt at this very delivery, if one finished (only
 /// the ack was lost): true when it did, and the message is settled.
@@ -25,9 +25,9 @@ pub(crate) async fn republished(
 ) -> bool {
     let earlier = {
         let job_dir = ctx.settings.jobs_dir.join(id.as_str());
-        let ctx = ctx.clone();
+        let verdict = ctx.drive.current();
         let id = id.clone();
-        crate::blocking(move || already_finished(&job_dir, &id, seq, &ctx.settings))
+        crate::blocking(move || already_finished(&job_dir, &id, seq, &verdict))
             .await
             .ok()
             .flatten()
@@ -58,9 +58,10 @@ fn already_finished(
     job_dir: &std::path::Path,
     id: &JobId,
     seq: u64,
-    settings: &Settings,
+    verdict: &Verdict,
 ) -> Option<Manifest> {
-    match crate::results::believable_manifest(job_dir, &settings.pool) {
+    let share = verdict.share.as_ref().map(|s| s.ids);
+    match crate::results::believable_manifest(job_dir, verdict.steps_kept_off(), share) {
         Ok(Some(manifest))
             if manifest.stream_sequence == Some(seq) && manifest.job_id == id.as_str() =>
         {

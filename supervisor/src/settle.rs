@@ -12,7 +12,7 @@ use std::time::Duration;
 use async_nats::jetstream::{self, AckKind};
 use async_nats::HeaderMap;
 use nats_fs::job::JobId;
-use nats_fs::manifest::{Manifest, Reason};
+use nats_fs::manifest::Reason;
 use nats_fs::{JobOutcome, ResultMessage, Status};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::{sleep, Instant};
@@ -247,13 +247,10 @@ impl Unacked<'_> {
 /// result.) False when the supervisor is stopping now: then nothing is acked, and the
 /// redelivery republishes.
 async fn flush_manifest(ctx: &Ctx, id: &JobId, permit: OwnedSemaphorePermit) -> bool {
-    let results = ctx
-        .settings
-        .jobs_dir
-        .join(id.as_str())
-        .join(nats_fs::manifest::RESULTS_DIR);
+    let job_dir = ctx.settings.jobs_dir.join(id.as_str());
+    let share = ctx.drive.current().share.as_ref().map(|s| s.ids);
     let flush = crate::blocking(move || {
-        let flushed = Manifest::flush(&results);
+        let flushed = crate::results::flush_manifest(&job_dir, share);
         drop(permit);
         flushed
     });

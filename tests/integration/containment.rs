@@ -16,7 +16,7 @@ use serde_json::json;
 
 use crate::support::{
     bin, eventually, is_root, open_dir, processes_of_uids, run_with_timeout, setup, skip, uid_pool,
-    Jobs, Nats, Server, Setup, Supervisor, Tmpfs, SOON,
+    Jobs, Nats, RunnerSignaller, Server, Setup, Supervisor, Tmpfs, SOON,
 };
 
 /// The real uid of a live process.
@@ -280,7 +280,7 @@ async fn a_host_without_room_hands_the_job_to_one_with_room() {
 }
 
 #[tokio::test]
-async fn a_runner_starts_with_the_ceilings_and_first_in_line_for_the_oom_killer() {
+async fn a_step_starts_with_the_ceilings_and_first_in_line_for_the_oom_killer() {
     if !is_root() {
         return skip("setting rlimits and OOM scores before the privilege drop needs root");
     }
@@ -301,12 +301,14 @@ async fn a_runner_starts_with_the_ceilings_and_first_in_line_for_the_oom_killer(
     ])
     .await;
     // Read while the job runs, from inside it: the runner ($PPID of the step's shell) and the
-    // step itself; then the step tries to make itself less likely to be picked.
+    // step itself, and the step's limits (the runner, root, is not limited by the job); then
+    // the step tries to raise them, and its runner's, and to make itself less likely to be
+    // picked.
     jobs.add(
         "probe",
         &json!({"steps": [
             "cat /proc/$PPID/oom_score_adj /proc/self/oom_score_adj; cat /proc/$PPID/comm; \
-             grep -E 'Max (processes|open files|file size|cpu time|core file size)' /proc/$PPID/limits; \
+             grep -E 'Max (processes|open files|file size|cpu time|core file size)' /proc/$$/limits; \
              command -v prlimit > /dev/null || echo NO-PRLIMIT; \
              prlimit --pid $$ --nofile=100:200 && echo CAN-LOWER; \
              for r in nproc nofile fsize cpu core; do \
@@ -447,11 +449,14 @@ async fn a_job_whose_runner_cannot_act_is_ended_over_memory_by_the_supervisor() 
         return skip("memory tests run jobs as identities of their own (root)");
     }
     let scratch = open_dir(true);
-    // The step stops its own runner ($PPID of the step's shell), then takes memory: the
-    // runner cannot carry out Exceeded, so the supervisor must end the job itself.
-    // It leaves a file in the workspace first: the supervisor's end syncs nothing.
+    // The runner is stopped (by the test, as a drive that hangs would hold it: a step may not
+    // stop its runner, which is root), then the step takes memory: the runner cannot carry
+    // out Exceeded, so the supervisor must end the job itself. The step leaves a file in the
+    // workspace first: the supervisor's end syncs nothing.
+    let stopper = RunnerSignaller::start(nix::sys::signal::Signal::SIGSTOP);
     let step = format!(
-        "echo x > kept.txt; kill -STOP $PPID; {}",
+        "echo x > kept.txt; {}; {}",
+        stopper.hand_over(),
         hog(scratch.path(), "stopped", 400, 1)
     );
     let (s, _, took) = run_hog(
@@ -479,4 +484,5 @@ async fn a_job_whose_runner_cannot_act_is_ended_over_memory_by_the_supervisor() 
     );
     assert!(manifest.artifacts.is_empty(), "{:?}", manifest.artifacts);
     assert!(!s.jobs.path().join("hog/results/kept.txt").exists());
+    assert!(!stopper.breached(), "a step stopped its runner");
 }

@@ -15,7 +15,8 @@ use serde_json::{json, Value};
 
 use crate::support::{
     alive, eventually, http_request, no_process_with, open_dir, parent, processes_with,
-    reserved_port, sample, skip, sleeper, within, Cluster, Jobs, Nats, Server, Supervisor, SOON,
+    reserved_port, sample, skip, sleeper, within, Cluster, Jobs, Nats, RunnerSignaller, Server,
+    Supervisor, SOON,
 };
 
 /// A step that hangs on the first attempt only: `(token, command)`.
@@ -373,12 +374,15 @@ async fn a_runner_killed_by_sigkill_is_retried_and_its_orphans_are_killed() {
     supervisor.ready().await;
     let mut nats = Nats::connect(&server.url).await;
     let (token, sleep) = sleeper();
+    let killer = RunnerSignaller::start(Signal::SIGKILL);
     jobs.add(
         "runner-dies",
-        &json!({"steps": [format!("{sleep} & setsid {sleep} & kill -9 $PPID; {sleep}")]}),
+        &json!({"steps": [format!("{sleep} & setsid {sleep} & {}; {sleep}", killer.hand_over())]}),
     );
     nats.submit_id("runner-dies").await;
     let got = nats.result_within(Duration::from_secs(30)).await;
+    assert!(!killer.breached(), "a step killed its runner");
+    assert_eq!(killer.signalled(), 2);
     assert_eq!(got.result.status, Status::Error);
     let error = got.result.error.unwrap_or_default();
     assert!(error.contains("was killed by SIGKILL"), "{error}");
@@ -595,7 +599,8 @@ async fn rejected_and_exhausted_jobs_become_dead_letters_in_a_stream() {
     let supervisor = Supervisor::start(&server.url, jobs.path(), &["--max-deliver", "1"], &[]);
     supervisor.ready().await;
     nats.submit(r#"{"id": "../escape"}"#).await;
-    jobs.add("exhausted", &json!({"steps": ["kill -9 $PPID"]}));
+    let killer = RunnerSignaller::start(Signal::SIGKILL);
+    jobs.add("exhausted", &json!({"steps": [killer.hand_over()]}));
     let seq = nats.submit_id("exhausted").await;
     let mut dead = dead;
     let deadline = Instant::now() + SOON;

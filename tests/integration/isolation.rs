@@ -18,8 +18,9 @@ use serde_json::json;
 use crate::support::{
     bin, children_of, eventually, is_root, no_process_with, open_dir, processes_of_uids,
     processes_with, run_with_timeout, setup, skip, sleeper, uid_block, uid_pool, within, Jobs,
-    Nats, Server, Setup, Supervisor, SOON,
+    Nats, RunnerSignaller, Server, Setup, Supervisor, SOON,
 };
+use nix::sys::signal::Signal;
 
 /// Writes a shell script readable by every uid; returns its path.
 fn script(dir: &Path, name: &str, body: &str) -> PathBuf {
@@ -220,26 +221,34 @@ async fn a_forged_result_json_never_stands_in_for_a_run() {
         supervisor,
         mut nats,
     } = setup(&["--max-deliver", "1", "--timeout", "3s"]).await;
-    // The forger learns its stream sequence from its workspace's name ({id}.{seq}.{attempt}),
-    // writes a successful result.json for the next one, and makes sure the runner never
-    // writes its own: once by killing it, once by stopping it.
-    let forge = |how: &str| {
+    // The forger learns its stream sequence from its workspace's name ({id}.{seq}.{attempt})
+    // and writes a successful result.json for the next one: into its own results folder, and
+    // into the job's results/ on the jobs folder, whose path it knows. Then its runner never
+    // writes its own: it dies once, is stopped once (the test does it: a step may not).
+    let forge = |id: &str, runner: &RunnerSignaller| {
+        let share = jobs.results(id).display().to_string();
         format!(
             "seq=$(basename \"$JOB_WORKSPACE\" | cut -d. -f2); next=$((seq + 1)); \
              printf '{{\"jobId\":\"%s\",\"status\":\"success\",\"exitCode\":0,\"attempt\":1,\"worker\":null,\
              \"host\":\"forged\",\"timing\":{{\"start\":\"x\",\"end\":\"x\",\"durationMs\":1}},\"steps\":[],\
-             \"artifacts\":[],\"error\":null,\"streamSequence\":%s}}' \"$JOB_ID\" \"$next\" \
-             > \"$JOB_RESULTS_DIR/result.json\"; {how}"
+             \"artifacts\":[],\"error\":null,\"streamSequence\":%s}}' \"$JOB_ID\" \"$next\" > forged.json; \
+             cp forged.json \"$JOB_RESULTS_DIR/result.json\"; \
+             cp forged.json {share}/result.json 2>/dev/null && echo BROKE-INTO-RESULTS; {}; sleep 30",
+            runner.hand_over()
         )
     };
-    for (id, how) in [
-        ("killer", "kill -9 $PPID; sleep 5"),
-        ("stopper", "kill -STOP $PPID; sleep 30"),
-    ] {
-        jobs.add(id, &json!({"steps": [forge(how)]}));
+    for (id, signal) in [("killer", Signal::SIGKILL), ("stopper", Signal::SIGSTOP)] {
+        let runner = RunnerSignaller::start(signal);
+        jobs.add(id, &json!({"steps": [forge(id, &runner)]}));
         nats.submit_id(id).await;
         let got = nats.result_within(Duration::from_secs(30)).await;
         assert_ne!(got.result.status, Status::Success, "{id}: {:?}", got.result);
+        assert!(!runner.breached(), "{id}: a step signalled its runner");
+        assert!(
+            !jobs.log(id, 0).contains("BROKE"),
+            "{id}: {}",
+            jobs.log(id, 0)
+        );
         // The next delivery of the same id must run, not republish the forgery. Sent once the
         // first is acked: until then (its result.json is being flushed) the id's lock names
         // it, a new message for the id is busy, and --max-deliver 1 makes that an error.
@@ -254,8 +263,10 @@ async fn a_forged_result_json_never_stands_in_for_a_run() {
     assert_eq!(supervisor.count_event("result_republished"), 0);
 }
 
+/// A runner that cannot act (stopped here by the test, as a drive that hangs would hold it):
+/// the supervisor keeps the job's timeout itself.
 #[tokio::test]
-async fn a_step_that_stops_its_runner_still_times_out() {
+async fn a_job_whose_runner_is_stopped_still_times_out() {
     if !is_root() {
         return skip("ending a job by its identity needs root");
     }
@@ -268,9 +279,10 @@ async fn a_step_that_stops_its_runner_still_times_out() {
         mut nats,
     } = setup(&["--run-as", &run_as]).await;
     let (token, sleep) = sleeper();
+    let stopper = RunnerSignaller::start(Signal::SIGSTOP);
     jobs.add(
         "frozen",
-        &json!({"steps": [format!("kill -STOP $PPID; setsid {sleep} & {sleep}"), "echo never"], "timeout": "2s"}),
+        &json!({"steps": [format!("{}; setsid {sleep} & {sleep}", stopper.hand_over()), "echo never"], "timeout": "2s"}),
     );
     let submitted = Instant::now();
     nats.submit_id("frozen").await;
@@ -278,6 +290,7 @@ async fn a_step_that_stops_its_runner_still_times_out() {
     let took = submitted.elapsed();
     assert_eq!(got.result.status, Status::Timeout, "{:?}", got.result);
     assert_eq!(got.result.exit_code, 124);
+    assert!(!stopper.breached(), "a step stopped its runner");
     // The job timeout, the kill grace, and less than a second.
     assert!(took < Duration::from_secs(5), "took {took:?}");
     assert!(processes_with(&token).is_empty(), "a step survived");
@@ -309,15 +322,17 @@ async fn a_cancel_ends_a_job_whose_runner_is_stopped_once() {
         mut nats,
     } = setup(&["--run-as", &run_as]).await;
     let (token, sleep) = sleeper();
+    let stopper = RunnerSignaller::start(Signal::SIGSTOP);
     jobs.add(
         "stopped",
-        &json!({"steps": [format!("kill -STOP $PPID; {sleep}")]}),
+        &json!({"steps": [format!("{}; {sleep}", stopper.hand_over())]}),
     );
     nats.submit_id("stopped").await;
-    eventually(SOON, "the step to stop its runner", || {
+    eventually(SOON, "the runner to be stopped", || {
         processes_with(&token).first().copied()
     })
     .await;
+    assert!(!stopper.breached(), "a step stopped its runner");
     nats.client
         .publish("jobs.cancel.stopped", "".into())
         .await
@@ -608,11 +623,12 @@ async fn a_soak_of_short_jobs_leaves_no_zombie() {
     } = setup(&["--concurrency", "2", "--max-deliver", "1"]).await;
     let (token, sleep) = sleeper();
     jobs.add("short", &json!({"steps": ["true"]}));
-    // Every 50th job kills its runner and leaves a background process behind: orphans the
+    // Every 50th job leaves a background process behind and its runner is killed: orphans the
     // supervisor has to kill and reap.
+    let killer = RunnerSignaller::start(Signal::SIGKILL);
     jobs.add(
         "orphaning",
-        &json!({"steps": [format!("{sleep} & setsid {sleep} & kill -9 $PPID; {sleep}")]}),
+        &json!({"steps": [format!("{sleep} & setsid {sleep} & {}; {sleep}", killer.hand_over())]}),
     );
     let total = 500;
     for i in 0..total {

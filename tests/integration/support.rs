@@ -235,6 +235,82 @@ pub fn sleeper() -> (String, String) {
     (token.clone(), format!("sleep 300.{token}"))
 }
 
+/// Stands in for runners that crash, or hang on a drive that stops answering. A step may not
+/// signal its runner (the runner is root), so a step that needs its runner dead or stopped
+/// runs [`RunnerSignaller::hand_over`]: it tries to signal the runner itself (which must fail:
+/// [`RunnerSignaller::breached`]), leaves the runner's pid in this folder, and waits until the
+/// test's task has sent the runner the signal.
+pub struct RunnerSignaller {
+    dir: TempDir,
+    signal: Signal,
+    task: tokio::task::JoinHandle<()>,
+    signalled: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl RunnerSignaller {
+    pub fn start(signal: Signal) -> Self {
+        let dir = open_dir(true);
+        let path = dir.path().to_owned();
+        let signalled = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = signalled.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                for entry in fs::read_dir(&path).into_iter().flatten().flatten() {
+                    let name = entry.path();
+                    if name.extension().is_none_or(|e| e != "pid") {
+                        continue;
+                    }
+                    let Some(pid) = fs::read_to_string(&name)
+                        .ok()
+                        .and_then(|s| s.trim().parse::<i32>().ok())
+                    else {
+                        continue;
+                    };
+                    let _ = kill(Pid::from_raw(pid), signal);
+                    count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    fs::rename(&name, name.with_extension("done")).unwrap();
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        });
+        Self {
+            dir,
+            signal,
+            task,
+            signalled,
+        }
+    }
+
+    /// Shell words for a step: try the signal, hand the runner over, wait until it is sent.
+    pub fn hand_over(&self) -> String {
+        let dir = self.dir.path().display();
+        let name = self.signal.as_str().trim_start_matches("SIG");
+        format!(
+            "kill -{name} $PPID 2>/dev/null && touch {dir}/$$.breach; echo $PPID > {dir}/$$.tmp && \
+             mv {dir}/$$.tmp {dir}/$$.pid; while [ ! -e {dir}/$$.done ]; do sleep 0.02; done"
+        )
+    }
+
+    /// Whether a step managed to signal its runner itself.
+    pub fn breached(&self) -> bool {
+        fs::read_dir(self.dir.path())
+            .unwrap()
+            .flatten()
+            .any(|e| e.path().extension().is_some_and(|x| x == "breach"))
+    }
+
+    /// How many runners were signalled.
+    pub fn signalled(&self) -> usize {
+        self.signalled.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Drop for RunnerSignaller {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
 /// Runs a command to its end, killing it if it takes longer than `timeout`.
 pub fn run_with_timeout(command: &mut Command, timeout: Duration) -> Output {
     die_with_test(command);
@@ -872,7 +948,8 @@ pub async fn setup(args: &[&str]) -> Setup {
     }
 }
 
-/// A jobs folder that runners (the pool's uids, or `nobody`) can read, with helpers to add
+/// A jobs folder as an operator sets one up: root's (the share user, by default its owner),
+/// closed to the pool's identities (0700), so that steps cannot reach it; with helpers to add
 /// jobs.
 pub struct Jobs {
     dir: TempDir,
@@ -880,9 +957,12 @@ pub struct Jobs {
 
 impl Jobs {
     pub fn new() -> Self {
-        Self {
-            dir: open_dir(false),
-        }
+        Self::in_dir(
+            tempfile::Builder::new()
+                .prefix("nats-fs-test.")
+                .tempdir()
+                .expect("temp dir"),
+        )
     }
 
     /// A jobs folder inside `parent` (a drive of the test's choosing, such as a small tmpfs).
@@ -894,10 +974,10 @@ impl Jobs {
         Self::in_dir(dir)
     }
 
-    /// The jobs folder `dir`, made readable by runners; it goes when this does unless its
-    /// cleanup is disabled.
+    /// The jobs folder `dir`, closed to everyone but its owner; it goes when this does
+    /// unless its cleanup is disabled.
     pub fn in_dir(dir: TempDir) -> Self {
-        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).expect("chmod");
+        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o700)).expect("chmod");
         Self { dir }
     }
 
