@@ -531,13 +531,13 @@ wait_until() {
     done
 }
 
-# make_job ID: the job folder /srv/jobs/ID (owned by JOB_OWNER, readable by the pool's group)
-# with job.json from stdin.
+# make_job ID: the job folder /srv/jobs/ID with job.json from stdin, as a controller makes one
+# (owned by JOB_OWNER, modes 0755 and 0644: the jobs folder above it keeps the pool out).
 make_job() {
     inside sh -c 'set -e
         d=$1/$2; mkdir "$d"; cat >"$d/job.json"
-        chown -R "$3:$4" "$d"; chmod 0750 "$d"; chmod 0640 "$d/job.json"' \
-        sh "$JOBS" "$1" "$JOB_OWNER" "$GROUP" || fail "could not create the job folder $JOBS/$1"
+        chown -R "$3:$3" "$d"; chmod 0755 "$d"; chmod 0644 "$d/job.json"' \
+        sh "$JOBS" "$1" "$JOB_OWNER" || fail "could not create the job folder $JOBS/$1"
 }
 
 # submit ID: publishes {"id": ID} on jobs.pending from the host (examples/submit.rs), which
@@ -624,7 +624,9 @@ NATS_FS_DRAIN_TIMEOUT=$DRAIN_TIMEOUT
 EOF
 inside sh -c 'set -e; mkdir -p "$(dirname "$1")"; printf "[Service]\nReadWritePaths=%s\n" "$2" >"$1"' \
     sh "$DROP_IN" "$JOBS" || fail "could not write $DROP_IN"
-inside install -d -o root -g "$GROUP" -m 0750 "$JOBS" || fail "could not create $JOBS"
+# The controller's jobs folder, closed to everyone else: the worker (root) reads and writes it
+# as its owner, the share user; steps cannot reach it.
+inside install -d -o "$JOB_OWNER" -g "$JOB_OWNER" -m 0700 "$JOBS" || fail "could not create $JOBS"
 inside systemctl daemon-reload || fail "systemctl daemon-reload failed"
 
 # ---- 7a. start ----------------------------------------------------------------------------

@@ -22,6 +22,26 @@ MSG
     exit 1
 }
 
+# The tools the shared-drive tests mount their shares with (bindfs, sshfs, and an sshd for
+# sshfs to talk to): as root on Debian, installed when missing; otherwise those tests say
+# SKIPPED.
+ensure_share_tools() {
+    local missing=()
+    command -v bindfs >/dev/null 2>&1 || missing+=(bindfs)
+    command -v sshfs >/dev/null 2>&1 || missing+=(sshfs)
+    [ -x /usr/sbin/sshd ] || missing+=(openssh-server)
+    [ ${#missing[@]} -eq 0 ] && return 0
+    if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "==> installing ${missing[*]} for the shared-drive tests (apt-get install)"
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update -qq
+        # An sshd the package would start at boot is not wanted: the tests start their own.
+        apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+        return 0
+    fi
+    echo "NOTE: ${missing[*]} missing and not root: the shared-drive tests will be SKIPPED" >&2
+}
+
 # Starts a private nats-server with JetStream on a free loopback port, its store in "$1".
 # Sets NATS_SERVER_PID and NATS_DEMO_URL.
 start_private_nats_server() {

@@ -186,21 +186,26 @@ fn is_empty(dir: &OwnedFd) -> nix::Result<bool> {
     }
 }
 
-/// Renames `results` in `dir` to the first free `results.N`; returns that name. Never
-/// replaces anything: a name is taken only when nothing is there.
+/// Renames `results` in `dir` to `results.N`, N one more than the highest there (one listing
+/// of the job folder, however many earlier runs there were); returns that name. Never
+/// replaces anything: a rename over an existing folder fails unless it is empty.
 fn move_aside(dir: &OwnedFd) -> nix::Result<String> {
-    for n in 1..=u32::MAX {
-        let name = previous_results_name(n);
-        match nix::sys::stat::fstatat(dir, name.as_str(), nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW)
-        {
-            Ok(_) => continue,
-            Err(Errno::ENOENT) => {}
-            Err(e) => return Err(e),
+    let errno = |e: io::Error| e.raw_os_error().map_or(Errno::EIO, Errno::from_raw);
+    let mut highest = 0;
+    for entry in std::fs::read_dir(fd_path(dir)).map_err(errno)? {
+        let name = entry.map_err(errno)?.file_name();
+        if let Some(n) = name.to_str().and_then(|n| {
+            n.strip_prefix(RESULTS_DIR)?
+                .strip_prefix('.')?
+                .parse::<u32>()
+                .ok()
+        }) {
+            highest = highest.max(n);
         }
-        nix::fcntl::renameat(dir, RESULTS_DIR, dir, name.as_str())?;
-        return Ok(name);
     }
-    Err(Errno::EEXIST)
+    let name = previous_results_name(highest.checked_add(1).ok_or(Errno::EEXIST)?);
+    nix::fcntl::renameat(dir, RESULTS_DIR, dir, name.as_str())?;
+    Ok(name)
 }
 
 /// Opens a folder for `*at` calls: a symlink fails with `ELOOP`, anything else with `ENOTDIR`.
@@ -360,6 +365,13 @@ mod tests {
         assert_eq!(
             std::fs::read_to_string(job.join("results.2/step_0.log")).unwrap(),
             "first run\n"
+        );
+        // The next after the highest, whatever lies below it.
+        std::fs::write(job.join("results/step_0.log"), "second run\n").unwrap();
+        std::fs::remove_dir(job.join("results.1")).unwrap();
+        assert_eq!(
+            JobFolder::open(&job).unwrap().1.as_deref(),
+            Some("results.3")
         );
         assert_eq!(
             std::fs::read_dir(fd_path(&folder.results)).unwrap().count(),

@@ -44,6 +44,14 @@ impl FsIds {
         }
     }
 
+    /// This process's effective ids as they were when first asked: a process that takes other
+    /// file system ids for its calls does not change its own (a runner gives up root only as
+    /// its very last act).
+    fn of_process_at_start() -> Self {
+        static IDS: std::sync::OnceLock<FsIds> = std::sync::OnceLock::new();
+        *IDS.get_or_init(Self::of_process)
+    }
+
     /// Makes the calling thread's file system calls use these ids until the guard is dropped,
     /// which restores the thread's own. Only root can take other ids; for any other process,
     /// and for ids it has already, this changes nothing (its calls use its own rights, which
@@ -57,7 +65,8 @@ impl FsIds {
     /// back: a call made as the share user is checked exactly as that user's would be.
     #[must_use = "the ids hold only while the guard lives"]
     pub fn enter(self) -> AsIds {
-        if self == Self::of_process() || !nix::unistd::geteuid().is_root() {
+        let own = Self::of_process_at_start();
+        if self == own || own.uid != 0 {
             return AsIds { previous: None };
         }
         // The group first: it needs CAP_SETGID, which a non-zero fsuid would not take away,

@@ -24,7 +24,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-use tokio::sync::{oneshot, Notify};
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
 
 /// Bytes read from the pipe at a time.
 const BUFFER: usize = 64 * 1024;
@@ -99,36 +100,29 @@ pub(crate) struct Copied {
 /// The thread copying one step's output to its log.
 #[derive(Debug)]
 pub(crate) struct Copier {
-    progress: Arc<Progress>,
-    done: oneshot::Receiver<(Copied, File)>,
+    done: JoinHandle<(Copied, File)>,
 }
 
 impl Copier {
     /// Starts copying `pipe` (the read end) to `log` (opened for appending), at most `quota`
-    /// bytes, pushing the log out at most every `push_every`.
+    /// bytes, pushing the log out at most every `push_every`, telling `progress` how far it
+    /// got. Start it once the step runs: the pipe holds what the step prints until then, and
+    /// a thread woken now would only slow the step's start down.
     pub(crate) fn start(
         pipe: File,
         log: File,
         quota: Option<u64>,
         push_every: Option<Duration>,
-    ) -> io::Result<Self> {
-        let progress = Arc::new(Progress::default());
-        let (tx, done) = oneshot::channel();
-        let shared = progress.clone();
-        std::thread::Builder::new()
-            .name("log".into())
-            .stack_size(64 * 1024)
-            .spawn(move || {
-                let mut log = log;
-                let copied = copy(&pipe, &mut log, &shared, quota, push_every);
-                let _ = tx.send((copied, log));
-            })?;
-        Ok(Self { progress, done })
-    }
-
-    /// What the copier has done so far.
-    pub(crate) fn progress(&self) -> &Arc<Progress> {
-        &self.progress
+        progress: Arc<Progress>,
+    ) -> Self {
+        // A read blocked on the pipe is a thread of the pool held for the step's life; the
+        // runner runs one step at a time.
+        let done = tokio::task::spawn_blocking(move || {
+            let mut log = log;
+            let copied = copy(&pipe, &mut log, &progress, quota, push_every);
+            (copied, log)
+        });
+        Self { done }
     }
 
     /// Waits, at most `patience`, for the pipe to end (every writer gone) and the log to be
@@ -258,7 +252,7 @@ mod tests {
             .open(dir.path().join("step_0.log"))
             .unwrap();
         let (read, write) = pipe().unwrap();
-        let streaming = Copier::start(read, log, quota, push_every).unwrap();
+        let streaming = Copier::start(read, log, quota, push_every, Arc::default());
         std::thread::spawn(move || feed(write));
         let (copied, mut log) = streaming.finish(Duration::from_secs(10)).await.unwrap();
         let mut text = String::new();
@@ -305,14 +299,21 @@ mod tests {
             .open(&path)
             .unwrap();
         let (read, mut write) = pipe().unwrap();
-        let streaming = Copier::start(read, log, None, Some(Duration::from_millis(20))).unwrap();
+        let progress = Arc::new(Progress::default());
+        let streaming = Copier::start(
+            read,
+            log,
+            None,
+            Some(Duration::from_millis(20)),
+            progress.clone(),
+        );
         write.write_all(b"first\n").unwrap();
         let deadline = Instant::now() + Duration::from_secs(5);
         while std::fs::read_to_string(&path).unwrap() != "first\n" {
             assert!(Instant::now() < deadline, "the line never reached the log");
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
-        assert_eq!(streaming.progress().written(), 6);
+        assert_eq!(progress.written(), 6);
         drop(write);
         let (copied, _) = streaming.finish(Duration::from_secs(5)).await.unwrap();
         assert_eq!(copied.written, 6);

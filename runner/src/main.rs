@@ -276,8 +276,8 @@ fn survive_rlimit_signals() -> std::io::Result<()> {
 
 /// Driven by the supervisor: start message in, events out.
 async fn pipe_mode() -> ExitCode {
-    let mut lines = stdin_lines();
-    let start = match lines.recv().await {
+    let mut lines = StdinLines::new();
+    let start = match lines.next().await {
         Some(Ok(line)) => match serde_json::from_str::<ToRunner>(&line) {
             Ok(ToRunner::Start(start)) => start,
             Ok(other) => return refuse(&format!("expected a start message first, got {other:?}")),
@@ -317,26 +317,49 @@ fn refuse(problem: &str) -> ExitCode {
     ExitCode::from(EXIT_USAGE)
 }
 
-/// Reads stdin lines on a plain thread: a read blocked in the kernel cannot be cancelled, and
-/// on tokio's blocking pool it would hold up the runtime's shutdown.
-fn stdin_lines() -> mpsc::UnboundedReceiver<std::io::Result<String>> {
-    let (tx, rx) = mpsc::unbounded_channel();
-    std::thread::spawn(move || {
-        for line in std::io::stdin().lock().lines() {
-            if tx.send(line).is_err() {
-                break;
-            }
+/// The lines of stdin. Under a supervisor stdin is a pipe, read by the runtime itself;
+/// anything else (a terminal, a file: someone trying `--pipe` by hand) is read on a plain
+/// thread, as a read blocked in the kernel cannot be cancelled, and on tokio's blocking pool it
+/// would hold up the runtime's shutdown.
+enum StdinLines {
+    Pipe(tokio::io::Lines<tokio::io::BufReader<tokio::net::unix::pipe::Receiver>>),
+    Thread(mpsc::UnboundedReceiver<std::io::Result<String>>),
+}
+
+impl StdinLines {
+    fn new() -> Self {
+        use std::os::fd::AsFd;
+        use tokio::io::AsyncBufReadExt;
+        let pipe = std::io::stdin()
+            .as_fd()
+            .try_clone_to_owned()
+            .and_then(tokio::net::unix::pipe::Receiver::from_owned_fd);
+        if let Ok(pipe) = pipe {
+            return Self::Pipe(tokio::io::BufReader::new(pipe).lines());
         }
-    });
-    rx
+        let (tx, rx) = mpsc::unbounded_channel();
+        std::thread::spawn(move || {
+            for line in std::io::stdin().lock().lines() {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Self::Thread(rx)
+    }
+
+    /// The next line; `None` at the end.
+    async fn next(&mut self) -> Option<std::io::Result<String>> {
+        match self {
+            Self::Pipe(lines) => lines.next_line().await.transpose(),
+            Self::Thread(lines) => lines.recv().await,
+        }
+    }
 }
 
 /// Applies cancel requests from the supervisor; the end of stdin means it is gone.
-async fn listen_to_supervisor(
-    mut lines: mpsc::UnboundedReceiver<std::io::Result<String>>,
-    handle: StopHandle,
-) {
-    while let Some(Ok(line)) = lines.recv().await {
+async fn listen_to_supervisor(mut lines: StdinLines, handle: StopHandle) {
+    while let Some(Ok(line)) = lines.next().await {
         match serde_json::from_str::<ToRunner>(&line) {
             Ok(ToRunner::Cancel { mode }) => handle.request(Stop::from_mode(mode)),
             Ok(ToRunner::Exceeded { reason, error }) => {

@@ -520,13 +520,7 @@ impl<'a> Job<'a> {
         let (pipe, output) =
             logs::pipe().map_err(|e| fault(format!("making step {index}'s output pipe: {e}")))?;
         logs::widen(&pipe);
-        let streaming = Copier::start(
-            pipe,
-            log,
-            log_quota,
-            self.start.push_logs_every_ms.map(Duration::from_millis),
-        )
-        .map_err(|e| fault(format!("starting step {index}'s log: {e}")))?;
+        let progress = Arc::new(logs::Progress::default());
         let idle = terms.grant.idle_timeout(step);
         let began = Instant::now();
         let step_deadline = step.timeout.and_then(|t| began.checked_add(t));
@@ -540,7 +534,7 @@ impl<'a> Job<'a> {
             cwd: &self.start.workspace,
             env: &env,
             output,
-            progress: streaming.progress().clone(),
+            progress: progress.clone(),
             deadline,
             grace: Duration::from_millis(self.start.kill_grace_ms),
             rlimits: terms.rlimits,
@@ -551,6 +545,13 @@ impl<'a> Job<'a> {
             },
         })
         .map_err(|e| fault(format!("starting /bin/sh for step {index}: {e}")))?;
+        let streaming = Copier::start(
+            pipe,
+            log,
+            log_quota,
+            self.start.push_logs_every_ms.map(Duration::from_millis),
+            progress,
+        );
         report.event(&FromRunner::StepStarted {
             index,
             name: step.name.clone(),

@@ -116,6 +116,8 @@ pub async fn run(
     // reaper collects every child that ends.
     nix::sys::prctl::set_child_subreaper(true).context("becoming a child subreaper")?;
     let reaper = Reaper::start().context("listening for SIGCHLD")?;
+    // Before the workspaces folder is cleared of what earlier runs left.
+    refuse_overlap(&settings)?;
     let _lock = sweep::prepare_workspaces(&settings.workspaces_dir, &settings.pool)?;
     spawn::lower_own_oom_score();
     if settings.pool.switch {
@@ -124,12 +126,7 @@ pub async fn run(
         nix::sys::prctl::set_dumpable(false).context("making this process non-dumpable")?;
     }
     check_surroundings(&settings);
-    let verdict = share::probe(&settings);
-    share::log(&verdict, "probed the jobs folder");
-    if let Some(refusal) = verdict.refusal.clone() {
-        return Err(share::Refused(refusal).into());
-    }
-    let drive = Arc::new(share::Drive::new(verdict));
+    let drive = probe_jobs_dir(&settings)?;
     log_settings(&settings);
     let client = connection::connect(&settings).await?;
     let js = jetstream::new(client.clone());
@@ -213,6 +210,27 @@ pub async fn run(
     pulled?;
     info!(event = logging::event::SUPERVISOR_STOPPED, "stopped");
     Ok(())
+}
+
+/// Refuses a workspaces folder and a jobs folder that share a tree (see [`share::overlap`]).
+fn refuse_overlap(settings: &Settings) -> anyhow::Result<()> {
+    match share::overlap(&settings.jobs_dir, &settings.workspaces_dir) {
+        Some(why) => {
+            tracing::error!(event = logging::event::JOBS_DIR_REFUSED, "{why}");
+            Err(share::Refused(why).into())
+        }
+        None => Ok(()),
+    }
+}
+
+/// Probes the jobs folder and logs what it found; `Err` when it must be refused.
+fn probe_jobs_dir(settings: &Settings) -> anyhow::Result<Arc<share::Drive>> {
+    let verdict = share::probe(settings);
+    share::log(&verdict, "probed the jobs folder");
+    if let Some(refusal) = verdict.refusal.clone() {
+        return Err(share::Refused(refusal).into());
+    }
+    Ok(Arc::new(share::Drive::new(verdict)))
 }
 
 /// The effective settings, in one line at start (secrets only by kind: `token`, never the

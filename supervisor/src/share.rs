@@ -644,7 +644,7 @@ fn how_to_keep_steps_off(verdict: &Verdict, share: &ShareUser) -> String {
 /// Why the workspaces folder and the jobs folder must not share a tree, if they do: the
 /// supervisor removes whatever it finds in the workspaces folder at start, and a job folder
 /// there would go with it.
-fn overlap(jobs: &Path, workspaces: &Path) -> Option<String> {
+pub fn overlap(jobs: &Path, workspaces: &Path) -> Option<String> {
     let real = |p: &Path| fs::canonicalize(p).unwrap_or_else(|_| p.to_owned());
     let (jobs, workspaces) = (real(jobs), real(workspaces));
     (jobs.starts_with(&workspaces) || workspaces.starts_with(&jobs)).then(|| {

@@ -31,5 +31,8 @@ mod faults;
 /// Containment: process and memory limits, disk room, OOM scores, rlimits, the timeout ceiling.
 mod containment;
 
+/// The jobs folder on real shares (bindfs, sshfs): the contract, the attacks, the probe.
+mod shares;
+
 /// Job limits enforced by the runner: output quota, idle timeout, rlimits, a full drive, resources.
 mod limits;

@@ -952,7 +952,10 @@ pub async fn setup(args: &[&str]) -> Setup {
 /// closed to the pool's identities (0700), so that steps cannot reach it; with helpers to add
 /// jobs.
 pub struct Jobs {
-    dir: TempDir,
+    path: PathBuf,
+    _dir: Option<TempDir>,
+    /// Who job folders are made as (the controller), when not as this process.
+    owner: Option<(u32, u32)>,
 }
 
 impl Jobs {
@@ -978,24 +981,48 @@ impl Jobs {
     /// unless its cleanup is disabled.
     pub fn in_dir(dir: TempDir) -> Self {
         fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o700)).expect("chmod");
-        Self { dir }
+        Self {
+            path: dir.path().to_owned(),
+            _dir: Some(dir),
+            owner: None,
+        }
+    }
+
+    /// The jobs folder at `path`, as a controller that is `owner` (uid, gid) sees it: job
+    /// folders are made as that user. Not removed when this goes.
+    pub fn at(path: &Path, owner: (u32, u32)) -> Self {
+        Self {
+            path: path.to_owned(),
+            _dir: None,
+            owner: Some(owner),
+        }
     }
 
     pub fn path(&self) -> &Path {
-        self.dir.path()
+        &self.path
     }
 
-    /// Creates `{jobs}/{id}/job.json` with `job` as its contents; returns the job folder.
+    /// Creates `{jobs}/{id}/job.json` with `job` as its contents, as a controller does (a
+    /// folder 0755, a file 0644); returns the job folder.
     pub fn add(&self, id: &str, job: &Value) -> PathBuf {
-        let dir = self.dir.path().join(id);
+        let dir = self.path.join(id);
         fs::create_dir_all(&dir).expect("job dir");
         fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).expect("chmod");
         fs::write(dir.join("job.json"), job.to_string()).expect("job.json");
+        self.own(&dir);
+        self.own(&dir.join("job.json"));
         dir
     }
 
+    /// Gives `path` to the controller, when there is one.
+    pub fn own(&self, path: &Path) {
+        if let Some((uid, gid)) = self.owner {
+            std::os::unix::fs::lchown(path, Some(uid), Some(gid)).expect("chown");
+        }
+    }
+
     pub fn results(&self, id: &str) -> PathBuf {
-        self.dir.path().join(id).join("results")
+        self.path.join(id).join("results")
     }
 
     pub fn manifest(&self, id: &str) -> Manifest {

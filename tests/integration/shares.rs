@@ -1,0 +1,713 @@
+//! The jobs folder on real shares, as build farms mount them, each set up and torn down by its
+//! test (root only: mounting needs it, as CI has):
+//!
+//! - a local disk, the jobs folder a controller user's;
+//! - bindfs `--chown-deny --create-as-user` (owners kept, root may not chown: an NFS export
+//!   with `root_squash`, as far as a FUSE mount can be one);
+//! - bindfs `--force-user` (one owner for every file: SMB/CIFS with `uid=`);
+//! - sshfs over loopback to a private `sshd`, with a key the test makes (every file the remote
+//!   user's, every call an SFTP round trip: NFS `all_squash`).
+//!
+//! On each, the whole contract end to end — success with artifacts and the steps' own results
+//! folder, failure, timeout, cancel, a log line readable on the share while its step runs, and a
+//! redelivery after the supervisor is killed — and the attacks: a step that tries to read
+//! another running job's folder, write into its `results/`, or plant files in its own job
+//! folder outside its artifacts fails, and the victim's results are exactly its own. The start-up
+//! probe's verdict is asserted for each mount, and a mount that lets steps in (sshfs with
+//! `allow_other`), a read-only share and overlapping folders are shown to be refused or to end
+//! jobs with a clear error.
+
+use std::fmt::Write as _;
+use std::fs;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use nats_fs::manifest::Reason;
+use nats_fs::Status;
+use serde_json::json;
+use tempfile::TempDir;
+
+use crate::support::{
+    bin, eventually, is_root, reserved_port, run_with_timeout, skip, Jobs, Nats, Server,
+    Supervisor, SOON,
+};
+
+/// The user a controller writes job folders as, on every share here.
+const CONTROLLER: &str = "nats-fs-test-ctl";
+
+/// The kinds of share.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Local,
+    RootSquash,
+    OneOwner,
+    Sshfs,
+    /// sshfs with `allow_other` and without `default_permissions`: every local user may use
+    /// it, with the remote user's rights.
+    SshfsAllowOther,
+    /// bindfs read-only.
+    ReadOnly,
+}
+
+/// The controller's uid and gid; the user is made once, as a system user with a home (for
+/// sshd) whose password is locked but whose key logins work.
+fn controller() -> (u32, u32) {
+    static IDS: OnceLock<(u32, u32)> = OnceLock::new();
+    *IDS.get_or_init(|| {
+        let exists = |name: &str| {
+            nix::unistd::User::from_name(name)
+                .ok()
+                .flatten()
+                .map(|u| (u.uid.as_raw(), u.gid.as_raw()))
+        };
+        if exists(CONTROLLER).is_none() {
+            let made = run_with_timeout(
+                Command::new("useradd").args([
+                    "--system",
+                    "--user-group",
+                    "--create-home",
+                    "--home-dir",
+                    "/var/lib/nats-fs-test-ctl",
+                    "--shell",
+                    "/bin/sh",
+                    CONTROLLER,
+                ]),
+                SOON,
+            );
+            // Another test binary may have made it meanwhile.
+            assert!(
+                made.status.success() || exists(CONTROLLER).is_some(),
+                "useradd: {}",
+                String::from_utf8_lossy(&made.stderr)
+            );
+        }
+        // A locked account ('!') refuses key logins too; '*' only has no password.
+        run_with_timeout(Command::new("usermod").args(["-p", "*", CONTROLLER]), SOON);
+        exists(CONTROLLER).expect("the controller user")
+    })
+}
+
+/// Whether the tools for `kind` are here.
+fn tools_for(kind: Kind) -> Option<&'static str> {
+    let needed: &[&str] = match kind {
+        Kind::Local => &[],
+        Kind::RootSquash | Kind::OneOwner | Kind::ReadOnly => &["bindfs"],
+        Kind::Sshfs | Kind::SshfsAllowOther => &["sshfs", "ssh-keygen", "/usr/sbin/sshd"],
+    };
+    needed.iter().copied().find(|tool| {
+        !Command::new("sh")
+            .arg("-c")
+            .arg(format!("command -v {tool}"))
+            .stdout(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    })
+}
+
+/// A jobs folder on a share of one kind: the controller's side (`jobs`, where job folders are
+/// written and results read) and the worker's (`mount`, its `--jobs-dir`).
+struct Share {
+    kind: Kind,
+    jobs: Jobs,
+    mount: PathBuf,
+    base: TempDir,
+    sshd: Option<Child>,
+    mounted: bool,
+}
+
+impl Share {
+    /// Mounts one; `None` (and SKIPPED said) where it cannot be.
+    fn mount(kind: Kind) -> Option<Self> {
+        if !is_root() {
+            skip("mounting shares and running jobs as other users needs root");
+            return None;
+        }
+        if let Some(tool) = tools_for(kind) {
+            skip(&format!(
+                "{tool} is missing (apt-get install bindfs sshfs openssh-server)"
+            ));
+            return None;
+        }
+        let (uid, gid) = controller();
+        let base = tempfile::Builder::new()
+            .prefix("nats-fs-share.")
+            .tempdir()
+            .unwrap();
+        fs::set_permissions(base.path(), fs::Permissions::from_mode(0o755)).unwrap();
+        let export = base.path().join("export");
+        fs::create_dir(&export).unwrap();
+        // The jobs folder, closed to everyone but its owner: the controller's, except where
+        // the share shows one owner for everything whatever the files' real owner is.
+        fs::set_permissions(&export, fs::Permissions::from_mode(0o700)).unwrap();
+        if kind != Kind::OneOwner {
+            std::os::unix::fs::chown(&export, Some(uid), Some(gid)).unwrap();
+        }
+        let mount = base.path().join("mnt");
+        fs::create_dir(&mount).unwrap();
+        let mut share = Self {
+            kind,
+            jobs: Jobs::at(&export, (uid, gid)),
+            mount: if kind == Kind::Local {
+                export.clone()
+            } else {
+                mount.clone()
+            },
+            base,
+            sshd: None,
+            mounted: false,
+        };
+        let (export, mount) = (export.display().to_string(), mount.display().to_string());
+        let command = match kind {
+            Kind::Local => return Some(share),
+            Kind::RootSquash => vec![
+                "bindfs",
+                "-o",
+                "allow_other",
+                "--chown-deny",
+                "--create-as-user",
+                &export,
+                &mount,
+            ]
+            .into_iter()
+            .map(str::to_owned)
+            .collect::<Vec<_>>(),
+            Kind::ReadOnly => ["bindfs", "-o", "allow_other,ro", &export, &mount]
+                .map(str::to_owned)
+                .to_vec(),
+            Kind::OneOwner => [
+                "bindfs",
+                "-o",
+                "allow_other",
+                &format!("--force-user={CONTROLLER}"),
+                &format!("--force-group={CONTROLLER}"),
+                &export,
+                &mount,
+            ]
+            .map(str::to_owned)
+            .to_vec(),
+            Kind::Sshfs | Kind::SshfsAllowOther => share.sshfs_command(&export, &mount),
+        };
+        let out = run_with_timeout(Command::new(&command[0]).args(&command[1..]), SOON);
+        assert!(
+            out.status.success(),
+            "{command:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        share.mounted = true;
+        Some(share)
+    }
+
+    /// Starts a private sshd on loopback that lets the controller in with a key made here;
+    /// returns the sshfs command line that mounts `export` at `mount` through it.
+    fn sshfs_command(&mut self, export: &str, mount: &str) -> Vec<String> {
+        let dir = self.base.path().join("ssh");
+        fs::create_dir(&dir).unwrap();
+        let keygen = |name: &str| {
+            let out = run_with_timeout(
+                Command::new("ssh-keygen")
+                    .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+                    .arg(dir.join(name)),
+                SOON,
+            );
+            assert!(out.status.success(), "ssh-keygen failed");
+        };
+        keygen("host");
+        keygen("client");
+        fs::copy(dir.join("client.pub"), dir.join("authorized_keys")).unwrap();
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
+        fs::set_permissions(
+            dir.join("authorized_keys"),
+            fs::Permissions::from_mode(0o644),
+        )
+        .unwrap();
+        let port = reserved_port();
+        let config = dir.join("sshd_config");
+        fs::write(
+            &config,
+            format!(
+                "Port {port}\nListenAddress 127.0.0.1\nHostKey {host}\nUsePAM no\n\
+                 AuthorizedKeysFile {keys}\nStrictModes no\nPasswordAuthentication no\n\
+                 PidFile none\nSubsystem sftp internal-sftp\nAllowUsers {CONTROLLER}\n",
+                host = dir.join("host").display(),
+                keys = dir.join("authorized_keys").display()
+            ),
+        )
+        .unwrap();
+        // sshd's privilege separation folder.
+        fs::create_dir_all("/run/sshd").unwrap();
+        let log = fs::File::create(dir.join("sshd.log")).unwrap();
+        let sshd = Command::new("/usr/sbin/sshd")
+            .args(["-D", "-e", "-f"])
+            .arg(&config)
+            .stderr(log)
+            .spawn()
+            .expect("starting sshd");
+        self.sshd = Some(sshd);
+        let deadline = Instant::now() + SOON;
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "sshd did not listen on {port}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let mut options = format!(
+            "IdentityFile={},StrictHostKeyChecking=no,UserKnownHostsFile=/dev/null,BatchMode=yes",
+            dir.join("client").display()
+        );
+        if self.kind == Kind::SshfsAllowOther {
+            options.push_str(",allow_other");
+        }
+        [
+            "sshfs",
+            "-p",
+            &port.to_string(),
+            "-o",
+            &options,
+            &format!("{CONTROLLER}@127.0.0.1:{export}"),
+            mount,
+        ]
+        .map(str::to_owned)
+        .to_vec()
+    }
+
+    /// Starts a supervisor with the jobs folder on this share.
+    fn supervisor(&self, server: &Server, args: &[&str]) -> Supervisor {
+        Supervisor::start(&server.url, &self.mount, args, &[])
+    }
+}
+
+impl Drop for Share {
+    fn drop(&mut self) {
+        if self.mounted {
+            let mount = self.base.path().join("mnt");
+            let unmounted = Command::new("fusermount")
+                .arg("-u")
+                .arg(&mount)
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+            if !unmounted {
+                let _ = Command::new("umount").arg("-l").arg(&mount).status();
+            }
+        }
+        if let Some(mut sshd) = self.sshd.take() {
+            let _ = sshd.kill();
+            let _ = sshd.wait();
+        }
+    }
+}
+
+/// The verdict line the supervisor logged when it probed the jobs folder.
+fn verdict(supervisor: &Supervisor) -> String {
+    let probed = supervisor.events("jobs_dir_probed");
+    let line = probed.first().expect("a probe of the jobs folder");
+    line["message"].as_str().unwrap_or_default().to_owned()
+}
+
+/// What the probe must have found on each kind.
+fn expected_facts(kind: Kind) -> &'static [&'static str] {
+    match kind {
+        Kind::Local => &[
+            "(a local disk)",
+            "share user nats-fs-test-ctl",
+            "owners kept",
+            "root may create and chown there",
+            "steps cannot reach job folders",
+        ],
+        Kind::RootSquash => &[
+            "(FUSE)",
+            "share user nats-fs-test-ctl",
+            "owners kept",
+            "root may not chown there",
+            "steps cannot reach job folders",
+        ],
+        Kind::OneOwner => &[
+            "(FUSE)",
+            "share user nats-fs-test-ctl",
+            "root may not chown there",
+            "steps cannot reach job folders",
+        ],
+        Kind::Sshfs => &[
+            "fuse.sshfs",
+            "share user nats-fs-test-ctl",
+            "root may not chown there",
+            "steps cannot reach job folders",
+        ],
+        Kind::SshfsAllowOther | Kind::ReadOnly => &[],
+    }
+}
+
+/// The whole contract, and the attacks, on one kind of share.
+async fn contract_on(kind: Kind) {
+    let Some(share) = Share::mount(kind) else {
+        return;
+    };
+    let server = Server::start(&[]);
+    let mut supervisor = share.supervisor(&server, &["--concurrency", "3"]);
+    supervisor.ready().await;
+    let line = verdict(&supervisor);
+    for fact in expected_facts(kind) {
+        assert!(line.contains(fact), "{kind:?}: {fact:?} not in {line}");
+    }
+    let check = run_with_timeout(
+        Command::new(bin("nats-fs-supervisor"))
+            .arg("--check-jobs-dir")
+            .arg("--jobs-dir")
+            .arg(&share.mount)
+            .arg("--workspaces-dir")
+            .arg(share.base.path().join("check-ws"))
+            .args(["--run-as", "3999990-3999991"]),
+        SOON,
+    );
+    let report = String::from_utf8_lossy(&check.stdout);
+    assert_eq!(check.status.code(), Some(0), "{kind:?}: {report}");
+    assert!(report.contains("usable: jobs run here"), "{report}");
+
+    let mut nats = Nats::connect(&server.url).await;
+    let jobs = &share.jobs;
+    success_failure_timeout_and_cancel(kind, &share, &mut nats).await;
+    steps_cannot_reach_the_share(kind, &share, &mut nats).await;
+    a_log_line_is_on_the_share_while_its_step_runs(&share, &mut nats).await;
+    // Redelivery: the supervisor dies (kill -9) while a step runs; the restarted one runs the
+    // job again. What the dead run wrote is moved aside, never deleted.
+    let gate = share.base.path().join("gate");
+    jobs.add(
+        "crash",
+        &json!({"steps": [format!("echo attempt $JOB_ATTEMPT; while [ ! -e {} ]; do sleep 0.05; done", gate.display())]}),
+    );
+    nats.submit_id("crash").await;
+    eventually(SOON, "the first attempt's log", || {
+        jobs.log("crash", 0).contains("attempt 1").then_some(())
+    })
+    .await;
+    supervisor.kill();
+    fs::write(&gate, "").unwrap();
+    let supervisor = share.supervisor(&server, &[]);
+    let got = nats.result_within(Duration::from_secs(40)).await;
+    assert_eq!(got.result.id, "crash");
+    assert_eq!(
+        got.result.status,
+        Status::Success,
+        "{kind:?}: {:?}",
+        got.raw
+    );
+    assert_eq!(got.result.attempt, Some(2));
+    assert_eq!(jobs.log("crash", 0), "attempt 2\n");
+    let earlier = jobs.path().join("crash/results.1/step_0.log");
+    assert_eq!(
+        fs::read_to_string(&earlier).unwrap_or_default(),
+        "attempt 1\n",
+        "{kind:?}: the dead run's log was not kept"
+    );
+    assert_eq!(jobs.manifest("crash").status, Status::Success);
+    drop(supervisor);
+}
+
+/// Success (logs, artifacts, the steps' own results folder, a manifest owned as the share
+/// makes the share user's files), failure, timeout and cancel.
+async fn success_failure_timeout_and_cancel(kind: Kind, share: &Share, nats: &mut Nats) {
+    let jobs = &share.jobs;
+    let dir = jobs.add(
+        "ok",
+        &json!({"steps": [
+            "echo hello; cat input.txt",
+            "mkdir -p out && echo art > out/a.txt && printf '#!/bin/sh\\n' > out/tool && chmod 755 out/tool && ln -s a.txt out/link",
+            "echo extra > \"$JOB_RESULTS_DIR/extra.txt\"; echo changed >> input.txt",
+        ]}),
+    );
+    fs::write(dir.join("input.txt"), "an input\n").unwrap();
+    jobs.own(&dir.join("input.txt"));
+    jobs.add(
+        "fails",
+        &json!({"steps": ["echo before; exit 3", "echo never"]}),
+    );
+    jobs.add("slow", &json!({"steps": ["sleep 60"], "timeout": "1s"}));
+    jobs.add("cancel-me", &json!({"steps": ["echo started; sleep 60"]}));
+    for id in ["ok", "fails", "slow", "cancel-me"] {
+        nats.submit_id(id).await;
+    }
+    eventually(SOON, "cancel-me to start", || {
+        jobs.log("cancel-me", 0).contains("started").then_some(())
+    })
+    .await;
+    nats.client
+        .publish("jobs.cancel.cancel-me", "".into())
+        .await
+        .unwrap();
+    let results = nats.results(4, Duration::from_secs(60)).await;
+    let status = |id: &str| results[id].result.status;
+    assert_eq!(
+        status("ok"),
+        Status::Success,
+        "{kind:?}: {:?}",
+        results["ok"].raw
+    );
+    assert_eq!(status("fails"), Status::Failed);
+    assert_eq!(results["fails"].result.exit_code, 3);
+    assert_eq!(status("slow"), Status::Timeout);
+    assert_eq!(status("cancel-me"), Status::Cancelled);
+    for id in ["ok", "fails", "slow", "cancel-me"] {
+        assert_eq!(
+            results[id].result.manifest_file.as_deref(),
+            Some("results/result.json"),
+            "{kind:?} {id}"
+        );
+        assert_eq!(jobs.manifest(id).status, status(id), "{kind:?} {id}");
+    }
+    assert_eq!(jobs.log("ok", 0), "hello\nan input\n");
+    assert_eq!(jobs.log("fails", 0), "before\n");
+    let manifest = jobs.manifest("ok");
+    let paths: Vec<&str> = manifest.artifacts.iter().map(|a| a.path.as_str()).collect();
+    assert_eq!(
+        paths,
+        [
+            "extra.txt",
+            "input.txt",
+            "out/a.txt",
+            "out/link",
+            "out/tool"
+        ],
+        "{kind:?}"
+    );
+    let results_dir = jobs.results("ok");
+    assert_eq!(
+        fs::read_to_string(results_dir.join("out/a.txt")).unwrap(),
+        "art\n"
+    );
+    assert_eq!(
+        fs::read_to_string(results_dir.join("extra.txt")).unwrap(),
+        "extra\n"
+    );
+    assert_eq!(
+        fs::read_link(results_dir.join("out/link")).unwrap(),
+        Path::new("a.txt")
+    );
+    // The input in the job folder is the controller's, untouched; its changed copy is an
+    // artifact.
+    assert_eq!(
+        fs::read_to_string(dir.join("input.txt")).unwrap(),
+        "an input\n"
+    );
+    // Everything the worker wrote is the share user's (the controller's), as the share shows
+    // it, and nobody else may write it.
+    let (uid, _) = controller();
+    let shown = share.mount.join("ok/results");
+    for path in ["", "step_0.log", "result.json", "out", "out/a.txt"] {
+        let meta = fs::symlink_metadata(shown.join(path)).unwrap();
+        assert_eq!(meta.uid(), uid, "{kind:?} {path}");
+        assert_eq!(
+            meta.mode() & 0o022,
+            0,
+            "{kind:?} {path} is writable by others"
+        );
+    }
+    assert_eq!(
+        fs::metadata(results_dir.join("out/tool")).unwrap().mode() & 0o777,
+        0o755
+    );
+}
+
+/// A step of one job tries what it should not, on the worker's path of the share and on the
+/// controller's, while a victim job runs: read the victim's folder, write into its results,
+/// plant files in its own job folder. Nothing works, and the victim's results are its own.
+async fn steps_cannot_reach_the_share(kind: Kind, share: &Share, nats: &mut Nats) {
+    let jobs = &share.jobs;
+    let gate = share.base.path().join("victim-gate");
+    let victim = jobs.add(
+        "victim",
+        &json!({"steps": [format!(
+            "cp secret.txt got.txt; echo victim-log; while [ ! -e {} ]; do sleep 0.05; done",
+            gate.display()
+        )]}),
+    );
+    fs::write(victim.join("secret.txt"), "s3cr3t\n").unwrap();
+    jobs.own(&victim.join("secret.txt"));
+    nats.submit_id("victim").await;
+    eventually(SOON, "the victim to run", || {
+        jobs.log("victim", 0).contains("victim-log").then_some(())
+    })
+    .await;
+    let mut attempts = Vec::new();
+    for root in [share.mount.clone(), jobs.path().to_owned()] {
+        let r = root.display();
+        attempts.extend([
+            format!("cat {r}/victim/secret.txt"),
+            format!("cat {r}/victim/job.json"),
+            format!("ls {r}/victim"),
+            format!("ls {r}"),
+            format!("echo forged > {r}/victim/results/step_0.log"),
+            format!("echo forged > {r}/victim/results/result.json"),
+            format!("touch {r}/victim/results/planted"),
+            format!("touch {r}/attacker/planted"),
+            format!("touch {r}/attacker/results/planted"),
+            format!("mkdir {r}/attacker/results.9"),
+        ]);
+    }
+    let mut script = String::new();
+    for a in &attempts {
+        let _ = write!(
+            script,
+            "if {a} >/dev/null 2>&1; then echo 'BROKE {a}'; fi; "
+        );
+    }
+    jobs.add(
+        "attacker",
+        &json!({"steps": [format!("{script}echo tried")]}),
+    );
+    nats.submit_id("attacker").await;
+    let got = nats.result().await;
+    assert_eq!(got.result.id, "attacker");
+    assert_eq!(got.result.status, Status::Success, "{:?}", got.raw);
+    let log = jobs.log("attacker", 0);
+    assert!(!log.contains("BROKE"), "{kind:?}: {log}");
+    assert!(log.ends_with("tried\n"), "{log}");
+    fs::write(&gate, "").unwrap();
+    let got = nats.result().await;
+    assert_eq!(got.result.id, "victim");
+    assert_eq!(got.result.status, Status::Success);
+    let manifest = jobs.manifest("victim");
+    let paths: Vec<&str> = manifest.artifacts.iter().map(|a| a.path.as_str()).collect();
+    assert_eq!(paths, ["got.txt"]);
+    let mut found: Vec<String> = fs::read_dir(jobs.results("victim"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    found.sort();
+    assert_eq!(found, ["got.txt", "result.json", "step_0.log"]);
+    assert_eq!(jobs.log("victim", 0), "victim-log\n");
+    let mut own: Vec<String> = fs::read_dir(jobs.path().join("attacker"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    own.sort();
+    assert_eq!(own, ["job.json", "results"], "{kind:?}");
+}
+
+/// A line a step prints is in its log on the share while the step still runs.
+async fn a_log_line_is_on_the_share_while_its_step_runs(share: &Share, nats: &mut Nats) {
+    let jobs = &share.jobs;
+    let gate = share.base.path().join("stream-gate");
+    jobs.add(
+        "stream",
+        &json!({"steps": [format!(
+            "echo first line; while [ ! -e {} ]; do sleep 0.02; done; echo second line",
+            gate.display()
+        )]}),
+    );
+    nats.submit_id("stream").await;
+    eventually(SOON, "the first line on the share", || {
+        (jobs.log("stream", 0) == "first line\n").then_some(())
+    })
+    .await;
+    fs::write(&gate, "").unwrap();
+    let got = nats.result().await;
+    assert_eq!(got.result.status, Status::Success);
+    assert_eq!(jobs.log("stream", 0), "first line\nsecond line\n");
+}
+
+#[tokio::test]
+async fn the_contract_holds_on_a_local_disk_with_a_controller_user() {
+    contract_on(Kind::Local).await;
+}
+
+#[tokio::test]
+async fn the_contract_holds_where_root_may_not_chown() {
+    contract_on(Kind::RootSquash).await;
+}
+
+#[tokio::test]
+async fn the_contract_holds_where_every_file_has_one_owner() {
+    contract_on(Kind::OneOwner).await;
+}
+
+#[tokio::test]
+async fn the_contract_holds_on_sshfs() {
+    contract_on(Kind::Sshfs).await;
+}
+
+/// sshfs with `allow_other` lets every local user do what the remote user may: a step could
+/// read and change every job folder. Refused at start (exit 2, with how to fix the mount), and
+/// by `--check-jobs-dir`; accepted with `--share-isolation off`, which the start-up line says.
+#[tokio::test]
+async fn a_share_that_lets_steps_in_is_refused() {
+    let Some(share) = Share::mount(Kind::SshfsAllowOther) else {
+        return;
+    };
+    let server = Server::start(&[]);
+    let mut refused = share.supervisor(&server, &[]);
+    let status = refused.exit(SOON).await;
+    assert_eq!(status.code(), Some(2), "{}", refused.log());
+    let log = refused.log();
+    assert!(log.contains("jobs_dir_refused"), "{log}");
+    assert!(log.contains("allow_other"), "{log}");
+    assert!(log.contains("list a job folder"), "{log}");
+    let check = run_with_timeout(
+        Command::new(bin("nats-fs-supervisor"))
+            .arg("--check-jobs-dir")
+            .arg("--jobs-dir")
+            .arg(&share.mount)
+            .arg("--workspaces-dir")
+            .arg(share.base.path().join("check-ws"))
+            .args(["--run-as", "3999990-3999991"]),
+        SOON,
+    );
+    let report = String::from_utf8_lossy(&check.stdout);
+    assert_eq!(check.status.code(), Some(2), "{report}");
+    assert!(report.contains("REFUSED"), "{report}");
+    let accepted = share.supervisor(&server, &["--share-isolation", "off"]);
+    accepted.ready().await;
+    assert!(verdict(&accepted).contains("steps CAN reach job folders"));
+}
+
+/// A read-only share: the worker starts (it may be remounted), says why jobs cannot run, and
+/// hands each back until it gives up with an error that names the jobs folder and why.
+#[tokio::test]
+async fn a_read_only_share_ends_jobs_with_a_clear_error() {
+    let Some(share) = Share::mount(Kind::ReadOnly) else {
+        return;
+    };
+    share.jobs.add("ro", &json!({"steps": ["echo never"]}));
+    let server = Server::start(&[]);
+    let supervisor = share.supervisor(&server, &["--max-deliver", "1"]);
+    supervisor.ready().await;
+    let warned = supervisor.events("jobs_dir_probed");
+    assert!(
+        warned[0]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("read-only")),
+        "{warned:?}"
+    );
+    let mut nats = Nats::connect(&server.url).await;
+    nats.submit_id("ro").await;
+    let got = nats.result_within(Duration::from_secs(30)).await;
+    assert_eq!(got.result.status, Status::Error, "{:?}", got.raw);
+    assert_eq!(got.result.reason, Some(Reason::Host));
+    assert_eq!(got.result.manifest_file, None);
+    let error = got.result.error.unwrap_or_default();
+    assert!(
+        error.contains(&share.mount.display().to_string()) && error.contains("read-only"),
+        "{error}"
+    );
+    assert!(!share.jobs.results("ro").exists());
+}
+
+/// Workspaces inside the jobs folder: the start-up clean-up of workspaces would remove job
+/// folders. Refused at start.
+#[tokio::test]
+async fn overlapping_jobs_and_workspaces_folders_are_refused() {
+    let jobs = Jobs::new();
+    let server = Server::start(&[]);
+    let mut command = Command::new(bin("nats-fs-supervisor"));
+    command
+        .arg("--url")
+        .arg(&server.url)
+        .arg("--jobs-dir")
+        .arg(jobs.path())
+        .arg("--workspaces-dir")
+        .arg(jobs.path().join("workspaces"));
+    let out = run_with_timeout(&mut command, SOON);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("overlap"), "{stderr}");
+}
