@@ -49,12 +49,12 @@ pub async fn run(
     nix::sys::prctl::set_child_subreaper(true).context("becoming a child subreaper")?;
     let reaper = Reaper::start().context("listening for SIGCHLD")?;
     let identities = Identities::new(settings.pool.clone());
-    let verdict = share::probe(settings);
+    let verdict = share::probe(settings, Some(&reaper));
     share::log(&verdict, "probed the jobs folder");
     if let Some(refusal) = verdict.refusal.clone() {
         return Err(share::Refused(refusal).into());
     }
-    let drive = Arc::new(share::Drive::new(verdict));
+    let drive = Arc::new(share::Drive::new(verdict, reaper.clone()));
 
     // Ctrl-C cancels the job (TERM, grace, KILL); a second one kills it at once.
     let (tx, mut control) = mpsc::channel(4);

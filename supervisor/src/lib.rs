@@ -126,7 +126,7 @@ pub async fn run(
         nix::sys::prctl::set_dumpable(false).context("making this process non-dumpable")?;
     }
     check_surroundings(&settings);
-    let drive = probe_jobs_dir(&settings)?;
+    let drive = probe_jobs_dir(&settings, &reaper)?;
     log_settings(&settings);
     let client = connection::connect(&settings).await?;
     let js = jetstream::new(client.clone());
@@ -224,13 +224,13 @@ fn refuse_overlap(settings: &Settings) -> anyhow::Result<()> {
 }
 
 /// Probes the jobs folder and logs what it found; `Err` when it must be refused.
-fn probe_jobs_dir(settings: &Settings) -> anyhow::Result<Arc<share::Drive>> {
-    let verdict = share::probe(settings);
+fn probe_jobs_dir(settings: &Settings, reaper: &Arc<Reaper>) -> anyhow::Result<Arc<share::Drive>> {
+    let verdict = share::probe(settings, Some(reaper));
     share::log(&verdict, "probed the jobs folder");
     if let Some(refusal) = verdict.refusal.clone() {
         return Err(share::Refused(refusal).into());
     }
-    Ok(Arc::new(share::Drive::new(verdict)))
+    Ok(Arc::new(share::Drive::new(verdict, reaper.clone())))
 }
 
 /// The effective settings, in one line at start (secrets only by kind: `token`, never the

@@ -57,7 +57,7 @@ fn main() -> ExitCode {
         }
     };
     if args.check_jobs_dir {
-        let verdict = share::probe(&settings);
+        let verdict = share::probe(&settings, None);
         print!("{}", verdict.report());
         return if verdict.refusal.is_some() {
             ExitCode::from(EXIT_CONFIG)

@@ -32,6 +32,7 @@ use nix::unistd::{Gid, Group, Uid, User};
 
 use crate::config::{Settings, ShareIsolation};
 use crate::identity::Identity;
+use crate::reaper::Reaper;
 
 /// The jobs folder was refused at start (see [`Verdict::refusal`]): the supervisor exits with
 /// status 2, as for any other configuration error, and is not restarted.
@@ -330,12 +331,15 @@ impl Verdict {
 #[derive(Debug)]
 pub struct Drive {
     current: Mutex<Arc<Verdict>>,
+    /// Reaps the probe's process (see [`probe`]).
+    reaper: Arc<Reaper>,
 }
 
 impl Drive {
-    pub fn new(verdict: Verdict) -> Self {
+    pub fn new(verdict: Verdict, reaper: Arc<Reaper>) -> Self {
         Self {
             current: Mutex::new(Arc::new(verdict)),
+            reaper,
         }
     }
 
@@ -356,7 +360,7 @@ impl Drive {
         if dev == current.dev {
             return current.clone();
         }
-        let verdict = probe(settings);
+        let verdict = probe(settings, Some(&self.reaper));
         log(&verdict, "the jobs folder changed");
         *current = Arc::new(verdict);
         current.clone()
@@ -386,8 +390,9 @@ pub fn log(verdict: &Verdict, why: &str) {
 }
 
 /// Probes the jobs folder (see the module docs). Blocking; makes and removes a folder on the
-/// drive, and runs the runner once to try what a step could do.
-pub fn probe(settings: &Settings) -> Verdict {
+/// drive, and runs the runner once to try what a step could do: through `reaper`, when the
+/// supervisor reaps its children itself (a `waitpid` of our own would find the child gone).
+pub fn probe(settings: &Settings, reaper: Option<&Reaper>) -> Verdict {
     let jobs = &settings.jobs_dir;
     let mut verdict = Verdict::new(jobs, settings.share_isolation);
     if let Some(why) = overlap(jobs, &settings.workspaces_dir) {
@@ -450,7 +455,7 @@ pub fn probe(settings: &Settings) -> Verdict {
     {
         Ok(()) => {
             verdict.found.create = Some(Ok(()));
-            try_the_drive(settings, &share, &folder, &mut verdict.found);
+            try_the_drive(settings, reaper, &share, &folder, &mut verdict.found);
             remove_probe(&share, &folder);
         }
         Err(e) => {
@@ -483,7 +488,13 @@ pub fn probe(settings: &Settings) -> Verdict {
 
 /// Tries the drive in the probe's folder: a file written, owned, chmodded, renamed over and
 /// flushed as the share user; what root's own rights may do there; what a step could do.
-fn try_the_drive(settings: &Settings, share: &ShareUser, folder: &Path, found: &mut Found) {
+fn try_the_drive(
+    settings: &Settings,
+    reaper: Option<&Reaper>,
+    share: &ShareUser,
+    folder: &Path,
+    found: &mut Found,
+) {
     let input = folder.join(Reach::FILE);
     share.ids.run(|| {
         let written = fs::OpenOptions::new()
@@ -532,7 +543,7 @@ fn try_the_drive(settings: &Settings, share: &ShareUser, folder: &Path, found: &
         }
     }
     if settings.pool.switch {
-        found.reach = Some(reach(settings, folder));
+        found.reach = Some(reach(settings, reaper, folder));
     }
 }
 
@@ -545,7 +556,11 @@ fn remove_probe(share: &ShareUser, folder: &Path) {
 
 /// Runs `nats-fs-runner --reach` as the pool's first identity (they differ only by uid: what
 /// the drive lets one do, it lets each do).
-fn reach(settings: &Settings, folder: &Path) -> Result<(Identity, Reach), String> {
+fn reach(
+    settings: &Settings,
+    reaper: Option<&Reaper>,
+    folder: &Path,
+) -> Result<(Identity, Reach), String> {
     let identity = settings
         .pool
         .identities()
@@ -563,7 +578,9 @@ fn reach(settings: &Settings, folder: &Path) -> Result<(Identity, Reach), String
             .collect::<Vec<_>>()
             .join(",")
     );
-    let mut child = Command::new(&settings.runner)
+    let runner = settings.runner.display();
+    let mut command = Command::new(&settings.runner);
+    command
         .arg("--reach")
         .arg(folder)
         .arg("--as")
@@ -572,43 +589,73 @@ fn reach(settings: &Settings, folder: &Path) -> Result<(Identity, Reach), String
         .current_dir("/")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("starting {} --reach: {e}", settings.runner.display()))?;
-    let deadline = std::time::Instant::now() + REACH_TIMEOUT;
-    loop {
-        match child.try_wait() {
-            Ok(Some(_)) => break,
-            Ok(None) if std::time::Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            _ => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(format!(
-                    "{} --reach did not finish within {} s",
-                    settings.runner.display(),
-                    REACH_TIMEOUT.as_secs()
-                ));
-            }
-        }
-    }
-    let output = child.wait_with_output().map_err(|e| e.to_string())?;
-    if !output.status.success() {
-        return Err(format!(
-            "{} --reach failed ({}): {}",
-            settings.runner.display(),
-            output.status,
-            String::from_utf8_lossy(&output.stderr).trim()
-        ));
-    }
-    let found = serde_json::from_slice(&output.stdout).map_err(|e| {
+        .stderr(Stdio::piped());
+    let mut start = || {
+        let child = command.spawn()?;
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap_or(-1));
+        Ok((pid, child))
+    };
+    let started = match reaper {
+        Some(reaper) => reaper
+            .spawn(start)
+            .map(|(child, exited)| (child, Some((reaper, exited)))),
+        None => start().map(|(_, child)| (child, None)),
+    };
+    let (mut child, exited) = started.map_err(|e| format!("starting {runner} --reach: {e}"))?;
+    let succeeded = wait_briefly(&mut child, exited)?.ok_or_else(|| {
         format!(
-            "reading what {} --reach printed: {e}",
-            settings.runner.display()
+            "{runner} --reach did not finish within {} s",
+            REACH_TIMEOUT.as_secs()
         )
     })?;
+    // What it prints is one short line, and its pipes end when it does.
+    let (mut out, mut err) = (String::new(), String::new());
+    if let Some(mut stdout) = child.stdout.take() {
+        let _ = std::io::Read::read_to_string(&mut stdout, &mut out);
+    }
+    if let Some(mut stderr) = child.stderr.take() {
+        let _ = std::io::Read::read_to_string(&mut stderr, &mut err);
+    }
+    if !succeeded {
+        return Err(format!("{runner} --reach failed: {}", err.trim()));
+    }
+    let found = serde_json::from_str(&out)
+        .map_err(|e| format!("reading what {runner} --reach printed: {e}"))?;
     Ok((identity, found))
+}
+
+/// Waits up to [`REACH_TIMEOUT`] for `child` to exit: whether it succeeded, `None` when it did
+/// not end in time (then it is killed). Through the supervisor's reaper when there is one,
+/// which collects every child; reaped here all the same, as the reaper's task may not run
+/// while this thread waits (at start, on the runtime's own thread).
+fn wait_briefly(
+    child: &mut std::process::Child,
+    mut exited: Option<(&Reaper, tokio::sync::oneshot::Receiver<crate::reaper::Exit>)>,
+) -> Result<Option<bool>, String> {
+    let deadline = std::time::Instant::now() + REACH_TIMEOUT;
+    loop {
+        let done = match exited.as_mut() {
+            Some((reaper, exited)) => {
+                reaper.reap();
+                exited
+                    .try_recv()
+                    .ok()
+                    .map(|exit| exit == crate::reaper::Exit::Code(0))
+            }
+            None => child
+                .try_wait()
+                .map_err(|e| e.to_string())?
+                .map(|s| s.success()),
+        };
+        if done.is_some() {
+            return Ok(done);
+        }
+        if std::time::Instant::now() >= deadline {
+            let _ = child.kill();
+            return Ok(None);
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
 }
 
 /// How to keep steps off this jobs folder, for the refusal.

@@ -121,6 +121,13 @@ struct Share {
 impl Share {
     /// Mounts one; `None` (and SKIPPED said) where it cannot be.
     fn mount(kind: Kind) -> Option<Self> {
+        let mut share = Self::new(kind)?;
+        share.attach();
+        Some(share)
+    }
+
+    /// Makes one ready to mount: the export, owned as its kind wants, and the mount point.
+    fn new(kind: Kind) -> Option<Self> {
         if !is_root() {
             skip("mounting shares and running jobs as other users needs root");
             return None;
@@ -147,21 +154,23 @@ impl Share {
         }
         let mount = base.path().join("mnt");
         fs::create_dir(&mount).unwrap();
-        let mut share = Self {
+        Some(Self {
             kind,
             jobs: Jobs::at(&export, (uid, gid)),
-            mount: if kind == Kind::Local {
-                export.clone()
-            } else {
-                mount.clone()
-            },
+            mount: if kind == Kind::Local { export } else { mount },
             base,
             sshd: None,
             mounted: false,
-        };
-        let (export, mount) = (export.display().to_string(), mount.display().to_string());
+        })
+    }
+
+    /// Mounts it.
+    fn attach(&mut self) {
+        let kind = self.kind;
+        let export = self.base.path().join("export").display().to_string();
+        let mount = self.base.path().join("mnt").display().to_string();
         let command = match kind {
-            Kind::Local => return Some(share),
+            Kind::Local => return,
             Kind::RootSquash => vec![
                 "bindfs",
                 "-o",
@@ -188,7 +197,7 @@ impl Share {
             ]
             .map(str::to_owned)
             .to_vec(),
-            Kind::Sshfs | Kind::SshfsAllowOther => share.sshfs_command(&export, &mount),
+            Kind::Sshfs | Kind::SshfsAllowOther => self.sshfs_command(&export, &mount),
         };
         let out = run_with_timeout(Command::new(&command[0]).args(&command[1..]), SOON);
         assert!(
@@ -196,8 +205,7 @@ impl Share {
             "{command:?}: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        share.mounted = true;
-        Some(share)
+        self.mounted = true;
     }
 
     /// Starts a private sshd on loopback that lets the controller in with a key made here;
@@ -344,7 +352,14 @@ async fn contract_on(kind: Kind) {
         return;
     };
     let server = Server::start(&[]);
-    let mut supervisor = share.supervisor(&server, &["--concurrency", "3"]);
+    // Named where the default (the jobs folder's owner) would do as well.
+    let named = format!("{CONTROLLER}:{CONTROLLER}");
+    let share_user: &[&str] = if kind == Kind::RootSquash {
+        &["--share-user", &named]
+    } else {
+        &[]
+    };
+    let mut supervisor = share.supervisor(&server, &[&["--concurrency", "3"], share_user].concat());
     supervisor.ready().await;
     let line = verdict(&supervisor);
     for fact in expected_facts(kind) {
@@ -658,6 +673,37 @@ async fn a_share_that_lets_steps_in_is_refused() {
     let accepted = share.supervisor(&server, &["--share-isolation", "off"]);
     accepted.ready().await;
     assert!(verdict(&accepted).contains("steps CAN reach job folders"));
+}
+
+/// The jobs folder mounted while the supervisor runs (it started on the empty mount point, a
+/// local folder): the next job finds it on another device, probes it again, and here, as the
+/// new mount lets steps in, hands the job back with the refusal.
+#[tokio::test]
+async fn a_jobs_folder_mounted_anew_is_probed_again() {
+    let Some(mut share) = Share::new(Kind::SshfsAllowOther) else {
+        return;
+    };
+    fs::set_permissions(&share.mount, fs::Permissions::from_mode(0o700)).unwrap();
+    let server = Server::start(&[]);
+    let supervisor = share.supervisor(&server, &["--max-deliver", "1"]);
+    supervisor.ready().await;
+    assert!(verdict(&supervisor).contains("(a local disk)"));
+    share.attach();
+    share
+        .jobs
+        .add("after-mount", &json!({"steps": ["echo never"]}));
+    let mut nats = Nats::connect(&server.url).await;
+    nats.submit_id("after-mount").await;
+    let got = nats.result_within(Duration::from_secs(30)).await;
+    assert_eq!(got.result.status, Status::Error, "{:?}", got.raw);
+    let error = got.result.error.unwrap_or_default();
+    assert!(
+        error.contains("cannot be used") && error.contains("allow_other"),
+        "{error}"
+    );
+    supervisor.wait_event("jobs_dir_refused", 1).await;
+    assert!(supervisor.log().contains("the jobs folder changed"));
+    assert!(!share.jobs.results("after-mount").exists());
 }
 
 /// A read-only share: the worker starts (it may be remounted), says why jobs cannot run, and
