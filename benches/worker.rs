@@ -25,6 +25,11 @@
 #[path = "../tests/integration/support.rs"]
 mod support;
 
+// The shares the tests mount a jobs folder on; here, sshfs.
+#[allow(dead_code, unreachable_pub, clippy::unwrap_used)]
+#[path = "../tests/integration/mounts.rs"]
+mod mounts;
+
 use std::collections::HashSet;
 use std::fmt::Write as _;
 use std::fs;
@@ -43,13 +48,14 @@ use tempfile::TempDir;
 use support::{Jobs, Nats, Server, Supervisor};
 
 /// The benchmarks, in the order they run.
-const BENCHMARKS: [&str; 6] = [
+const BENCHMARKS: [&str; 7] = [
     "dispatch",
     "throughput",
     "memory",
     "log-latency",
     "staging",
     "sync-scaling",
+    "share",
 ];
 
 /// How long anything that should happen "soon" may take before the benchmark gives up (the
@@ -104,6 +110,10 @@ struct Config {
     scale_reps: usize,
     /// MiB of memory touched and freed right before each timed copy, see [`warm_memory`].
     warm_mib: usize,
+    /// The job on a share (sshfs): small files, the big file's size, repetitions.
+    share_files: usize,
+    share_big_mib: usize,
+    share_reps: usize,
 }
 
 impl Config {
@@ -134,6 +144,9 @@ impl Config {
             scale_dirs: env_usize("BENCH_SCALE_DIRS", 400),
             scale_reps: env_usize("BENCH_SCALE_REPS", 5),
             warm_mib: env_usize("BENCH_WARM_MIB", 768),
+            share_files: env_usize("BENCH_SHARE_FILES", 2000),
+            share_big_mib: env_usize("BENCH_SHARE_BIG_MIB", 20),
+            share_reps: env_usize("BENCH_SHARE_REPS", 5),
         }
     }
 
@@ -159,6 +172,9 @@ impl Config {
             "scaleDirs": self.scale_dirs,
             "scaleReps": self.scale_reps,
             "warmMiB": self.warm_mib,
+            "shareFiles": self.share_files,
+            "shareBigMiB": self.share_big_mib,
+            "shareReps": self.share_reps,
         })
     }
 }
@@ -562,6 +578,7 @@ async fn run_benchmark(name: &str, cfg: &Config, env: &Env) -> Result<Report> {
         "log-latency" => log_latency(cfg, env).await,
         "staging" => staging(cfg, env),
         "sync-scaling" => sync_scaling(cfg, env),
+        "share" => share(cfg, env).await,
         _ => bail!("no benchmark {name}"),
     }
 }
@@ -683,6 +700,16 @@ What the rows mean:
   every `cp -a` first (the runner deletes a {scale}-file workspace after each run, which
   would slow down the copies after it, see below; the sync itself creates only 10 files);
   also against the fastest `cp -a`, which is the harder comparison.
+- **share**: the jobs folder on sshfs over loopback to a private `sshd` (every file system call
+  an SFTP round trip, as on a network share): a job folder of {share_files} × 4 KiB files plus
+  one {share_big} MiB file and the step `true`, published and waited for (publish → result,
+  with `--share-parallelism` at its default and at 1), against `cp -a` of such a folder off the
+  same share to a local folder, {share_reps} times each, interleaved, each run on a folder of
+  its own (sshfs caches what it has listed). The workspaces and the copies are on a tmpfs:
+  this disk slows down for minutes after deletions (see below), and every job's workspace is
+  deleted after it; on a tmpfs the share's side is what is compared. And a step's lines (`date +%s%N` every 20 ms) from
+  the moment they are written to the moment they are readable on the exported folder itself,
+  as another host would read them. Needs root, `sshfs` and `sshd` (scripts/test installs them).
 
 Disk figures are noisy on this shared virtual disk (single copies of the same tree ranged from
 109 to 1,252 ms) and caches cannot be dropped, so each comparison is made in one run as
@@ -723,6 +750,9 @@ subset; `BENCH_DISPATCH_JOBS`, `BENCH_THROUGHPUT_JOBS`, `BENCH_THROUGHPUT_REPS`,
         scale_reps = cfg.scale_reps,
         warm = cfg.warm_mib,
         after = AFTER_CLEANUP,
+        share_files = cfg.share_files,
+        share_big = cfg.share_big_mib,
+        share_reps = cfg.share_reps,
     );
     out
 }
@@ -824,6 +854,18 @@ fn start_supervisor(
     concurrency: usize,
     name: &str,
 ) -> Result<Supervisor> {
+    start_supervisor_with(env, url, jobs, concurrency, name, &[])
+}
+
+/// [`start_supervisor`] with `extra` options.
+fn start_supervisor_with(
+    env: &Env,
+    url: &str,
+    jobs: &Jobs,
+    concurrency: usize,
+    name: &str,
+    extra: &[&str],
+) -> Result<Supervisor> {
     let dir = env.dir(&format!("supervisor-{name}"))?;
     // Created by the supervisor.
     let workspaces = dir.path().join("workspaces");
@@ -839,6 +881,7 @@ fn start_supervisor(
         .arg(concurrency.to_string())
         .args(["--ack-wait", "30s", "--kill-grace", "2s"])
         .args(["--drain-timeout", "10s", "--log-format", "text"])
+        .args(extra)
         .env_remove("RUST_LOG");
     if let Ok(filter) = std::env::var("BENCH_SUPERVISOR_LOG") {
         command.env("RUST_LOG", filter);
@@ -1677,20 +1720,31 @@ fn compare_with_cp(
 /// The staging job folder: `stage_files` files of `stage_file_bytes` in folders of 100, one
 /// big file, and the step `true`.
 fn make_stage_tree(cfg: &Config, job: &Path) -> Result<()> {
+    make_tree(
+        job,
+        cfg.stage_files,
+        cfg.stage_file_bytes,
+        cfg.stage_big_mib,
+    )
+}
+
+/// A job folder of `files` files of `file_bytes` in folders of 100, one file of `big_mib`
+/// MiB, and the step `true`.
+fn make_tree(job: &Path, files: usize, file_bytes: usize, big_mib: usize) -> Result<()> {
     let mut seed = 0x9E37_79B9_7F4A_7C15_u64;
     let per_dir = 100;
-    for i in 0..cfg.stage_files {
+    for i in 0..files {
         let dir = job.join(format!("data/d{:03}", i / per_dir));
         if i % per_dir == 0 {
             fs::create_dir_all(&dir).context("creating the tree")?;
         }
         write_data(
             &dir.join(format!("f{:03}.bin", i % per_dir)),
-            cfg.stage_file_bytes,
+            file_bytes,
             &mut seed,
         )?;
     }
-    write_data(&job.join("big.bin"), cfg.stage_big_mib << 20, &mut seed)?;
+    write_data(&job.join("big.bin"), big_mib << 20, &mut seed)?;
     fs::write(
         job.join("job.json"),
         json!({ "steps": ["true"] }).to_string(),
@@ -1786,6 +1840,206 @@ fn staging(cfg: &Config, env: &Env) -> Result<Report> {
             "pairedRatios": stage_sync.iter().zip(&copies).map(|(s, c)| s / c).collect::<Vec<_>>(),
         }),
     })
+}
+
+// ---------------------------------------------------------------------------------------------
+// 7. The jobs folder on a network share.
+
+#[allow(clippy::too_many_lines)] // One benchmark, best read top to bottom.
+async fn share(cfg: &Config, env: &Env) -> Result<Report> {
+    let Some(share) = mounts::Share::mount(mounts::Kind::Sshfs) else {
+        bail!("skipped: the share benchmark needs root, sshfs and sshd (apt-get install sshfs openssh-server)");
+    };
+    let reps = cfg.share_reps;
+    // One folder per run, on the exported side, as the controller makes them: sshfs caches what
+    // it has listed, and neither side may profit from the other's listing.
+    let export = share.jobs.path().to_owned();
+    let names: Vec<String> = (0..reps * 2 + 2).map(|i| format!("share-{i:02}")).collect();
+    let clock = Instant::now();
+    make_tree(
+        &export.join(&names[0]),
+        cfg.share_files,
+        4096,
+        cfg.share_big_mib,
+    )?;
+    for name in &names[1..] {
+        let status = Command::new("cp")
+            .arg("-a")
+            .arg(export.join(&names[0]))
+            .arg(export.join(name))
+            .status()
+            .context("copying the tree on the export")?;
+        ensure!(status.success(), "cp -a on the export failed");
+    }
+    let owner = mounts::controller();
+    let status = Command::new("chown")
+        .arg("-R")
+        .arg(format!("{}:{}", owner.0, owner.1))
+        .arg(&export)
+        .status()
+        .context("giving the trees to the controller")?;
+    ensure!(status.success(), "chown failed");
+    settle_disk();
+    eprintln!(
+        "    made {} job folders of {} × 4 KiB + {} MiB on the export in {:.1} s",
+        names.len(),
+        cfg.share_files,
+        cfg.share_big_mib,
+        clock.elapsed().as_secs_f64()
+    );
+    let server = Server::start_in(env.dir("share-nats")?, &[]);
+    let mut controller = Controller::connect(&server.url).await;
+    // The local side of both, the copies and the workspaces, on a tmpfs: this VM's ext4 slows
+    // down for minutes after deletions (see below), and each job's workspace is deleted after
+    // it, each copy kept; on a tmpfs the share's side is what is compared.
+    let local = support::Tmpfs::mount("4g").context("mounting a tmpfs for the local side")?;
+    let copies = local.path().join("copies");
+    let workspaces = local.path().join("workspaces");
+    fs::create_dir(&copies)?;
+    let on_tmpfs = |extra: &'static [&'static str]| -> Vec<String> {
+        let mut args = vec![
+            "--workspaces-dir".to_owned(),
+            workspaces.display().to_string(),
+        ];
+        args.extend(extra.iter().map(|a| (*a).to_owned()));
+        args
+    };
+    let (mut cp_ms, mut job_ms) = (Vec::new(), Vec::new());
+    {
+        let supervisor = start_share_supervisor(env, &server, &share, "share", &on_tmpfs(&[]))?;
+        supervisor.ready().await;
+        for rep in 0..reps {
+            let (cp_name, job_name) = (&names[2 * rep], &names[2 * rep + 1]);
+            let cp = || {
+                time_cp(
+                    &share.mount.join(cp_name),
+                    &copies.join(cp_name),
+                    cfg.warm_mib,
+                )
+            };
+            let job = publish_and_wait(&mut controller, job_name, cfg.warm_mib);
+            // ABBA: which goes first alternates.
+            if rep % 2 == 0 {
+                cp_ms.push(cp()?);
+                job_ms.push(job.await?);
+            } else {
+                job_ms.push(job.await?);
+                cp_ms.push(cp()?);
+            }
+            eprintln!(
+                "    rep {rep}: cp -a off the share {:.0} ms; publish → result {:.0} ms",
+                cp_ms[rep], job_ms[rep]
+            );
+        }
+    }
+    // One at a time, for what the parallel calls are worth.
+    let serial = {
+        let supervisor = start_share_supervisor(
+            env,
+            &server,
+            &share,
+            "share-serial",
+            &on_tmpfs(&["--share-parallelism", "1"]),
+        )?;
+        supervisor.ready().await;
+        let ms = publish_and_wait(&mut controller, &names[reps * 2], cfg.warm_mib).await?;
+        eprintln!("    one call at a time: publish → result {ms:.0} ms");
+        ms
+    };
+    // Log latency, read on the exported folder.
+    let latencies = {
+        let supervisor = start_share_supervisor(env, &server, &share, "share-log", &on_tmpfs(&[]))?;
+        supervisor.ready().await;
+        let id = &names[reps * 2 + 1];
+        let lines = cfg.log_lines;
+        fs::write(
+            export.join(id).join("job.json"),
+            json!({"steps": [format!(
+                "i=0; while [ $i -lt {lines} ]; do date +%s%N; sleep 0.02; i=$((i+1)); done"
+            )]})
+            .to_string(),
+        )?;
+        let log = export.join(id).join("results/step_0.log");
+        let poller = tokio::task::spawn_blocking(move || poll_log(&log, lines, SOON));
+        controller.submit(id).await;
+        let result = controller.result_of(id, SOON).await?;
+        ensure!(result["status"] == "success", "{id}: {result}");
+        poller.await.context("the log poller")??
+    };
+    let b = "share";
+    let cp = median(&cp_ms);
+    let job = median(&job_ms);
+    let rows = vec![
+        Row::new(b, "cp -a of the job folder off sshfs", cp, "ms", 0, None),
+        Row::new(b, "publish → result of that job", job, "ms", 0, None),
+        Row::new(
+            b,
+            "ratio publish → result / cp -a",
+            job / cp,
+            "×",
+            2,
+            Some(at_most(0.4, "≤ 0.4×")),
+        ),
+        Row::new(
+            b,
+            "publish → result, --share-parallelism 1",
+            serial,
+            "ms",
+            0,
+            None,
+        ),
+        Row::new(
+            b,
+            "step writes a line → readable on the export, median",
+            median(&latencies),
+            "ms",
+            2,
+            Some(at_most(50.0, "≤ 50 ms")),
+        ),
+        Row::new(
+            b,
+            "step writes a line → readable on the export, p99",
+            percentile(&latencies, 99),
+            "ms",
+            2,
+            Some(at_most(50.0, "≤ 50 ms")),
+        ),
+    ];
+    Ok(Report {
+        rows,
+        data: json!({
+            "files": cfg.share_files + 2,
+            "bytes": cfg.share_files * 4096 + (cfg.share_big_mib << 20),
+            "cpMs": cp_ms,
+            "publishToResultMs": job_ms,
+            "oneAtATimeMs": serial,
+            "logLatencyMs": round3(&latencies),
+        }),
+    })
+}
+
+/// A supervisor whose jobs folder is `share`'s mount.
+fn start_share_supervisor(
+    env: &Env,
+    server: &Server,
+    share: &mounts::Share,
+    name: &str,
+    extra: &[String],
+) -> Result<Supervisor> {
+    let jobs = Jobs::at(&share.mount, mounts::controller());
+    let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+    start_supervisor_with(env, &server.url, &jobs, 1, name, &extra)
+}
+
+/// Publishes `{"id": id}` and waits for its result; milliseconds from the publish.
+async fn publish_and_wait(controller: &mut Controller, id: &str, warm_mib: usize) -> Result<f64> {
+    prepare_copy(warm_mib);
+    let clock = Instant::now();
+    controller.submit(id).await;
+    let result = controller.result_of(id, SOON).await?;
+    let took = ms(clock.elapsed());
+    ensure!(result["status"] == "success", "{id}: {result}");
+    Ok(took)
 }
 
 /// The sync-scaling job folder: `scale_files` small files in `scale_dirs` folders, and a step

@@ -135,6 +135,12 @@ struct Cli {
     #[arg(long, requires = "job")]
     watch: bool,
 
+    /// How many file system calls on the job folder may be in flight at once while it is
+    /// staged and its artifacts copied (a network share answers each after a round trip).
+    #[arg(long, value_name = "N", default_value_t = nats_fs::protocol::DEFAULT_SHARE_PARALLELISM,
+          value_parser = parse_parallelism)]
+    share_parallelism: usize,
+
     /// Print the manual page or a shell's completions to stdout and exit, running nothing
     /// (for packaging).
     #[arg(long, value_enum, value_name = "WHAT", hide = true)]
@@ -148,6 +154,14 @@ struct Cli {
     /// The identity of `--reach`: `UID:GID:GROUP,GROUP…`.
     #[arg(long = "as", value_name = "IDS", hide = true)]
     reach_as: Option<String>,
+}
+
+/// `--share-parallelism`: 1 to 256.
+fn parse_parallelism(value: &str) -> Result<usize, String> {
+    match value.parse::<usize>() {
+        Ok(n) if (1..=256).contains(&n) => Ok(n),
+        _ => Err(format!("{value:?} is not a number from 1 to 256")),
+    }
 }
 
 fn main() -> ExitCode {
@@ -420,6 +434,7 @@ struct Standalone {
     default_timeout: Duration,
     kill_grace: Duration,
     pass_env: BTreeMap<String, String>,
+    share_parallelism: usize,
 }
 
 async fn standalone(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -458,6 +473,7 @@ async fn standalone(cli: Cli) -> anyhow::Result<ExitCode> {
         default_timeout: cli.timeout,
         kill_grace: cli.kill_grace,
         pass_env,
+        share_parallelism: cli.share_parallelism,
     };
     let mut signals = Signals::new().context("listening for signals")?;
     if cli.watch {
@@ -505,7 +521,7 @@ async fn run_once(job: &Standalone, signals: &mut Signals) -> anyhow::Result<(Jo
         ceilings: nats_fs::limits::Limits::default(),
         max_timeout_ms: None,
         idle_timeout_ms: None,
-        share_parallelism: nats_fs::protocol::DEFAULT_SHARE_PARALLELISM,
+        share_parallelism: job.share_parallelism,
         push_logs_every_ms: None,
         min_free_space: 0,
     };

@@ -152,7 +152,9 @@ enum Entry {
         rel: PathBuf,
         folder: u64,
         name: OsString,
-        size: u64,
+        /// As the listing found it: the size for the room check, the mode and times for the
+        /// copy.
+        meta: fs::Metadata,
     },
     Link {
         rel: PathBuf,
@@ -192,7 +194,7 @@ pub(crate) fn stage(plan: &Plan<'_>) -> Result<Staged, StageError> {
         .entries
         .iter()
         .map(|e| match e {
-            Entry::File { size, .. } => *size,
+            Entry::File { meta, .. } => meta.size(),
             Entry::Link { .. } => 0,
         })
         .sum();
@@ -277,7 +279,7 @@ fn list(
                 rel,
                 folder: folder.copy_ino,
                 name,
-                size: meta.size(),
+                meta,
             });
         } else if file_type.is_symlink() {
             found.entries.push(Entry::Link {
@@ -310,11 +312,14 @@ fn copy_entry(plan: &Plan<'_>, entry: Entry, staged: &Mutex<Staged>) -> Result<(
     }
     match entry {
         Entry::File {
-            rel, folder, name, ..
+            rel,
+            folder,
+            name,
+            meta,
         } => {
             let from = plan.from.join(&rel);
             let to = plan.to.join(&rel);
-            let Some(copy) = copy_file(plan.rights, &from, &to)? else {
+            let Some(copy) = copy_file(plan.rights, &from, &to, &meta)? else {
                 // Replaced by something else since the folder was listed.
                 lock(staged).skipped.push(format!(
                     "skipped {}: it stopped being a regular file while it was staged",
@@ -358,24 +363,83 @@ fn lock(staged: &Mutex<Staged>) -> std::sync::MutexGuard<'_, Staged> {
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// Copies one regular file, keeping mode and times: opened on the share, created in the
-/// workspace. Returns the copy's metadata, or `None` when `from` is no longer a regular file.
-fn copy_file(rights: Rights, from: &Path, to: &Path) -> Result<Option<fs::Metadata>, StageError> {
-    let opened = rights
-        .on_share(|| open_regular(from))
-        .map_err(io_err("opening", from))?;
-    let Some((mut source, meta)) = opened else {
-        return Ok(None);
+/// Copies one regular file, keeping mode and times (`meta`, as the listing found it): opened
+/// on the share, created in the workspace. Returns the copy's metadata, or `None` when `from`
+/// is no longer there or no longer a regular file.
+///
+/// Every call on a network share is a round trip, so this makes as few as it can: the file is
+/// opened (without following a link, without blocking on a FIFO swapped in), read to its end
+/// and closed; no `fstat` of it (the listing's is used), no attempt at an in-kernel copy
+/// between two drives, which fails and costs a call of its own. What is read is the file as
+/// it is when read: a folder swapped in fails the read, anything else that is not a regular
+/// file reads as empty.
+fn copy_file(
+    rights: Rights,
+    from: &Path,
+    to: &Path,
+    meta: &fs::Metadata,
+) -> Result<Option<fs::Metadata>, StageError> {
+    let opened = rights.on_share(|| {
+        OpenOptions::new()
+            .read(true)
+            .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK | nix::libc::O_NOCTTY)
+            .open(from)
+    });
+    let mut source = match opened {
+        Ok(source) => source,
+        Err(e)
+            if e.kind() == io::ErrorKind::NotFound
+                || matches!(e.raw_os_error(), Some(nix::libc::ELOOP | nix::libc::ENXIO)) =>
+        {
+            return Ok(None)
+        }
+        Err(e) => return Err(io_err("opening", from)(e)),
     };
     let mut target = rights
         .as_job(|| create_copy(to))
         .map_err(io_err("creating", to))?;
-    io::copy(&mut source, &mut target).map_err(io_err("copying", from))?;
-    finish_copy(&target, &meta).map_err(io_err("setting mode and times of", to))?;
+    copy_through(&mut source, &mut target, meta.size()).map_err(|e| match e {
+        Copy::Read(e) => io_err("reading", from)(e),
+        Copy::Write(e) => io_err("writing", to)(e),
+    })?;
+    drop(source);
+    finish_copy(&target, meta).map_err(io_err("setting mode and times of", to))?;
     target
         .metadata()
         .map(Some)
         .map_err(io_err("inspecting", to))
+}
+
+/// Which side of a copy failed.
+enum Copy {
+    Read(io::Error),
+    Write(io::Error),
+}
+
+thread_local! {
+    static BUFFER: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Copies `source` to `target` through this thread's buffer (up to 1 MiB; a file of `size`
+/// bytes or less is read in one call and its end found in the next).
+fn copy_through(source: &mut File, target: &mut File, size: u64) -> Result<(), Copy> {
+    use std::io::{Read, Write};
+    BUFFER.with_borrow_mut(|buf| {
+        let want = usize::try_from(size.saturating_add(1)).unwrap_or(usize::MAX);
+        let len = want.clamp(64 << 10, 1 << 20);
+        if buf.len() < len {
+            buf.resize(len, 0);
+        }
+        loop {
+            let n = match source.read(&mut buf[..len]) {
+                Ok(0) => return Ok(()),
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(Copy::Read(e)),
+            };
+            target.write_all(&buf[..n]).map_err(Copy::Write)?;
+        }
+    })
 }
 
 /// Opens the source of a copy as it is now, staging or syncing: a tree a job can change while

@@ -10,6 +10,9 @@
 
 mod support;
 
+/// Shares to mount a jobs folder on (bindfs, sshfs), for `shares` and the benchmark.
+mod mounts;
+
 /// `nats-fs-runner --job`: staging, steps, logs, sync, manifest, process cleanup.
 mod runner;
 
