@@ -661,11 +661,17 @@ fn wait_briefly(
 /// How to keep steps off this jobs folder, for the refusal.
 fn how_to_keep_steps_off(verdict: &Verdict, share: &ShareUser) -> String {
     let jobs = verdict.jobs_dir.display();
-    let close = format!(
-        "close the jobs folder to the pool: chown {} {jobs} && chmod 0700 {jobs} \
-         (or 0750 with a group no identity of the pool is in)",
-        share.name.strip_prefix("uid ").unwrap_or(&share.name)
+    let user = share.name.strip_prefix("uid ").unwrap_or(&share.name);
+    // What works on every kind of share: the local folder above the mount point is checked by
+    // this host's kernel, whatever the share makes of users.
+    let guard = format!(
+        "mount it inside a folder only the share user may enter (install -d -o {user} -m 0700 \
+         /srv/nats-fs, then mount the share at /srv/nats-fs/jobs)"
     );
+    let squashed = verdict
+        .found
+        .owner
+        .is_some_and(|(uid, _)| uid != share.ids.uid);
     match &verdict.mount {
         Some(mount)
             if mount.kind() == DriveKind::Fuse
@@ -675,16 +681,27 @@ fn how_to_keep_steps_off(verdict: &Verdict, share: &ShareUser) -> String {
             format!(
                 "the FUSE mount at {} (allow_other, without default_permissions) lets every local \
                  user do what its daemon may: mount it without allow_other (then only root, which \
-                 mounted it, may use it), or with default_permissions, and {close}",
+                 mounted it, may use it), or {guard}",
                 mount.point.display()
             )
         }
         Some(mount) if mount.kind() == DriveKind::Smb => format!(
-            "mount the share at {} with dir_mode=0700,file_mode=0600 and uid= the share user, \
-             or {close}",
+            "the SMB mount at {} lets local users in as its uid= owner: mount it with \
+             dir_mode=0700,file_mode=0600, or {guard}",
             mount.point.display()
         ),
-        _ => close,
+        Some(mount)
+            if squashed || mount.kind() == DriveKind::Nfs && mount.has_option("all_squash") =>
+        {
+            format!(
+                "the share at {} makes every user one owner, so no mode keeps steps out: {guard}",
+                mount.point.display()
+            )
+        }
+        _ => format!(
+            "close the jobs folder to the pool: chown {user} {jobs} && chmod 0700 {jobs} (or 0750 \
+             with a group no identity of the pool is in), or {guard}"
+        ),
     }
 }
 

@@ -146,11 +146,23 @@ impl Share {
         })
     }
 
+    /// Moves the mount point into a folder only the controller may enter (before `attach`).
+    pub fn guard(&mut self) {
+        let (uid, gid) = controller();
+        let guard = self.base.path().join("guard");
+        fs::create_dir(&guard).unwrap();
+        std::os::unix::fs::chown(&guard, Some(uid), Some(gid)).unwrap();
+        fs::set_permissions(&guard, fs::Permissions::from_mode(0o700)).unwrap();
+        let mount = guard.join("mnt");
+        fs::create_dir(&mount).unwrap();
+        self.mount = mount;
+    }
+
     /// Mounts it.
     pub fn attach(&mut self) {
         let kind = self.kind;
         let export = self.base.path().join("export").display().to_string();
-        let mount = self.base.path().join("mnt").display().to_string();
+        let mount = self.mount.display().to_string();
         let command = match kind {
             Kind::Local => return,
             Kind::RootSquash => vec![
@@ -270,15 +282,15 @@ impl Share {
 impl Drop for Share {
     fn drop(&mut self) {
         if self.mounted {
-            let mount = self.base.path().join("mnt");
+            let mount = &self.mount;
             let unmounted = Command::new("fusermount")
                 .arg("-u")
-                .arg(&mount)
+                .arg(mount)
                 .stderr(Stdio::null())
                 .status()
                 .is_ok_and(|s| s.success());
             if !unmounted {
-                let _ = Command::new("umount").arg("-l").arg(&mount).status();
+                let _ = Command::new("umount").arg("-l").arg(mount).status();
             }
         }
         if let Some(mut sshd) = self.sshd.take() {

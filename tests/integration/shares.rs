@@ -398,6 +398,21 @@ async fn a_share_that_lets_steps_in_is_refused() {
     let accepted = share.supervisor(&server, &["--share-isolation", "off"]);
     accepted.ready().await;
     assert!(verdict(&accepted).contains("steps CAN reach job folders"));
+    drop(accepted);
+    // The fix the refusal names: the same mount inside a folder only the share user may
+    // enter, which this host's kernel checks before the share sees anything.
+    let Some(mut guarded) = Share::new(Kind::SshfsAllowOther) else {
+        return;
+    };
+    guarded.guard();
+    guarded.attach();
+    let supervisor = guarded.supervisor(&server, &[]);
+    supervisor.ready().await;
+    assert!(
+        verdict(&supervisor).contains("steps cannot reach job folders"),
+        "{}",
+        verdict(&supervisor)
+    );
 }
 
 /// The jobs folder mounted while the supervisor runs (it started on the empty mount point, a
