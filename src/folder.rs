@@ -1,11 +1,10 @@
 //! Opening a job folder and its `results/` so that nothing can re-point them afterwards.
 //!
-//! A job folder lives on a shared drive that other people (and, through the pool's group,
-//! other jobs) may be able to change. Every open here refuses symlinks (`O_NOFOLLOW`) and
-//! returns a descriptor; whoever works in the folder afterwards works through that descriptor
-//! ([`fd_path`]), never through the path again, so swapping the folder for a link to another
-//! job's folder while a job starts changes nothing. The supervisor opens both (as root) and
-//! hands them to the runner; a standalone runner opens them itself. Both read `job.json`
+//! A job folder lives on a shared drive that other people may be able to change. Every open
+//! here refuses symlinks (`O_NOFOLLOW`) and returns a descriptor; whoever works in the folder
+//! afterwards works through that descriptor ([`fd_path`]), never through the path again, so
+//! swapping the folder for a link to another job's folder while a job starts changes nothing.
+//! The runner opens both, with the share user's rights, once per run. Both read `job.json`
 //! through [`read_job_json`], which cannot be made to hang or to read without end.
 
 use std::fs::File;

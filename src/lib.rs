@@ -2,8 +2,8 @@
 //!
 //! A controller drops a job folder on a shared drive (`{jobs_dir}/{id}/job.json`) and publishes
 //! `{"id": "…"}` on a JetStream subject. A supervisor on each host pulls the request, spawns one
-//! privilege-dropped runner per job and talks to it over a pipe; the runner stages the folder,
-//! runs the steps, syncs artifacts back to `results/` and writes `results/result.json`; the
+//! runner per job and talks to it over a pipe; the runner stages the folder (as the share
+//! user), runs the steps (as the job's identity), syncs artifacts back to `results/` and writes `results/result.json`; the
 //! supervisor then publishes the result message and acks.
 //!
 //! The contract is written down in `docs/contract.md`; comments cite it as "contract §n".

@@ -46,8 +46,8 @@ pub struct Limits {
 }
 
 /// The limits that are rlimits of every process, with their resources: the one table the
-/// supervisor (ceilings, before the privilege drop) and the runner (a job's lower values, for
-/// its steps) both apply.
+/// supervisor (lowering ceilings to what can be given) and the runner (the ceilings and a job's
+/// lower values, for its steps) both use.
 pub const RLIMITS: [(Kind, Resource); 4] = [
     (Kind::Processes, Resource::RLIMIT_NPROC),
     (Kind::OpenFiles, Resource::RLIMIT_NOFILE),

@@ -120,25 +120,28 @@ pub(crate) fn prepare(
 /// Gives every signal this process was started with ignored its default action back: steps
 /// inherit what is ignored across `exec`, and a supervisor started with, say, SIGHUP ignored
 /// (`nohup`) must not pass that on to every build. SIGPIPE stays as std set it for the runner
-/// (std gives children the default back). Call it before any thread or signal handler of the
-/// runner's exists.
+/// (std gives children the default back). Only the signals `/proc/self/status` lists as
+/// ignored are touched (usually none but SIGPIPE: this runs for every job). Call it before any
+/// thread or signal handler of the runner's exists.
 pub(crate) fn default_ignored_signals() -> nix::Result<()> {
     use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
+    let ignored = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            let hex = status.lines().find_map(|l| l.strip_prefix("SigIgn:"))?;
+            u64::from_str_radix(hex.trim(), 16).ok()
+        })
+        .ok_or(nix::errno::Errno::EIO)?;
     let default = SigAction::new(SigHandler::SigDfl, SaFlags::empty(), SigSet::empty());
     for signal in Signal::iterator() {
-        if matches!(signal, Signal::SIGKILL | Signal::SIGSTOP | Signal::SIGPIPE) {
+        let bit = 1u64 << (signal as i32 - 1);
+        if ignored & bit == 0 || signal == Signal::SIGPIPE {
             continue;
         }
-        // SAFETY: the default action runs no code of ours. Whatever was installed before is
-        // put back at once unless it was "ignore"; nothing runs in between, as the process has
-        // one thread and the signals std handles (SIGSEGV, SIGBUS, for stack overflows) are
-        // never sent to it on purpose.
-        unsafe {
-            let old = sigaction(signal, &default)?;
-            if !matches!(old.handler(), SigHandler::SigIgn) {
-                sigaction(signal, &old)?;
-            }
-        }
+        // SAFETY: the default action runs no code of ours, and the signal was ignored, so no
+        // handler of ours is replaced (the process has one thread, and installs its own
+        // handlers only later).
+        unsafe { sigaction(signal, &default) }?;
     }
     Ok(())
 }

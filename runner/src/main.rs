@@ -131,7 +131,8 @@ struct Cli {
     #[arg(long, value_delimiter = ',', value_name = "NAMES")]
     pass_env: Vec<String>,
 
-    /// Run the job again whenever its folder changes (outside results/); stop with Ctrl-C.
+    /// Run the job again whenever its folder changes (outside results/ and earlier runs'
+    /// results.N); stop with Ctrl-C.
     #[arg(long, requires = "job")]
     watch: bool,
 

@@ -7,8 +7,8 @@
 //! share every call waits for the server: first the folders are listed (each listing on a
 //! thread of its own, so walks of different folders do not wait on each other) and created in
 //! the workspace; then, once it is known that the copy fits on the workspaces drive, the files
-//! are copied. Regular files are copied with `io::copy` (in-kernel where the two drives allow
-//! it). Modes and mtimes are kept; symlinks are recreated verbatim and never followed; FIFOs,
+//! are copied. Regular files are read and written through a buffer (an in-kernel copy between
+//! two drives fails and costs a call of its own on a share). Modes and mtimes are kept; symlinks are recreated verbatim and never followed; FIFOs,
 //! sockets and devices are skipped and reported. The worker's own `results/` and earlier
 //! runs' `results.N` at the top are not staged.
 

@@ -185,6 +185,7 @@ pub(crate) fn spawn(step: StepCommand<'_>) -> io::Result<Running> {
         grace: step.grace,
         watched: step.watched,
         progress: step.progress,
+        runner_counted: step.identity.is_none(),
         before,
         seen: HashSet::from([pid]),
         peak_rss: 0,
@@ -202,6 +203,9 @@ pub(crate) struct Running {
     watched: Watched,
     /// What the log's copier has done.
     progress: Arc<Progress>,
+    /// Whether the runner runs as the step's uid (no identity to give it), so that its threads
+    /// count against the step's process limit too.
+    runner_counted: bool,
     /// The runner's children's usage when the step started.
     before: Usage,
     /// Every process of the step seen so far, the shell included.
@@ -322,8 +326,15 @@ impl Running {
         }
     }
 
+    /// Counts what `RLIMIT_NPROC` counts for the step's uid: every thread of the step's
+    /// processes, and the runner's too when it runs as that uid (standalone).
     fn count_threads(&mut self, members: &[reap::Member]) {
-        let threads = members.iter().map(|m| m.threads).sum();
+        let me = getpid().as_raw();
+        let threads = members
+            .iter()
+            .filter(|m| self.runner_counted || m.pid != me)
+            .map(|m| m.threads)
+            .sum();
         self.peak_processes = self.peak_processes.max(threads);
     }
 

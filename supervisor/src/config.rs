@@ -149,15 +149,15 @@ pub struct Args {
     #[arg(long, env = "NATS_FS_CONCURRENCY", default_value_t = 1)]
     pub concurrency: usize,
 
-    /// Who runners and steps run as: a user, a comma-separated list of users, or a range of
+    /// Who the steps of a job run as: a user, a comma-separated list of users, or a range of
     /// uids such as 61184-61215 (no passwd entries needed). Each running job takes an identity
     /// of its own, so a list or range needs at least --concurrency entries, used by nothing
     /// else on the host [default: nobody when started as root, else the current user].
     #[arg(long, env = "NATS_FS_RUN_AS", value_name = "USERS")]
     pub run_as: Option<String>,
 
-    /// Group every identity of --run-as runs with (name or gid), e.g. the group that may read
-    /// the jobs folder [default: each user's own group; nogroup for uids without a user].
+    /// Group every identity of --run-as runs with (name or gid); it must not reach the jobs
+    /// folder [default: each user's own group; nogroup for uids without a user].
     #[arg(long, env = "NATS_FS_RUN_AS_GROUP", value_name = "GROUP")]
     pub run_as_group: Option<String>,
 
@@ -283,8 +283,9 @@ pub struct Args {
     pub dry_run: bool,
 
     /// Probe the jobs folder as the worker would at start, print what it allows and what the
-    /// worker guarantees on it, and exit: 0 when the worker would run jobs there, 2 when it
-    /// would refuse to. Needs no NATS.
+    /// worker guarantees on it, and exit: 0 when the worker would run jobs there, 1 when jobs
+    /// cannot run there yet (no folder, a read-only drive), 2 when it would refuse it. Needs no
+    /// NATS.
     #[arg(long, conflicts_with = "dry_run")]
     pub check_jobs_dir: bool,
 

@@ -2,8 +2,8 @@
 //!
 //! It owns the NATS connection and a durable pull consumer (the same durable name on many
 //! hosts makes them competing consumers). For every job it spawns one fresh
-//! `nats-fs-runner`, privilege-dropped, and talks to it over a pipe; it never runs a job's
-//! commands itself. When the runner is done it publishes the result message and acks.
+//! `nats-fs-runner` and talks to it over a pipe; the runner runs each step as the job's
+//! identity, and the supervisor never runs a job's commands itself. When the runner is done it publishes the result message and acks.
 //!
 //! ```text
 //!  jobs.pending ──free slots only──▶ pull ─────────▶ job_task ────────▶ execute ──spawn──▶ runner
@@ -31,7 +31,7 @@
 //! - `lock`: one run per job id at a time, across hosts (a key-value lease).
 //! - `execute`: one run through a runner: folders, spawn, pipe conversation, deadlines,
 //!   cleanup.
-//! - `contain`: how a job's limits hold: what a runner gets before the privilege drop, and
+//! - `contain`: how a job's limits hold: what the runner gives its steps, and
 //!   the limits watched while it runs (its only caller is `execute`).
 //! - `memory`: the memory watch of a running job (`limits.memory`).
 //! - `share`: the jobs folder: the share user, the probe of what the drive allows, the verdict.
@@ -39,7 +39,8 @@
 //! - `outbox`: results and dead letters, delivered so that they are not lost.
 //! - `events`: each job's lifecycle on `jobs.status.{id}`, best effort.
 //! - `metrics`: counters and gauges; `/metrics` and `/healthz` on `--metrics-listen`.
-//! - `spawn`: the privilege drop, and killing every process of an identity.
+//! - `spawn`: starting a runner (a plain `posix_spawn`), and killing every process of an
+//!   identity.
 //! - `reaper`: reaping every child, runners and orphaned steps.
 //! - `service`: the NATS micro service `nats-fs-worker` and its `jobs` endpoint.
 //! - `sweep`: the workspaces folder, its lock, and what crashed runs left behind.

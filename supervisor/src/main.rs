@@ -59,10 +59,10 @@ fn main() -> ExitCode {
     if args.check_jobs_dir {
         let verdict = share::probe(&settings, None);
         print!("{}", verdict.report());
-        return if verdict.refusal.is_some() {
-            ExitCode::from(EXIT_CONFIG)
-        } else {
-            ExitCode::SUCCESS
+        return match (&verdict.refusal, &verdict.problem) {
+            (Some(_), _) => ExitCode::from(EXIT_CONFIG),
+            (None, Some(_)) => ExitCode::FAILURE,
+            (None, None) => ExitCode::SUCCESS,
         };
     }
     let runtime = match tokio::runtime::Builder::new_current_thread()

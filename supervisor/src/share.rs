@@ -36,6 +36,7 @@ use crate::reaper::Reaper;
 
 /// The jobs folder was refused at start (see [`Verdict::refusal`]): the supervisor exits with
 /// status 2, as for any other configuration error, and is not restarted.
+/// (`--check-jobs-dir` exits 2 for a refusal, 1 for a jobs folder where jobs cannot run yet.)
 #[derive(Debug, thiserror::Error)]
 #[error("refusing the jobs folder: {0}")]
 pub struct Refused(pub String);
@@ -45,6 +46,11 @@ pub struct Refused(pub String);
 const PUSH_LOGS_EVERY: Duration = Duration::from_millis(20);
 /// How long the reach check may take (it runs a process on the share).
 const REACH_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often a jobs folder that can be used is probed again (when a job starts), so that a
+/// change made in place (a `chmod`, a remount on the same device) is seen.
+const REPROBE_USABLE: Duration = Duration::from_secs(60);
+/// How often one that cannot be used is probed again, so that a fix is seen soon.
+const REPROBE_UNUSABLE: Duration = Duration::from_secs(5);
 
 /// The user the worker is on the jobs folder.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -165,6 +171,8 @@ pub struct Found {
 #[derive(Debug, Clone)]
 pub struct Verdict {
     pub jobs_dir: PathBuf,
+    /// When it was probed.
+    pub probed_at: std::time::Instant,
     /// The device of the jobs folder when it was probed: another device is another mount.
     pub dev: Option<u64>,
     pub mount: Option<Mount>,
@@ -183,6 +191,7 @@ impl Verdict {
     fn new(jobs_dir: &Path, isolation: ShareIsolation) -> Self {
         Self {
             jobs_dir: jobs_dir.to_owned(),
+            probed_at: std::time::Instant::now(),
             dev: None,
             mount: None,
             share: None,
@@ -350,18 +359,30 @@ impl Drive {
 
     /// The verdict for a job about to run (blocking: call it off the runtime): the last one,
     /// or a new one when the jobs folder is on another device than when it was probed (it was
-    /// mounted anew, or has appeared since). A new verdict is logged.
+    /// mounted anew, or has appeared since), or when the last one is old: a minute for a
+    /// usable jobs folder, 5 seconds for one that is not (a drive remounted read-write, a
+    /// `chmod`, are seen without a new mount). A verdict that says something new is logged.
     pub fn for_job(&self, settings: &Settings) -> Arc<Verdict> {
         let mut current = self.lock();
         let ids = current.share.as_ref().map(|s| s.ids);
         let dev = nats_fs::share::as_ids(ids, || fs::metadata(&settings.jobs_dir))
             .ok()
             .map(|m| m.dev());
-        if dev == current.dev {
+        let every = if current.unusable().is_some() {
+            REPROBE_UNUSABLE
+        } else {
+            REPROBE_USABLE
+        };
+        let moved = dev != current.dev;
+        if !moved && current.probed_at.elapsed() < every {
             return current.clone();
         }
         let verdict = probe(settings, Some(&self.reaper));
-        log(&verdict, "the jobs folder changed");
+        if moved {
+            log(&verdict, "the jobs folder changed");
+        } else if verdict.line() != current.line() || verdict.unusable() != current.unusable() {
+            log(&verdict, "probed the jobs folder again");
+        }
         *current = Arc::new(verdict);
         current.clone()
     }

@@ -446,6 +446,50 @@ async fn a_jobs_folder_mounted_anew_is_probed_again() {
     assert!(!share.jobs.results("after-mount").exists());
 }
 
+/// A jobs folder the share user cannot write (0500): the worker starts, says so, and hands the
+/// job back; once the folder is fixed in place (same device), the next delivery runs it.
+#[tokio::test]
+async fn a_jobs_folder_fixed_in_place_is_used_without_a_restart() {
+    let Some(share) = Share::mount(Kind::Local) else {
+        return;
+    };
+    fs::set_permissions(share.jobs.path(), fs::Permissions::from_mode(0o700)).unwrap();
+    share.jobs.add("waits", &json!({"steps": ["echo ran"]}));
+    fs::set_permissions(share.jobs.path(), fs::Permissions::from_mode(0o500)).unwrap();
+    let server = Server::start(&[]);
+    let supervisor = share.supervisor(&server, &["--max-deliver", "10"]);
+    supervisor.ready().await;
+    assert!(
+        verdict(&supervisor).contains("cannot create"),
+        "{}",
+        verdict(&supervisor)
+    );
+    let check = run_with_timeout(
+        Command::new(bin("nats-fs-supervisor"))
+            .arg("--check-jobs-dir")
+            .arg("--jobs-dir")
+            .arg(&share.mount)
+            .arg("--workspaces-dir")
+            .arg(share.base.path().join("check-ws"))
+            .args(["--run-as", "3999990-3999991"]),
+        SOON,
+    );
+    assert_eq!(
+        check.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&check.stdout)
+    );
+    let mut nats = Nats::connect(&server.url).await;
+    nats.submit_id("waits").await;
+    supervisor.wait_event("job_retry_later", 1).await;
+    fs::set_permissions(share.jobs.path(), fs::Permissions::from_mode(0o700)).unwrap();
+    let got = nats.result_within(Duration::from_secs(40)).await;
+    assert_eq!(got.result.status, Status::Success, "{:?}", got.raw);
+    assert_eq!(share.jobs.log("waits", 0), "ran\n");
+    assert!(supervisor.log().contains("probed the jobs folder again"));
+}
+
 /// A read-only share: the worker starts (it may be remounted), says why jobs cannot run, and
 /// hands each back until it gives up with an error that names the jobs folder and why.
 #[tokio::test]
