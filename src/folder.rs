@@ -368,12 +368,15 @@ mod tests {
         // The next after the highest, whatever lies below it.
         std::fs::write(job.join("results/step_0.log"), "second run\n").unwrap();
         std::fs::remove_dir(job.join("results.1")).unwrap();
+        // `folder.results` is the folder this second run wrote to: it is the one moved.
+        let (next, moved) = JobFolder::open(&job).unwrap();
+        assert_eq!(moved.as_deref(), Some("results.3"));
         assert_eq!(
-            JobFolder::open(&job).unwrap().1.as_deref(),
-            Some("results.3")
+            std::fs::read_to_string(fd_path(&folder.results).join("step_0.log")).unwrap(),
+            "second run\n"
         );
         assert_eq!(
-            std::fs::read_dir(fd_path(&folder.results)).unwrap().count(),
+            std::fs::read_dir(fd_path(&next.results)).unwrap().count(),
             0
         );
         assert!(is_results_name("results".as_ref()));
