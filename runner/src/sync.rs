@@ -485,26 +485,28 @@ mod tests {
     use super::*;
     use crate::stage::tests::stage_here;
 
-    fn plan<'a>(
-        ws: &'a Path,
-        outputs: Option<&'a Path>,
-        results: &'a Path,
-        reserved: &'a BTreeSet<String>,
-        staged: &'a Snapshot,
-        interrupt: &'a AtomicBool,
+    /// Syncs `ws` (and `outputs`) into `results` with the run's own names `reserved`, nothing
+    /// interrupting it.
+    fn sync_into(
+        ws: &Path,
+        outputs: Option<&Path>,
+        results: &Path,
+        reserved: &[&str],
+        staged: &Snapshot,
         quota_left: Option<u64>,
-    ) -> Plan<'a> {
-        Plan {
+    ) -> Result<Synced, SyncError> {
+        let reserved = reserved.iter().map(ToString::to_string).collect();
+        sync(&Plan {
             workspace: ws,
             outputs,
             results,
-            reserved,
+            reserved: &reserved,
             staged,
             rights: Rights::default(),
             parallelism: 4,
-            interrupt,
+            interrupt: &AtomicBool::new(false),
             quota_left,
-        }
+        })
     }
 
     #[test]
@@ -532,18 +534,8 @@ mod tests {
         fs::write(ws.path().join("out/deep/a.txt"), "abc").unwrap();
         std::os::unix::fs::symlink("/etc/shadow", ws.path().join("out/shadow")).unwrap();
 
-        let reserved = BTreeSet::new();
-        let interrupt = AtomicBool::new(false);
-        let synced = sync(&plan(
-            ws.path(),
-            None,
-            results.path(),
-            &reserved,
-            &staged.snapshot,
-            &interrupt,
-            None,
-        ))
-        .unwrap();
+        let synced =
+            sync_into(ws.path(), None, results.path(), &[], &staged.snapshot, None).unwrap();
         let paths: Vec<_> = synced.artifacts.iter().map(|a| a.path.as_str()).collect();
         assert_eq!(
             paths,
@@ -584,17 +576,14 @@ mod tests {
         fs::write(outputs.path().join("report/index.html"), "<p>").unwrap();
         fs::write(outputs.path().join("both"), "from JOB_RESULTS_DIR").unwrap();
         fs::write(outputs.path().join("result.json"), "{}").unwrap();
-        let reserved = BTreeSet::from(["step_0.log".to_owned(), "result.json".to_owned()]);
-        let interrupt = AtomicBool::new(false);
-        let synced = sync(&plan(
+        let synced = sync_into(
             ws.path(),
             Some(outputs.path()),
             results.path(),
-            &reserved,
+            &["step_0.log", "result.json"],
             &Snapshot::default(),
-            &interrupt,
             None,
-        ))
+        )
         .unwrap();
         let paths: Vec<_> = synced.artifacts.iter().map(|a| a.path.as_str()).collect();
         assert_eq!(paths, ["both", "report/index.html"]);
@@ -616,17 +605,14 @@ mod tests {
         let results = tempfile::tempdir().unwrap();
         fs::write(ws.path().join("big.bin"), vec![0u8; 5000]).unwrap();
         fs::write(ws.path().join("small.txt"), "ok").unwrap();
-        let reserved = BTreeSet::new();
-        let interrupt = AtomicBool::new(false);
-        let synced = sync(&plan(
+        let synced = sync_into(
             ws.path(),
             None,
             results.path(),
-            &reserved,
+            &[],
             &Snapshot::default(),
-            &interrupt,
             Some(1000),
-        ))
+        )
         .unwrap();
         assert_eq!(synced.refused, [("big.bin".to_owned(), 5000)]);
         assert_eq!(synced.artifacts.len(), 1);
@@ -644,17 +630,14 @@ mod tests {
                 fs::write(ws.path().join(format!("a{d}/b/f{f}")), format!("{d}.{f}")).unwrap();
             }
         }
-        let reserved = BTreeSet::new();
-        let interrupt = AtomicBool::new(false);
-        let synced = sync(&plan(
+        let synced = sync_into(
             ws.path(),
             None,
             results.path(),
-            &reserved,
+            &[],
             &Snapshot::default(),
-            &interrupt,
             None,
-        ))
+        )
         .unwrap();
         assert_eq!(synced.artifacts.len(), 200);
         assert_eq!(

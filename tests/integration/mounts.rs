@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use tempfile::TempDir;
 
 use crate::support::{
-    is_root, reserved_port, run_with_timeout, skip, Jobs, Server, Supervisor, SOON,
+    bin, is_root, reserved_port, run_with_timeout, skip, Jobs, Server, Supervisor, SOON,
 };
 
 /// The user a controller writes job folders as, on every share here.
@@ -276,6 +276,23 @@ impl Share {
     /// Starts a supervisor with the jobs folder on this share.
     pub fn supervisor(&self, server: &Server, args: &[&str]) -> Supervisor {
         Supervisor::start(&server.url, &self.mount, args, &[])
+    }
+
+    /// Runs `nats-fs-supervisor --check-jobs-dir` on the share (no NATS): its exit status and
+    /// the report it printed.
+    pub fn check(&self) -> (Option<i32>, String) {
+        let output = run_with_timeout(
+            Command::new(bin("nats-fs-supervisor"))
+                .arg("--check-jobs-dir")
+                .arg("--jobs-dir")
+                .arg(&self.mount)
+                .arg("--workspaces-dir")
+                .arg(self.base.path().join("check-ws"))
+                .args(["--run-as", "3999990-3999991"]),
+            SOON,
+        );
+        let report = String::from_utf8_lossy(&output.stdout).into_owned();
+        (output.status.code(), report)
     }
 }
 

@@ -90,18 +90,8 @@ async fn contract_on(kind: Kind) {
     for fact in expected_facts(kind) {
         assert!(line.contains(fact), "{kind:?}: {fact:?} not in {line}");
     }
-    let check = run_with_timeout(
-        Command::new(bin("nats-fs-supervisor"))
-            .arg("--check-jobs-dir")
-            .arg("--jobs-dir")
-            .arg(&share.mount)
-            .arg("--workspaces-dir")
-            .arg(share.base.path().join("check-ws"))
-            .args(["--run-as", "3999990-3999991"]),
-        SOON,
-    );
-    let report = String::from_utf8_lossy(&check.stdout);
-    assert_eq!(check.status.code(), Some(0), "{kind:?}: {report}");
+    let (status, report) = share.check();
+    assert_eq!(status, Some(0), "{kind:?}: {report}");
     assert!(report.contains("usable: jobs run here"), "{report}");
 
     let mut nats = Nats::connect(&server.url).await;
@@ -382,18 +372,8 @@ async fn a_share_that_lets_steps_in_is_refused() {
     assert!(log.contains("jobs_dir_refused"), "{log}");
     assert!(log.contains("allow_other"), "{log}");
     assert!(log.contains("list a job folder"), "{log}");
-    let check = run_with_timeout(
-        Command::new(bin("nats-fs-supervisor"))
-            .arg("--check-jobs-dir")
-            .arg("--jobs-dir")
-            .arg(&share.mount)
-            .arg("--workspaces-dir")
-            .arg(share.base.path().join("check-ws"))
-            .args(["--run-as", "3999990-3999991"]),
-        SOON,
-    );
-    let report = String::from_utf8_lossy(&check.stdout);
-    assert_eq!(check.status.code(), Some(2), "{report}");
+    let (status, report) = share.check();
+    assert_eq!(status, Some(2), "{report}");
     assert!(report.contains("REFUSED"), "{report}");
     let accepted = share.supervisor(&server, &["--share-isolation", "off"]);
     accepted.ready().await;
@@ -464,22 +444,8 @@ async fn a_jobs_folder_fixed_in_place_is_used_without_a_restart() {
         "{}",
         verdict(&supervisor)
     );
-    let check = run_with_timeout(
-        Command::new(bin("nats-fs-supervisor"))
-            .arg("--check-jobs-dir")
-            .arg("--jobs-dir")
-            .arg(&share.mount)
-            .arg("--workspaces-dir")
-            .arg(share.base.path().join("check-ws"))
-            .args(["--run-as", "3999990-3999991"]),
-        SOON,
-    );
-    assert_eq!(
-        check.status.code(),
-        Some(1),
-        "{}",
-        String::from_utf8_lossy(&check.stdout)
-    );
+    let (status, report) = share.check();
+    assert_eq!(status, Some(1), "{report}");
     let mut nats = Nats::connect(&server.url).await;
     nats.submit_id("waits").await;
     supervisor.wait_event("job_retry_later", 1).await;

@@ -441,6 +441,47 @@ fn dry_run_without_a_server() {
     assert!(processes_with("dry-fail").is_empty());
 }
 
+/// A supervisor started with signals ignored (`nohup`, `&` in a script, a service manager
+/// that ignores SIGHUP) must not pass that on: a step that ignores SIGINT or SIGTERM by
+/// accident behaves differently from the same build run by hand, and outlives its timeout's
+/// TERM.
+#[test]
+fn steps_get_no_ignored_signal_from_the_supervisor() {
+    let cwd = open_dir(false);
+    fs::write(
+        cwd.path().join("test-payload.json"),
+        json!({"id": "sigign", "steps": ["grep SigIgn /proc/self/status > sigign.txt"]})
+            .to_string(),
+    )
+    .unwrap();
+    // `trap ''` ignores the signals, and the exec'd supervisor inherits that.
+    let output = run_with_timeout(
+        Command::new("/bin/sh")
+            .current_dir(cwd.path())
+            .args([
+                "-c",
+                r#"trap '' HUP INT QUIT USR1 TERM; exec "$0" --dry-run"#,
+            ])
+            .arg(bin("nats-fs-supervisor")),
+        SOON,
+    );
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let line = fs::read_to_string(cwd.path().join("jobs/sigign/results/sigign.txt")).unwrap();
+    let mask = u64::from_str_radix(line.trim().trim_start_matches("SigIgn:").trim(), 16).unwrap();
+    // Signals 1–31 (bit n-1 is signal n). 32 and 33 are glibc's own: its posix_spawn leaves
+    // them ignored in every child, no program can use them through glibc, and glibc's
+    // sigaction refuses to touch them.
+    let standard = mask & ((1 << 31) - 1);
+    assert_eq!(
+        standard, 0,
+        "the step was started with signals ignored: {line}"
+    );
+}
+
 #[tokio::test]
 async fn symlinks_never_lead_the_supervisor_out_of_the_job_folder() {
     use std::os::unix::fs::MetadataExt;
